@@ -1,0 +1,147 @@
+"""Atomic checkpoints for training scripts, in the worker.
+
+A restart resumes from whatever is at the checkpoint path, so that file must always be a
+complete checkpoint: either the previous one or the new one, never half of either, even when
+the process dies (exception, ``os._exit``, SIGKILL, a node losing power) in the middle of a save.
+`save` writes a hidden temporary file beside the target, makes it durable, and renames it over
+the target in one step; `load` returns ``None`` when there is nothing to resume from.
+
+Usage::
+
+    from ddp_launch import checkpoint
+
+    state = checkpoint.load("ckpt/last.pt")
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+    ...
+    if rank == 0:
+        checkpoint.save(
+            {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step},
+            "ckpt/last.pt",
+        )
+
+Both functions work the same under ddp-launch, torchrun or plain ``python``. torch is imported
+inside them so that ``import ddp_launch`` stays cheap for code that never touches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["load", "save"]
+
+StrPath = str | os.PathLike[str]
+
+
+def _temp_path(path: StrPath, pid: int | None = None) -> Path:
+    """The temporary file that `save` writes before it renames it onto ``path``.
+
+    Hidden (leading dot) and with a ``.tmp-<pid>`` suffix so that neither a person nor a
+    ``*.pt`` glob mistakes it for a checkpoint; the pid keeps concurrent writers apart and
+    says which process left it behind if that process was killed mid-save.
+
+    Args:
+        path: The checkpoint path.
+        pid: The writing process; the current process by default.
+
+    Returns:
+        ``<dir>/.<name>.tmp-<pid>``, in the same directory as ``path``.
+    """
+    path = Path(path)
+    return path.with_name(f".{path.name}.tmp-{os.getpid() if pid is None else pid}")
+
+
+def save(state: Any, path: StrPath) -> Path:
+    """Write ``state`` to ``path`` with `torch.save`, atomically.
+
+    The previous file at ``path``, if any, stays complete and loadable until the new one has
+    fully reached the disk; then a rename replaces it. If ``torch.save`` (or anything after it)
+    raises, the temporary file is removed and ``path`` is untouched. A process killed in the
+    middle can leave its temporary file (see `_temp_path`) behind, but never a broken ``path``.
+
+    Call it from one rank only (usually rank 0): two processes saving to the same path do not
+    corrupt it, but the last rename wins.
+
+    Args:
+        state: Anything `torch.save` accepts, typically a dict of ``state_dict()``s and counters.
+        path: Where the checkpoint goes; missing parent directories are created.
+
+    Returns:
+        ``path`` as a `pathlib.Path`.
+
+    Raises:
+        OSError: The directory cannot be created or the file cannot be written.
+        Exception: Whatever `torch.save` raises for ``state`` (e.g. an unpicklable object).
+    """
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temp_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            # Without this, the rename below can reach the disk before the data does, and a
+            # power loss leaves an empty or truncated file under the checkpoint's name.
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        # BaseException: a KeyboardInterrupt mid-save must not leave the temp file behind either.
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True) -> Any | None:
+    """Read a checkpoint written by `save` (or by plain `torch.save`).
+
+    Args:
+        path: The checkpoint path.
+        map_location: Passed to `torch.load`. ``"cpu"`` by default, so that a checkpoint saved
+            from ``cuda:0`` loads on any rank and on machines without a GPU; ``load_state_dict``
+            then copies the tensors to wherever the model's parameters are.
+        weights_only: Passed to `torch.load`. True restricts unpickling to tensors, primitive
+            types and containers of them (all that model and optimizer state dicts and step
+            counters need), so a checkpoint cannot run code when it is loaded. Set it to False
+            only for checkpoints you trust that hold other Python objects.
+
+    Returns:
+        The saved object, or ``None`` when ``path`` does not exist (nothing to resume from).
+
+    Raises:
+        OSError: ``path`` exists but cannot be read.
+        Exception: Whatever `torch.load` raises for a file that is not a valid checkpoint.
+    """
+    import torch
+
+    # Open rather than check for existence first, so a file that vanishes between the check
+    # and the read still means "no checkpoint" rather than an error.
+    try:
+        with open(path, "rb") as f:
+            return torch.load(f, map_location=map_location, weights_only=weights_only)
+    except FileNotFoundError:
+        return None
+
+
+def _fsync_dir(directory: Path) -> None:
+    # The rename is only durable once the directory entry is; until then a power loss can bring
+    # back the old name (still a good checkpoint, just an older one). Not every platform or
+    # filesystem can fsync a directory, and there the rename is as durable as it gets.
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)

@@ -1,0 +1,197 @@
+"""The `ddp-launch` command: options -> RunConfig -> launcher; errors -> exit codes.
+
+Nothing else lives here. Bad input is one line on stderr and exit code 2, before anything
+is started.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from ddp_launch import __version__
+from ddp_launch.config import BACKENDS, RestartPolicy, RunConfig, Target
+from ddp_launch.errors import ConfigError
+
+EXIT_USAGE = 2
+
+RUN_HELP = """Run SCRIPT (or, with -m, a module) on N local workers, like torchrun.
+
+Everything after SCRIPT is passed to it untouched. Each worker sees the environment
+torchrun gives it (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT, ...).
+
+\b
+Example:
+    ddp-launch -n 4 examples/train_mlp.py --epochs 3
+    ddp-launch -n 2 --max-restarts 3 --hang-timeout 60 train.py --lr 0.1
+    ddp-launch -n 2 -m my_package.train --config cfg.yaml
+"""
+
+
+class _RunByDefault(click.Group):
+    """`ddp-launch -n 4 train.py` is the run command; a first word naming a subcommand is that
+    subcommand (a script that shares a subcommand's name runs as ./name)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if not args or args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["run", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(
+    cls=_RunByDefault,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    help=RUN_HELP + "\nThe run options are listed by `ddp-launch run --help`.",
+)
+@click.version_option(__version__, prog_name="ddp-launch")
+def cli() -> None:
+    pass
+
+
+def parse_nproc(value: str) -> int:
+    """-n as torchrun reads it: a count, or cpu / gpu / auto (GPUs if any, else CPUs)."""
+    text = value.strip().lower()
+    if text == "cpu":
+        return os.cpu_count() or 1
+    if text in ("gpu", "auto"):
+        gpus = _gpu_count()
+        if text == "gpu" and gpus == 0:
+            raise ConfigError("-n gpu: no CUDA device is visible")
+        return gpus or (os.cpu_count() or 1)
+    try:
+        n = int(text)
+    except ValueError:
+        raise ConfigError(f"-n/--nproc-per-node must be a positive integer, cpu, gpu or auto; got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"-n/--nproc-per-node must be >= 1, got {n}")
+    return n
+
+
+def _gpu_count() -> int:
+    # Only -n gpu/auto pays for importing torch in the launcher.
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+@cli.command(
+    "run",
+    help=RUN_HELP,
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "-n", "--nproc-per-node", "nproc", default="1", show_default=True, help="Workers on this node: N, cpu, gpu or auto."
+)
+@click.option("-m", "--module", "is_module", is_flag=True, help="SCRIPT names a module, run as `python -m` would.")
+@click.option(
+    "--max-restarts",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Restarts of the whole group after a failure or hang.",
+)
+@click.option(
+    "--hang-timeout",
+    default=300.0,
+    show_default=True,
+    type=float,
+    help="Seconds without heartbeat or step progress before a rank is hung (0: off).",
+)
+@click.option(
+    "--stop-grace",
+    default=5.0,
+    show_default=True,
+    type=float,
+    help="Seconds between SIGTERM and SIGKILL when stopping workers.",
+)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=float,
+    default=None,
+    help="Bound on the whole run in seconds; exit 124 when it passes.",
+)
+@click.option("--master-addr", default="127.0.0.1", show_default=True, help="Address the gRPC master binds.")
+@click.option("--master-port", type=int, default=None, help="Port of the gRPC master [default: a free port].")
+@click.option(
+    "--ddp-port",
+    type=int,
+    default=None,
+    help="Pin MASTER_PORT, the DDP store's port [default: a free port per generation].",
+)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default="auto",
+    show_default=True,
+    help="auto: nccl when every local worker has a GPU, else gloo.",
+)
+@click.option("--run-id", default=None, help="Run id (TORCHELASTIC_RUN_ID) [default: time-based].")
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Logs, master.json and reports [default: ./runs/<run-id>].",
+)
+@click.option(
+    "--heartbeat-interval", default=1.0, show_default=True, type=float, help="Seconds between a worker's heartbeats."
+)
+@click.option(
+    "--join-timeout", default=300.0, show_default=True, type=float, help="Seconds for every rank to register."
+)
+@click.option("-q", "--quiet", is_flag=True, help="No live view; worker output still streams.")
+@click.option(
+    "--standalone", is_flag=True, hidden=True, help="Accepted for torchrun compatibility (always standalone)."
+)
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, master_addr, master_port, ddp_port,
+                backend, run_id, run_dir, heartbeat_interval, join_timeout, quiet, standalone, script, script_args) -> None:  # fmt: skip
+    from ddp_launch.launcher import launch  # keeps `--help` and bad-input errors fast
+
+    extra = {"run_id": run_id} if run_id else {}
+    config = RunConfig(
+        target=Target(script, tuple(script_args), is_module=is_module),
+        nproc_per_node=parse_nproc(nproc),
+        run_dir=run_dir,
+        restart=RestartPolicy(max_restarts=max_restarts, stop_grace_s=stop_grace, hang_timeout_s=hang_timeout),
+        master_addr=master_addr,
+        master_port=master_port,
+        ddp_port=ddp_port,
+        backend=backend,
+        heartbeat_interval_s=heartbeat_interval,
+        timeout_s=timeout_s,
+        join_timeout_s=join_timeout,
+        quiet=quiet,
+        **extra,
+    )
+    config.validate()
+    outcome = launch(config)
+    print(outcome.summary, file=sys.stderr)
+    if outcome.report:
+        print(outcome.report, file=sys.stderr)
+    sys.exit(outcome.exit_code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: click in non-standalone mode, so every error is one line."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = cli.main(args=args, prog_name="ddp-launch", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        code = e.exit_code
+    except click.ClickException as e:
+        _fail(e.format_message())
+    except ConfigError as e:
+        _fail(str(e))
+    except click.Abort:
+        code = 130
+    sys.exit(code or 0)
+
+
+def _fail(message: str) -> None:
+    print(f"ddp-launch: error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USAGE)

@@ -1,0 +1,223 @@
+"""The worker's side of the control protocol: a gRPC client and the heartbeat thread.
+
+Created only after the worker is forked (a gRPC channel made before a fork breaks the
+child). Every RPC has a deadline; a failed heartbeat warns and retries, it never stops
+training, but a master gone for longer than `master_lost_timeout_s` ends the worker with a
+clear message instead of leaving it to hang.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+
+import grpc
+
+from ddp_launch.env import Assignment
+from ddp_launch.errors import MasterUnavailable, RegistrationRejected
+from ddp_launch.progress import Progress
+from ddp_launch.proto import orchestrator_pb2 as pb
+from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+
+TOKEN_METADATA_KEY = "x-ddp-launch-token"
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+RPC_TIMEOUT_S = 5.0
+
+# Codes that mean "try again later" rather than "you are wrong".
+_TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+def channel_options() -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ]
+
+
+class MasterClient:
+    """A connection to the master, authenticated with the run's token."""
+
+    def __init__(self, address: str, token: str) -> None:
+        self.address = address
+        self._metadata = ((TOKEN_METADATA_KEY, token),)
+        self._channel = grpc.insecure_channel(address, options=channel_options())
+        self._stub = pb_grpc.OrchestratorStub(self._channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Callable, request: object, timeout_s: float = RPC_TIMEOUT_S):
+        return method(request, timeout=timeout_s, metadata=self._metadata)
+
+    def register(
+        self, *, node_rank: int, local_rank: int, generation: int, deadline_s: float, pid: int | None = None
+    ) -> Assignment:
+        """Register, retrying while the master is unreachable, until `deadline_s` from now.
+
+        Raises:
+            RegistrationRejected: the master answered no.
+            MasterUnavailable: it did not answer in time.
+        """
+        request = pb.RegisterRequest(
+            node_rank=node_rank,
+            local_rank=local_rank,
+            pid=pid or os.getpid(),
+            hostname=os.uname().nodename,
+            generation=generation,
+        )
+        r = self._retry_transient(lambda: self._call(self._stub.Register, request), deadline_s, "register")
+        return Assignment(
+            rank=r.rank,
+            local_rank=local_rank,
+            world_size=r.world_size,
+            local_world_size=r.local_world_size,
+            node_rank=node_rank,
+            nnodes=r.nnodes,
+            ddp_addr=r.ddp_addr,
+            ddp_port=r.ddp_port,
+            run_id=r.run_id,
+            generation=r.generation,
+            max_restarts=r.max_restarts,
+        )
+
+    def wait_barrier(self, *, rank: int, generation: int, deadline_s: float) -> None:
+        """Return when every rank has registered.
+
+        Raises:
+            RegistrationRejected: the generation is over (a restart began) or unknown.
+            MasterUnavailable: the barrier did not open within `deadline_s`.
+        """
+        end = time.monotonic() + deadline_s
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                raise MasterUnavailable(f"the start barrier did not open within {deadline_s:.0f} s")
+            wait_s = min(5.0, left)
+            request = pb.BarrierRequest(rank=rank, generation=generation, wait_s=wait_s)
+            reply = self._retry_transient(
+                lambda r=request, w=wait_s: self._call(self._stub.CanStartTraining, r, timeout_s=w + RPC_TIMEOUT_S),
+                left,
+                "wait at the start barrier",
+            )
+            if reply.superseded:
+                raise RegistrationRejected(f"generation {generation} was superseded by a restart")
+            if reply.open:
+                return
+
+    def heartbeat(self, a: Assignment, progress: Progress) -> bool:
+        """Send one heartbeat; True when the master says this generation is over."""
+        request = pb.Heartbeat(
+            rank=a.rank,
+            generation=a.generation,
+            pid=os.getpid(),
+            step=progress.step,
+            samples=progress.samples,
+            has_loss=progress.loss is not None,
+            loss=progress.loss if progress.loss is not None else 0.0,
+            metrics=progress.metrics,
+            total_steps=progress.total_steps,
+        )
+        return self._call(self._stub.SendHeartbeat, request).superseded
+
+    def report_failure(self, a: Assignment, exception_type: str, traceback: str) -> None:
+        request = pb.FailureReport(
+            rank=a.rank, generation=a.generation, pid=os.getpid(), exception_type=exception_type, traceback=traceback
+        )
+        self._call(self._stub.ReportFailure, request)
+
+    def get_status(self, timeout_s: float = RPC_TIMEOUT_S) -> pb.RunStatus:
+        return self._call(self._stub.GetStatus, pb.StatusRequest(), timeout_s)
+
+    def _retry_transient(self, call: Callable, deadline_s: float, what: str):
+        end = time.monotonic() + deadline_s
+        delay_s = 0.05
+        while True:
+            try:
+                return call()
+            except grpc.RpcError as e:
+                code = e.code()
+                if code not in _TRANSIENT:
+                    raise RegistrationRejected(f"master at {self.address} refused to {what}: {e.details()}") from None
+                if time.monotonic() + delay_s > end:
+                    raise MasterUnavailable(
+                        f"could not {what}: master at {self.address} unreachable for {deadline_s:.0f} s"
+                    ) from None
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
+
+
+class HeartbeatThread:
+    """Sends the worker's progress every `interval_s`, off the training thread.
+
+    When the master has not answered for `master_lost_timeout_s`, the worker cannot be
+    supervised any more: it says so on stderr and ends itself (`on_master_lost`).
+    """
+
+    def __init__(
+        self,
+        client: MasterClient,
+        assignment: Assignment,
+        read_progress: Callable[[], Progress],
+        *,
+        interval_s: float,
+        master_lost_timeout_s: float,
+        on_master_lost: Callable[[str], None],
+    ) -> None:
+        self._client = client
+        self._assignment = assignment
+        self._read_progress = read_progress
+        self._interval_s = interval_s
+        self._lost_timeout_s = master_lost_timeout_s
+        self._on_master_lost = on_master_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="ddp-launch-heartbeat", daemon=True)
+        self._last_ok = time.monotonic()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def send_now(self) -> bool:
+        """One heartbeat from the calling thread; False when it did not get through."""
+        try:
+            self._client.heartbeat(self._assignment, self._read_progress())
+        except grpc.RpcError as e:
+            if e.code() not in _TRANSIENT:
+                # The master knows us no more (e.g. a restart began): that is not "lost".
+                self._last_ok = time.monotonic()
+            return False
+        except Exception as e:  # never let progress reporting kill training
+            print(f"[ddp-launch] heartbeat failed: {e!r}", file=sys.stderr, flush=True)
+            return False
+        self._last_ok = time.monotonic()
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=RPC_TIMEOUT_S + 1)
+
+    def _loop(self) -> None:
+        warned = False
+        self.send_now()
+        while not self._stop.wait(self._interval_s):
+            ok = self.send_now()
+            if ok:
+                warned = False
+                continue
+            silent_s = time.monotonic() - self._last_ok
+            if silent_s > self._lost_timeout_s:
+                self._on_master_lost(
+                    f"lost the ddp-launch master at {self._client.address} "
+                    f"(no answer for {silent_s:.0f} s); stopping this worker"
+                )
+                return
+            if not warned:
+                print(
+                    f"[ddp-launch] heartbeat to {self._client.address} failed; retrying",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                warned = True

@@ -1,0 +1,128 @@
+"""A run's settings as frozen, validated dataclasses. No I/O beyond checking paths exist."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ddp_launch.errors import ConfigError
+
+BACKENDS = ("auto", "gloo", "nccl")
+
+
+@dataclass(frozen=True)
+class Target:
+    """What each worker runs: a script file or a module (as `python -m`), with its argv tail."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    is_module: bool = False
+
+    def validate(self) -> None:
+        if self.is_module:
+            if not self.name:
+                raise ConfigError("no module given to -m")
+            try:
+                spec = importlib.util.find_spec(self.name)
+            except (ImportError, ValueError) as e:
+                raise ConfigError(f"module {self.name!r} cannot be found: {e}") from None
+            if spec is None:
+                raise ConfigError(f"module {self.name!r} cannot be found")
+            return
+        path = Path(self.name)
+        if not path.exists():
+            raise ConfigError(f"script {self.name!r} does not exist")
+        if path.is_dir():
+            raise ConfigError(f"script {self.name!r} is a directory, not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"script {self.name!r} is not readable")
+
+    @property
+    def argv(self) -> list[str]:
+        """sys.argv as the worker's script sees it (python -m puts the module's path first;
+        the worker fills that in once it has found the module)."""
+        return [self.name, *self.args]
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    """When a failed or hung group is started again."""
+
+    max_restarts: int = 0
+    stop_grace_s: float = 5.0
+    hang_timeout_s: float = 300.0  # 0 disables hang detection
+
+    def validate(self) -> None:
+        if self.max_restarts < 0:
+            raise ConfigError(f"--max-restarts must be >= 0, got {self.max_restarts}")
+        if self.stop_grace_s < 0:
+            raise ConfigError(f"--stop-grace must be >= 0, got {self.stop_grace_s}")
+        if self.hang_timeout_s < 0:
+            raise ConfigError(f"--hang-timeout must be >= 0 (0 disables), got {self.hang_timeout_s}")
+
+
+def new_run_id() -> str:
+    """Sortable and short: 20261125-142215-3f9a."""
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one node's launcher needs, decided before anything starts."""
+
+    target: Target
+    nproc_per_node: int
+    run_id: str = field(default_factory=new_run_id)
+    run_dir: Path | None = None  # None: ./runs/<run_id>
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"
+    master_port: int | None = None  # None: a free port (single node)
+    ddp_port: int | None = None  # None: a free port per generation
+    backend: str = "auto"
+    heartbeat_interval_s: float = 1.0
+    timeout_s: float | None = None  # bound on the whole run; exit 124 when it passes
+    join_timeout_s: float = 300.0
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.run_dir is None:
+            object.__setattr__(self, "run_dir", Path("runs") / self.run_id)
+
+    @property
+    def world_size(self) -> int:
+        return self.nnodes * self.nproc_per_node
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        assert self.run_dir is not None
+        return self.run_dir
+
+    def validate(self) -> None:
+        """Raise ConfigError on the first problem; called before anything is started."""
+        if self.nproc_per_node < 1:
+            raise ConfigError(f"-n/--nproc-per-node must be >= 1, got {self.nproc_per_node}")
+        if self.nnodes < 1:
+            raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ConfigError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        for name, port in (("--master-port", self.master_port), ("--ddp-port", self.ddp_port)):
+            if port is not None and not 1 <= port <= 65535:
+                raise ConfigError(f"{name} must be in 1..65535, got {port}")
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.heartbeat_interval_s <= 0:
+            raise ConfigError("--heartbeat-interval must be > 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
+        if self.join_timeout_s <= 0:
+            raise ConfigError(f"--join-timeout must be > 0, got {self.join_timeout_s}")
+        self.restart.validate()
+        self.target.validate()
+        if self.resolved_run_dir.exists() and not self.resolved_run_dir.is_dir():
+            raise ConfigError(f"--run-dir {str(self.resolved_run_dir)!r} exists and is not a directory")

@@ -1,0 +1,143 @@
+"""The environment contract: every variable a worker sees, built and read here only.
+
+Workers get exactly the variables torchrun gives its workers (same names, same meanings),
+so scripts written for torchrun, PyTorch Lightning and Hugging Face tools run unchanged.
+ddp-launch adds a few DDP_LAUNCH_* variables of its own: the bootstrap ones tell a freshly
+forked worker how to reach its master; DDP_LAUNCH_BACKEND tells the script which backend
+the launcher chose.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+# torchrun's variables.
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+WORLD_SIZE = "WORLD_SIZE"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+GROUP_RANK = "GROUP_RANK"
+GROUP_WORLD_SIZE = "GROUP_WORLD_SIZE"
+ROLE_RANK = "ROLE_RANK"
+ROLE_WORLD_SIZE = "ROLE_WORLD_SIZE"
+ROLE_NAME = "ROLE_NAME"
+MASTER_ADDR = "MASTER_ADDR"
+MASTER_PORT = "MASTER_PORT"
+RUN_ID = "TORCHELASTIC_RUN_ID"
+RESTART_COUNT = "TORCHELASTIC_RESTART_COUNT"
+MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
+# "False": rank 0 hosts the DDP store itself (torchrun says "True" when its agent hosts it,
+# and init_process_group would then wait for a store nobody serves).
+USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+OMP_NUM_THREADS = "OMP_NUM_THREADS"
+
+DEFAULT_ROLE = "default"
+DEFAULT_OMP_THREADS = "1"
+
+# ddp-launch's own variables.
+CONTROL_ADDR = "DDP_LAUNCH_MASTER"  # host:port of the gRPC master
+TOKEN = "DDP_LAUNCH_TOKEN"  # the run's secret, sent with every RPC
+NODE_RANK = "DDP_LAUNCH_NODE_RANK"
+GENERATION = "DDP_LAUNCH_GENERATION"
+BACKEND = "DDP_LAUNCH_BACKEND"  # what --backend asked for; the worker resolves "auto"
+HEARTBEAT_INTERVAL = "DDP_LAUNCH_HEARTBEAT_INTERVAL_S"
+MASTER_LOST_TIMEOUT = "DDP_LAUNCH_MASTER_LOST_TIMEOUT_S"
+JOIN_TIMEOUT = "DDP_LAUNCH_JOIN_TIMEOUT_S"
+LAUNCHER_PID = "DDP_LAUNCH_LAUNCHER_PID"
+
+
+@dataclass(frozen=True)
+class Bootstrap:
+    """What a freshly forked worker needs before it has a rank: read from its environment."""
+
+    control_addr: str
+    token: str
+    node_rank: int
+    local_rank: int
+    generation: int
+    backend: str
+    heartbeat_interval_s: float
+    master_lost_timeout_s: float
+    join_timeout_s: float
+
+    def to_env(self) -> dict[str, str]:
+        return {
+            CONTROL_ADDR: self.control_addr,
+            TOKEN: self.token,
+            NODE_RANK: str(self.node_rank),
+            LOCAL_RANK: str(self.local_rank),
+            GENERATION: str(self.generation),
+            BACKEND: self.backend,
+            HEARTBEAT_INTERVAL: repr(self.heartbeat_interval_s),
+            MASTER_LOST_TIMEOUT: repr(self.master_lost_timeout_s),
+            JOIN_TIMEOUT: repr(self.join_timeout_s),
+        }
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Bootstrap:
+        e = os.environ if environ is None else environ
+        return cls(
+            control_addr=e[CONTROL_ADDR],
+            token=e.get(TOKEN, ""),
+            node_rank=int(e.get(NODE_RANK, "0")),
+            local_rank=int(e[LOCAL_RANK]),
+            generation=int(e.get(GENERATION, "0")),
+            backend=e.get(BACKEND, "auto"),
+            heartbeat_interval_s=float(e.get(HEARTBEAT_INTERVAL, "1.0")),
+            master_lost_timeout_s=float(e.get(MASTER_LOST_TIMEOUT, "30")),
+            join_timeout_s=float(e.get(JOIN_TIMEOUT, "300")),
+        )
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """A registered worker's place in the world, as the master handed it out."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    local_world_size: int
+    node_rank: int
+    nnodes: int
+    ddp_addr: str
+    ddp_port: int
+    run_id: str
+    generation: int
+    max_restarts: int
+
+
+def torchrun_env(a: Assignment, environ: Mapping[str, str]) -> dict[str, str]:
+    """The variables torchrun would set for this worker, to be merged into its environment.
+
+    Args:
+        a: the worker's assignment from the master.
+        environ: the environment the user launched with (OMP_NUM_THREADS is kept if set).
+    """
+    # One role ("default") holds every worker, so role ranks equal global ranks.
+    return {
+        RANK: str(a.rank),
+        LOCAL_RANK: str(a.local_rank),
+        WORLD_SIZE: str(a.world_size),
+        LOCAL_WORLD_SIZE: str(a.local_world_size),
+        GROUP_RANK: str(a.node_rank),
+        GROUP_WORLD_SIZE: str(a.nnodes),
+        ROLE_RANK: str(a.rank),
+        ROLE_WORLD_SIZE: str(a.world_size),
+        ROLE_NAME: DEFAULT_ROLE,
+        MASTER_ADDR: a.ddp_addr,
+        MASTER_PORT: str(a.ddp_port),
+        RUN_ID: a.run_id,
+        RESTART_COUNT: str(a.generation),
+        MAX_RESTARTS: str(a.max_restarts),
+        USE_AGENT_STORE: "False",
+        OMP_NUM_THREADS: environ.get(OMP_NUM_THREADS) or DEFAULT_OMP_THREADS,
+    }
+
+
+def in_worker(environ: Mapping[str, str] | None = None) -> bool:
+    """True inside a process started by ddp-launch."""
+    e = os.environ if environ is None else environ
+    return CONTROL_ADDR in e

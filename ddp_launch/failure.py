@@ -1,0 +1,143 @@
+"""The failure report: what went wrong, where, and why, as JSON (run dir) and as text.
+
+The first failure of a generation is the root cause; ranks that died after it (usually a
+peer's "connection closed" in a collective) are listed as its consequences.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from ddp_launch.registry import RankView
+from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, describe_exit
+
+LOG_TAIL_LINES = 20
+
+
+def build_report(result: RunResult, tails: dict[int, list[str]]) -> dict[str, Any]:
+    """The report of a run that did not succeed, as plain JSON-able data.
+
+    Args:
+        result: the supervisor's result.
+        tails: the last lines of each rank's log.
+    """
+    last = result.last
+    ranks = {r.rank: r for r in (last.snapshot.ranks if last.snapshot else ())}
+    return {
+        "outcome": result.outcome.value,
+        "message": last.message,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": round(result.wall_s, 3),
+        "restarts": result.restarts,
+        "flapping": flapping(result),
+        "root_cause": _root_cause(last, ranks, tails),
+        "consequences": [
+            {"rank": f.rank, "pid": f.pid, "exit": f.description, "exit_code": f.exit_code}
+            for f in last.failures
+            if f.rank != last.root_rank
+        ],
+        "ranks": [_rank_progress(r) for r in ranks.values()],
+        "generations": [
+            {"generation": g.generation, "outcome": g.outcome.value, "message": g.message, "root_rank": g.root_rank}
+            for g in result.generations
+        ],
+    }
+
+
+def _root_cause(g: GenerationResult, ranks: dict[int, RankView], tails: dict[int, list[str]]) -> dict | None:
+    if g.root_rank is None:
+        return None
+    view = ranks.get(g.root_rank)
+    failure = next((f for f in g.failures if f.rank == g.root_rank), None)
+    cause: dict[str, Any] = {
+        "rank": g.root_rank,
+        "node_rank": view.node_rank if view else None,
+        "hostname": view.hostname if view else "",
+        "pid": failure.pid if failure else (view.pid if view else None),
+        "generation": g.generation,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(failure.at)) if failure else None,
+        "step": view.step if view else None,
+    }
+    if failure:
+        cause["exit_code"] = failure.exit_code
+        cause["exit"] = describe_exit(failure.exit_code)
+        if failure.exit_code < 0:
+            cause["signal"] = cause["exit"].removeprefix("signal ")
+    if g.outcome is Outcome.HUNG:
+        cause["hang"] = next((v.reason for v in g.hung if v.rank == g.root_rank), g.message)
+        cause["stack"] = g.stacks.get(g.root_rank, "")
+    if view and view.traceback:
+        cause["exception_type"] = view.exception_type
+        cause["traceback"] = view.traceback
+    cause["log_tail"] = tails.get(g.root_rank, [])[-LOG_TAIL_LINES:]
+    return cause
+
+
+def _rank_progress(r: RankView) -> dict[str, Any]:
+    return {
+        "rank": r.rank,
+        "state": r.state.value,
+        "pid": r.pid,
+        "step": r.step,
+        "heartbeat_age_s": None if r.heartbeat_age_s is None else round(r.heartbeat_age_s, 2),
+        "exit_code": r.exit_code,
+    }
+
+
+def flapping(result: RunResult) -> bool:
+    """True when the last restarts made no progress: each generation died at or before the
+    step the one before it reached."""
+    steps = [g.snapshot.step for g in result.generations if g.snapshot and g.outcome is not Outcome.SUCCEEDED]
+    return len(steps) >= 3 and all(b <= a for a, b in zip(steps, steps[1:]))
+
+
+def format_report(report: dict[str, Any], run_dir: Path) -> str:
+    """The report as the user reads it at the end of a failed run."""
+    lines = [f"ddp-launch: run {report['outcome']}: {report['message']}"]
+    if report["restarts"]:
+        lines.append(f"  after {report['restarts']} restart(s)")
+    if report["flapping"]:
+        lines.append("  restarts made no progress: every generation failed at or before the previous one's step")
+    cause = report["root_cause"]
+    if cause:
+        where = f"rank {cause['rank']}"
+        if cause.get("hostname"):
+            where += f" on {cause['hostname']} (node {cause['node_rank']})"
+        what = cause.get("exit") or cause.get("hang") or ""
+        lines.append(f"  root cause: {where}, pid {cause['pid']}, generation {cause['generation']}: {what}")
+        if cause.get("traceback"):
+            lines.append("  traceback (from the worker):")
+            lines += ["    " + t for t in cause["traceback"].rstrip().splitlines()]
+        if cause.get("stack"):
+            lines.append("  where it was stuck (Python stacks, all threads):")
+            lines += ["    " + t for t in cause["stack"].rstrip().splitlines()]
+        if cause.get("log_tail") and not cause.get("traceback"):
+            lines.append(f"  last lines of rank-{cause['rank']}.log:")
+            lines += ["    " + t for t in cause["log_tail"]]
+    for c in report["consequences"]:
+        lines.append(f"  rank {c['rank']} then ended too ({c['exit']}), as a consequence")
+    if report["outcome"] in (Outcome.TIMED_OUT.value, Outcome.HUNG.value, Outcome.INTERRUPTED.value):
+        for r in report["ranks"]:
+            age = r["heartbeat_age_s"]
+            age_text = "no heartbeat" if age is None else f"last heartbeat {age:.1f} s ago"
+            lines.append(f"  rank {r['rank']}: {r['state']}, step {r['step']}, {age_text}")
+    lines.append(f"  report: {run_dir / 'failure.json'}; logs: {run_dir}/rank-<i>.log")
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON so that a reader never sees half a file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, default=str)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,218 @@
+"""One node's launcher: builds the parts of a run, runs it, and tears down in reverse.
+
+    master (gRPC, a thread of this process) <- registry -> supervisor -> forkserver -> workers
+                                                      \\-> live view <- output pump <- worker pipes
+
+Everything started here is stopped here, in `finally`, whatever happened: no thread,
+server or process outlives `launch()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
+import os
+import secrets
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+import psutil
+
+from ddp_launch import env
+from ddp_launch.config import RunConfig
+from ddp_launch.errors import ConfigError
+from ddp_launch.failure import build_report, format_report, write_json_atomic
+from ddp_launch.master import MasterServer
+from ddp_launch.output import OutputPump
+from ddp_launch.registry import Registry
+from ddp_launch.supervisor import Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
+from ddp_launch.view import LiveView, format_summary
+from ddp_launch.worker import worker_main
+
+# Imported once by the warm forkserver so that neither a start nor a restart pays for it.
+# Nothing here may start threads, open sockets or initialise CUDA at import.
+PRELOAD = ["torch", "torch.multiprocessing", "torch.optim", "torch.distributed", "torch.nn.parallel", "torch._dynamo"]
+EXIT_TIMEOUT = 124
+EXIT_HUNG = 1
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    exit_code: int
+    result: RunResult
+    summary: str
+    report: str  # empty when the run succeeded
+
+
+def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | None = None) -> LaunchResult:
+    """Run `config` on this node until it succeeds, fails for good, times out or is stopped.
+
+    Raises:
+        ConfigError: the master could not listen, or the run directory cannot be made;
+            nothing was started.
+    """
+    stdout = stdout or sys.stdout
+    stderr = stderr or sys.stderr
+    config.validate()
+    token = secrets.token_urlsafe(24)
+    registry = Registry(
+        run_id=config.run_id,
+        nnodes=config.nnodes,
+        local_world_size=config.nproc_per_node,
+        max_restarts=config.restart.max_restarts,
+        ddp_addr=config.master_addr,
+        ddp_port=config.ddp_port,
+    )
+    server = MasterServer(registry, token, host=config.master_addr, port=config.master_port or 0)
+    server.start()
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(server.stop)
+        run_dir = _make_run_dir(config, server)
+        view = LiveView(stderr, enabled=not config.quiet)
+        teardown.callback(view.close)
+
+        def sink(rank: int, line: str, is_stderr: bool) -> None:
+            view.write_line(f"[rank {rank}] {line}", file=stderr if is_stderr else stdout)
+
+        pump = OutputPump(run_dir, sink)
+        teardown.callback(pump.stop)
+        teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
+        _become_subreaper()
+        context = _forkserver_context()
+        bootstrap = dict(
+            control_addr=server.address,
+            token=token,
+            node_rank=config.node_rank,
+            generation=0,
+            backend=config.backend,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            master_lost_timeout_s=max(30.0, 10 * config.heartbeat_interval_s),
+            join_timeout_s=config.join_timeout_s,
+        )
+
+        def start_worker(local_rank: int, generation: int):
+            worker_env = env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
+            out_r, out_w = os.pipe()
+            err_r, err_w = os.pipe()
+            out_conn = multiprocessing.connection.Connection(out_w, readable=False)
+            err_conn = multiprocessing.connection.Connection(err_w, readable=False)
+            rank = config.node_rank * config.nproc_per_node + local_rank
+            process = context.Process(
+                target=worker_main,
+                args=(worker_env, config.target, out_conn, err_conn),
+                name=f"ddp-launch-rank-{rank}",
+            )
+            try:
+                process.start()
+            finally:
+                out_conn.close()
+                err_conn.close()
+            pump.attach(rank, out_r, err_r, f"generation {generation}, pid {process.pid}, {time.strftime('%c')}")
+            return process
+
+        with _signals_as_stop_requests() as (wakeup_fd, requests):
+            supervisor = Supervisor(config, registry, start_worker, pump, on_tick=view.update, wakeup_fd=wakeup_fd)
+            requests.append(supervisor.request_stop)
+            result = supervisor.run()
+        view.update(registry.snapshot())
+        view.close()
+        local_ranks = [config.node_rank * config.nproc_per_node + i for i in range(config.nproc_per_node)]
+        pump.wait_closed(local_ranks, timeout_s=2.0)
+        summary = format_summary(registry.snapshot(), wall_s=result.wall_s, restarts=result.restarts)
+        report_text = ""
+        if result.outcome is not Outcome.SUCCEEDED:
+            report = build_report(result, {r: pump.tail(r, 50) for r in local_ranks})
+            write_json_atomic(run_dir / "failure.json", report)
+            report_text = format_report(report, run_dir)
+        return LaunchResult(_exit_code(result), result, summary, report_text)
+
+
+def _exit_code(result: RunResult) -> int:
+    last = result.last
+    if result.outcome is Outcome.SUCCEEDED:
+        return 0
+    if result.outcome is Outcome.INTERRUPTED:
+        return 128 + (last.signal_number or signal.SIGTERM)
+    if result.outcome is Outcome.TIMED_OUT:
+        return EXIT_TIMEOUT
+    if result.outcome is Outcome.FAILED and last.failures:
+        return shell_exit_code(last.failures[0].exit_code)
+    return EXIT_HUNG
+
+
+def _make_run_dir(config: RunConfig, server: MasterServer) -> Path:
+    run_dir = config.resolved_run_dir
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+    # The token stays out of this file: anyone who can read the run directory could use it.
+    master = {"host": server.host, "port": server.port, "pid": os.getpid(), "run_id": config.run_id}
+    write_json_atomic(run_dir / "master.json", master)
+    return run_dir
+
+
+def _forkserver_context():
+    """The warm process every worker is forked from, started now so that it imports torch
+    while the launcher does the rest of its start-up."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(PRELOAD)
+    multiprocessing.forkserver.ensure_running()
+    return context
+
+
+def _become_subreaper() -> None:
+    """Orphaned grandchildren (a dead worker's DataLoader processes) are re-parented to the
+    launcher instead of init, so the final clean-up still finds and stops them."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+def _stop_all_descendants(grace_s: float) -> None:
+    """The last line of defence: nothing this launcher started outlives it (the forkserver
+    and multiprocessing's resource tracker included)."""
+    try:
+        children = psutil.Process().children(recursive=False)
+    except psutil.Error:
+        return
+    stop_process_trees([c.pid for c in children], grace_s)
+
+
+@contextlib.contextmanager
+def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
+    """SIGINT/SIGTERM/SIGHUP become a stop request to the supervisor, and wake its wait."""
+    requests: list = []
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    os.set_blocking(write_fd, False)
+
+    def on_signal(signum: int, frame: object) -> None:
+        for request in requests:
+            request(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in HANDLED_SIGNALS}
+    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    try:
+        yield read_fd, requests
+    finally:
+        signal.set_wakeup_fd(previous_wakeup)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def read_master_json(run_dir: Path) -> dict:
+    return json.loads((run_dir / "master.json").read_text())

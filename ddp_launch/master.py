@@ -1,0 +1,236 @@
+"""The gRPC master: the servicer (RPC -> registry) and the server's lifecycle.
+
+The servicer holds no state of its own beyond counters; the registry is the run's state.
+Every RPC must carry the run's token (checked by an interceptor before any handler runs);
+anything the registry refuses becomes a clear gRPC error and changes nothing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import socket
+import threading
+from collections import Counter
+from concurrent import futures
+from typing import Any
+
+import grpc
+
+from ddp_launch.client import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
+from ddp_launch.errors import ConfigError
+from ddp_launch.proto import orchestrator_pb2 as pb
+from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+from ddp_launch.registry import Registry, Rejected, RunSnapshot
+
+MAX_BARRIER_WAIT_S = 10.0
+
+_CODES = {
+    Rejected.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
+    Rejected.STALE: grpc.StatusCode.FAILED_PRECONDITION,
+    Rejected.DUPLICATE: grpc.StatusCode.ALREADY_EXISTS,
+    Rejected.UNKNOWN: grpc.StatusCode.NOT_FOUND,
+}
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    """Turns RPCs into registry calls. Called directly (no sockets) in unit tests."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+        self.rejections: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _reject(self, context: Any, e: Rejected) -> None:
+        with self._lock:
+            self.rejections[e.reason] += 1
+        context.abort(_CODES[e.reason], str(e))
+
+    def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
+        try:
+            a = self.registry.register(
+                node_rank=request.node_rank,
+                local_rank=request.local_rank,
+                pid=request.pid,
+                hostname=request.hostname,
+                generation=request.generation,
+            )
+        except Rejected as e:
+            self._reject(context, e)
+            raise  # unreachable with a real context: abort() raises
+        return pb.RegisterReply(
+            rank=a.rank,
+            world_size=a.world_size,
+            local_world_size=a.local_world_size,
+            nnodes=a.nnodes,
+            generation=a.generation,
+            ddp_addr=a.ddp_addr,
+            ddp_port=a.ddp_port,
+            run_id=a.run_id,
+            max_restarts=a.max_restarts,
+        )
+
+    def CanStartTraining(self, request: pb.BarrierRequest, context: Any) -> pb.BarrierReply:
+        try:
+            r = self.registry.wait_barrier(
+                rank=request.rank,
+                generation=request.generation,
+                timeout_s=min(max(request.wait_s, 0.0), MAX_BARRIER_WAIT_S),
+            )
+        except Rejected as e:
+            self._reject(context, e)
+            raise
+        return pb.BarrierReply(open=r.open, superseded=r.superseded)
+
+    def SendHeartbeat(self, request: pb.Heartbeat, context: Any) -> pb.HeartbeatReply:
+        try:
+            superseded = self.registry.heartbeat(
+                rank=request.rank,
+                generation=request.generation,
+                pid=request.pid,
+                step=request.step,
+                samples=request.samples,
+                loss=request.loss if request.has_loss else None,
+                metrics=request.metrics,
+                total_steps=request.total_steps,
+            )
+        except Rejected as e:
+            self._reject(context, e)
+            raise
+        return pb.HeartbeatReply(superseded=superseded)
+
+    def ReportFailure(self, request: pb.FailureReport, context: Any) -> pb.Ack:
+        try:
+            self.registry.report_failure(
+                rank=request.rank,
+                generation=request.generation,
+                pid=request.pid,
+                exception_type=request.exception_type,
+                traceback=request.traceback,
+            )
+        except Rejected as e:
+            self._reject(context, e)
+            raise
+        return pb.Ack()
+
+    def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.RunStatus:
+        return snapshot_to_proto(self.registry.snapshot())
+
+
+def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
+    return pb.RunStatus(
+        run_id=snap.run_id,
+        world_size=snap.world_size,
+        generation=snap.generation,
+        restarts=snap.generation,
+        max_restarts=snap.max_restarts,
+        elapsed_s=snap.elapsed_s,
+        total_steps=snap.total_steps,
+        ranks=[
+            pb.RankStatus(
+                rank=r.rank,
+                node_rank=r.node_rank,
+                local_rank=r.local_rank,
+                pid=r.pid,
+                hostname=r.hostname,
+                state=r.state.value,
+                generation=r.generation,
+                step=r.step,
+                samples=r.samples,
+                steps_per_s=r.steps_per_s,
+                has_loss=r.loss is not None,
+                loss=r.loss or 0.0,
+                rss_bytes=r.rss_bytes,
+                cpu_percent=r.cpu_percent,
+                heartbeat_age_s=r.heartbeat_age_s if r.heartbeat_age_s is not None else -1.0,
+                metrics=r.metrics,
+            )
+            for r in snap.ranks
+        ],
+    )
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """A plain bind first: a clear one-line error instead of gRPC's C-core log."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+
+
+class _TokenInterceptor(grpc.ServerInterceptor):
+    """Rejects any call without the run's token before a handler sees it."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token.encode()
+
+        def deny(request: Any, context: grpc.ServicerContext) -> None:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
+
+        self._deny = grpc.unary_unary_rpc_method_handler(deny)
+        self.denied = 0
+
+    def intercept_service(self, continuation, handler_call_details):
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == TOKEN_METADATA_KEY and hmac.compare_digest(str(value).encode(), self._token):
+                return continuation(handler_call_details)
+        self.denied += 1
+        return self._deny
+
+
+class MasterServer:
+    """The gRPC server of one run, serving a registry from a thread pool of this process.
+
+    Args:
+        registry: the run's state.
+        token: the secret every RPC must carry.
+        host: the address to bind (127.0.0.1 for a single node).
+        port: the port, or 0 for a free one (the chosen port is `self.port` after start()).
+        max_workers: server threads; barrier waits hold one each, so at least the world size.
+    """
+
+    def __init__(self, registry: Registry, token: str, host: str, port: int = 0, max_workers: int = 16) -> None:
+        self.registry = registry
+        self.servicer = OrchestratorServicer(registry)
+        self.interceptor = _TokenInterceptor(token)
+        self.host = host
+        self.port = port
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max(max_workers, registry.world_size + 8)),
+            interceptors=[self.interceptor],
+            options=[
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                # Without this a second server could silently share a port already in use.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_OrchestratorServicer_to_server(self.servicer, self._server)
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+    def start(self) -> int:
+        """Bind and serve; returns the port.
+
+        Raises:
+            ConfigError: the address cannot be bound (e.g. the port is in use).
+        """
+        if self.port:
+            _check_bindable(self.host, self.port)
+        try:
+            bound = self._server.add_insecure_port(self.address)
+        except RuntimeError:
+            bound = 0
+        if not bound:
+            raise ConfigError(f"cannot listen on {self.address}: address in use or unavailable")
+        self.port = bound
+        self._server.start()
+        return bound
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        self._server.stop(grace_s).wait(grace_s + 1.0)

@@ -1,0 +1,91 @@
+"""Training progress inside a worker: the optimizer step hook and the public `report()`.
+
+The step count comes for free from a global optimizer step hook, so an unmodified script
+shows progress. `report()` adds what the launcher cannot guess (loss, samples, the total).
+Both only store numbers; the heartbeat thread sends them, never the training thread.
+
+Usage::
+
+    import ddp_launch
+    for step, batch in enumerate(loader):
+        ...
+        ddp_launch.report(step=step, loss=loss.item(), samples=len(batch), total_steps=n_steps)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int = 0
+    samples: int = 0
+    loss: float | None = None
+    total_steps: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class _Tracker:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._steps_by_optimizer: dict[int, int] = {}
+        self._auto_step = 0
+        self._explicit_step: int | None = None
+        self._samples = 0
+        self._loss: float | None = None
+        self._total_steps = 0
+        self._metrics: dict[str, float] = {}
+
+    def on_optimizer_step(self, optimizer: object, args: object, kwargs: object) -> None:
+        # Several optimizers stepping once each are one training step, not several.
+        key = id(optimizer)
+        n = self._steps_by_optimizer.get(key, 0) + 1
+        self._steps_by_optimizer[key] = n
+        if n > self._auto_step:
+            self._auto_step = n
+
+    def report(self, step, loss, samples, total_steps, metrics) -> None:
+        with self._lock:
+            if step is not None:
+                self._explicit_step = int(step)
+            if loss is not None:
+                self._loss = float(loss)
+            if samples is not None:
+                self._samples = int(samples)
+            if total_steps is not None:
+                self._total_steps = int(total_steps)
+            for k, v in metrics.items():
+                v = float(v)
+                if math.isfinite(v):
+                    self._metrics[str(k)] = v
+
+    def snapshot(self) -> Progress:
+        with self._lock:
+            step = self._explicit_step if self._explicit_step is not None else self._auto_step
+            return Progress(step, self._samples, self._loss, self._total_steps, dict(self._metrics))
+
+
+tracker = _Tracker()
+
+
+def report(
+    step: int | None = None,
+    loss: float | None = None,
+    samples: int | None = None,
+    total_steps: int | None = None,
+    **metrics: float,
+) -> None:
+    """Tell the launcher how training goes; cheap, and a no-op outside ddp-launch.
+
+    Args:
+        step: the global step; once given, it replaces the automatic optimizer-step count
+            (useful after resuming from a checkpoint).
+        loss: the latest loss (a float, e.g. `loss.item()`).
+        samples: samples processed so far by the whole world (for samples/s).
+        total_steps: the number of steps the run will take (gives the live view an ETA).
+        **metrics: any other scalars (accuracy=0.93, lr=1e-3), shown by `ddp-launch status`.
+    """
+    tracker.report(step, loss, samples, total_steps, metrics)

@@ -1,0 +1,438 @@
+"""The run's state: ranks, generations, the start barrier, heartbeats and hang verdicts.
+
+Thread-safe (the gRPC servicer calls it from its thread pool, the supervisor and the live
+view from theirs) and free of I/O: it imports neither grpc nor torch, and takes its clock
+as an argument, so it is tested as a plain object with a fake clock.
+
+A rank's life within one generation (RankState)::
+
+    STARTING --register--> WAITING --barrier opens--> TRAINING --exit 0--> DONE
+                                                          |
+                                                          +--> HUNG (verdict) / FAILED (exit != 0)
+
+A restart begins a new generation: every slot goes back to STARTING and workers of an
+older generation are told they are superseded.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ddp_launch.env import Assignment
+from ddp_launch.errors import DdpLaunchError
+
+RATE_WINDOW_S = 10.0
+MAX_METRICS = 32
+MAX_TEXT = 64 * 1024
+
+
+class RankState(enum.Enum):
+    STARTING = "starting"
+    WAITING = "waiting"
+    TRAINING = "training"
+    HUNG = "hung"
+    FAILED = "failed"
+    DONE = "done"
+
+
+class Rejected(DdpLaunchError):
+    """A request the registry refuses; `reason` tells the master which gRPC code to answer."""
+
+    INVALID = "invalid"  # out-of-range slot, bad values
+    STALE = "stale"  # a generation that is not the current one
+    DUPLICATE = "duplicate"  # the slot is already held by another process
+    UNKNOWN = "unknown"  # a heartbeat from a rank that never registered
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def free_port(host: str) -> int:
+    """A port nobody listens on right now (the kernel's pick)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class _Slot:
+    """One rank's live record in the current generation (mutable, guarded by the lock)."""
+
+    rank: int
+    node_rank: int
+    local_rank: int
+    state: RankState = RankState.STARTING
+    pid: int = 0
+    hostname: str = ""
+    registered_at: float | None = None
+    last_heartbeat_at: float | None = None
+    step: int = 0
+    samples: int = 0
+    loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_step_change_at: float | None = None
+    rate_window: deque[tuple[float, int]] = field(default_factory=deque)
+    rss_bytes: int = 0
+    cpu_percent: float = 0.0
+    exit_code: int | None = None
+    exception_type: str = ""
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class RankView:
+    """A rank as the live view, the status command and the failure report see it."""
+
+    rank: int
+    node_rank: int
+    local_rank: int
+    state: RankState
+    generation: int
+    pid: int
+    hostname: str
+    step: int
+    samples: int
+    steps_per_s: float
+    loss: float | None
+    metrics: Mapping[str, float]
+    rss_bytes: int
+    cpu_percent: float
+    heartbeat_age_s: float | None
+    exit_code: int | None
+    exception_type: str
+    traceback: str
+
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    run_id: str
+    world_size: int
+    generation: int
+    max_restarts: int
+    elapsed_s: float
+    total_steps: int  # 0 when no script reported one
+    barrier_open: bool
+    ranks: tuple[RankView, ...]
+
+    @property
+    def step(self) -> int:
+        """The world's progress: the slowest rank's step (DDP ranks move together)."""
+        return min((r.step for r in self.ranks), default=0)
+
+    @property
+    def loss(self) -> float | None:
+        losses = [r.loss for r in self.ranks if r.loss is not None]
+        return sum(losses) / len(losses) if losses else None
+
+
+@dataclass(frozen=True)
+class HangVerdict:
+    rank: int
+    reason: str
+    stalled_for_s: float
+    last_sign_of_life: float  # clock time; the smallest stopped first
+
+
+@dataclass(frozen=True)
+class BarrierResult:
+    open: bool
+    superseded: bool
+
+
+class Registry:
+    """The master's state for one run. See the module docstring for the rank life cycle."""
+
+    def __init__(
+        self,
+        *,
+        run_id: str,
+        nnodes: int,
+        local_world_size: int,
+        max_restarts: int,
+        ddp_addr: str,
+        ddp_port: int | None = None,
+        port_picker: Callable[[str], int] = free_port,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.run_id = run_id
+        self.nnodes = nnodes
+        self.local_world_size = local_world_size
+        self.world_size = nnodes * local_world_size
+        self.max_restarts = max_restarts
+        self.ddp_addr = ddp_addr
+        self._fixed_ddp_port = ddp_port
+        self._port_picker = port_picker
+        self._clock = clock
+        self._started_at = clock()
+        self._cond = threading.Condition()
+        self._total_steps = 0
+        self.generation = -1
+        self.ddp_port = 0
+        self._slots: list[_Slot] = []
+        self._registered = 0
+        self.begin_generation(0)
+
+    # -- generations and registration --------------------------------------------------
+
+    def begin_generation(self, generation: int) -> None:
+        """Start generation `generation`: all slots empty, a fresh DDP port, barrier closed."""
+        with self._cond:
+            if generation <= self.generation:
+                raise ValueError(f"generation {generation} is not after {self.generation}")
+            self.generation = generation
+            self.ddp_port = self._fixed_ddp_port or self._port_picker(self.ddp_addr)
+            self._slots = [
+                _Slot(rank=r, node_rank=r // self.local_world_size, local_rank=r % self.local_world_size)
+                for r in range(self.world_size)
+            ]
+            self._registered = 0
+            self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
+
+    def register(self, *, node_rank: int, local_rank: int, pid: int, hostname: str, generation: int) -> Assignment:
+        """Give the worker at (node_rank, local_rank) its rank; ranks are contiguous per node.
+
+        Raises:
+            Rejected: bad slot, stale generation, or a slot already held by another pid.
+        """
+        if not 0 <= node_rank < self.nnodes:
+            raise Rejected(Rejected.INVALID, f"node rank {node_rank} outside [0, {self.nnodes})")
+        if not 0 <= local_rank < self.local_world_size:
+            raise Rejected(Rejected.INVALID, f"local rank {local_rank} outside [0, {self.local_world_size})")
+        if pid <= 0:
+            raise Rejected(Rejected.INVALID, f"pid must be positive, got {pid}")
+        rank = node_rank * self.local_world_size + local_rank
+        with self._cond:
+            self._check_generation(generation)
+            slot = self._slots[rank]
+            if slot.state is not RankState.STARTING:
+                if slot.pid == pid:  # a retried RPC whose first reply was lost
+                    return self._assignment(slot)
+                raise Rejected(Rejected.DUPLICATE, f"rank {rank} is already registered by pid {slot.pid}")
+            now = self._clock()
+            slot.state = RankState.WAITING
+            slot.pid = pid
+            slot.hostname = hostname[:256]
+            slot.registered_at = now
+            self._registered += 1
+            if self._registered == self.world_size:
+                for s in self._slots:
+                    s.state = RankState.TRAINING
+                    s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
+                self._cond.notify_all()
+            return self._assignment(slot)
+
+    def _assignment(self, slot: _Slot) -> Assignment:
+        return Assignment(
+            rank=slot.rank,
+            local_rank=slot.local_rank,
+            world_size=self.world_size,
+            local_world_size=self.local_world_size,
+            node_rank=slot.node_rank,
+            nnodes=self.nnodes,
+            ddp_addr=self.ddp_addr,
+            ddp_port=self.ddp_port,
+            run_id=self.run_id,
+            generation=self.generation,
+            max_restarts=self.max_restarts,
+        )
+
+    def _check_generation(self, generation: int) -> None:
+        if generation != self.generation:
+            raise Rejected(Rejected.STALE, f"generation {generation} is not the current one ({self.generation})")
+
+    def _registered_slot(self, rank: int, generation: int, pid: int | None = None) -> _Slot:
+        if not 0 <= rank < self.world_size:
+            raise Rejected(Rejected.INVALID, f"rank {rank} outside [0, {self.world_size})")
+        self._check_generation(generation)
+        slot = self._slots[rank]
+        if slot.state is RankState.STARTING:
+            raise Rejected(Rejected.UNKNOWN, f"rank {rank} has not registered in generation {generation}")
+        if pid is not None and pid != slot.pid:
+            raise Rejected(Rejected.DUPLICATE, f"rank {rank} is registered by pid {slot.pid}, not {pid}")
+        return slot
+
+    @property
+    def barrier_open(self) -> bool:
+        with self._cond:
+            return self._registered == self.world_size
+
+    def wait_barrier(self, *, rank: int, generation: int, timeout_s: float) -> BarrierResult:
+        """Block until every rank of `generation` has registered, the generation ends, or timeout."""
+        with self._cond:
+            if generation < self.generation:
+                return BarrierResult(open=False, superseded=True)
+            self._registered_slot(rank, generation)
+            self._cond.wait_for(
+                lambda: self.generation != generation or self._registered == self.world_size,
+                timeout=max(0.0, timeout_s),
+            )
+            if self.generation != generation:
+                return BarrierResult(open=False, superseded=True)
+            return BarrierResult(open=self._registered == self.world_size, superseded=False)
+
+    # -- progress ------------------------------------------------------------------------
+
+    def heartbeat(
+        self,
+        *,
+        rank: int,
+        generation: int,
+        pid: int,
+        step: int,
+        samples: int = 0,
+        loss: float | None = None,
+        metrics: Mapping[str, float] | None = None,
+        total_steps: int = 0,
+    ) -> bool:
+        """Record a worker's progress. Returns True when its generation is over (superseded).
+
+        Raises:
+            Rejected: unknown rank, a pid that does not hold the slot, or bad values.
+        """
+        if step < 0 or samples < 0 or total_steps < 0:
+            raise Rejected(Rejected.INVALID, "step, samples and total_steps must be >= 0")
+        if loss is not None and not math.isfinite(loss):
+            loss = None  # a diverged loss is reported as missing, not allowed to poison means
+        clean_metrics = {}
+        for k, v in (metrics or {}).items():
+            if len(clean_metrics) >= MAX_METRICS:
+                break
+            if len(k) <= 64 and math.isfinite(v):
+                clean_metrics[k] = float(v)
+        with self._cond:
+            if generation < self.generation:
+                return True
+            slot = self._registered_slot(rank, generation, pid)
+            now = self._clock()
+            slot.last_heartbeat_at = now
+            if step != slot.step or slot.last_step_change_at is None and step > 0:
+                slot.last_step_change_at = now
+            slot.step = step
+            slot.samples = samples
+            if loss is not None:
+                slot.loss = loss
+            slot.metrics.update(clean_metrics)
+            if total_steps:
+                self._total_steps = total_steps
+            window = slot.rate_window
+            window.append((now, step))
+            while len(window) > 2 and now - window[0][0] > RATE_WINDOW_S:
+                window.popleft()
+            return False
+
+    def report_failure(self, *, rank: int, generation: int, pid: int, exception_type: str, traceback: str) -> None:
+        with self._cond:
+            slot = self._registered_slot(rank, generation, pid)
+            slot.exception_type = exception_type[:256]
+            slot.traceback = traceback[-MAX_TEXT:]
+
+    # -- what the supervisor tells us ------------------------------------------------------
+
+    def record_exit(self, rank: int, generation: int, exit_code: int) -> None:
+        with self._cond:
+            if generation != self.generation:
+                return
+            slot = self._slots[rank]
+            slot.exit_code = exit_code
+            slot.state = RankState.DONE if exit_code == 0 else RankState.FAILED
+
+    def record_process_stats(self, rank: int, *, rss_bytes: int, cpu_percent: float) -> None:
+        with self._cond:
+            slot = self._slots[rank]
+            slot.rss_bytes = rss_bytes
+            slot.cpu_percent = cpu_percent
+
+    def mark_hung(self, rank: int) -> None:
+        with self._cond:
+            self._slots[rank].state = RankState.HUNG
+
+    def find_hung(self, hang_timeout_s: float) -> list[HangVerdict]:
+        """Training ranks that sent no heartbeat, or made no step, for `hang_timeout_s`.
+
+        The step rule applies once a rank has completed its first step. Verdicts come in the
+        order the ranks stopped: the first is the likeliest root cause (its peers then stall
+        in the next collective).
+        """
+        if hang_timeout_s <= 0:
+            return []
+        now = self._clock()
+        verdicts = []
+        with self._cond:
+            for s in self._slots:
+                if s.state is not RankState.TRAINING or s.last_heartbeat_at is None:
+                    continue
+                silent_for = now - s.last_heartbeat_at
+                if silent_for > hang_timeout_s:
+                    verdicts.append(
+                        HangVerdict(s.rank, f"no heartbeat for {silent_for:.0f} s", silent_for, s.last_heartbeat_at)
+                    )
+                elif s.step > 0 and s.last_step_change_at is not None:
+                    stalled_for = now - s.last_step_change_at
+                    if stalled_for > hang_timeout_s:
+                        verdicts.append(
+                            HangVerdict(
+                                s.rank,
+                                f"step {s.step} has not advanced for {stalled_for:.0f} s",
+                                stalled_for,
+                                s.last_step_change_at,
+                            )
+                        )
+        verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].step, v.rank))
+        return verdicts
+
+    def unregistered_ranks(self) -> list[int]:
+        with self._cond:
+            return [s.rank for s in self._slots if s.state is RankState.STARTING]
+
+    # -- views ---------------------------------------------------------------------------
+
+    def snapshot(self) -> RunSnapshot:
+        now = self._clock()
+        with self._cond:
+            ranks = tuple(self._view(s, now) for s in self._slots)
+            return RunSnapshot(
+                run_id=self.run_id,
+                world_size=self.world_size,
+                generation=self.generation,
+                max_restarts=self.max_restarts,
+                elapsed_s=now - self._started_at,
+                total_steps=self._total_steps,
+                barrier_open=self._registered == self.world_size,
+                ranks=ranks,
+            )
+
+    def _view(self, s: _Slot, now: float) -> RankView:
+        rate = 0.0
+        if len(s.rate_window) >= 2:
+            (t0, s0), (t1, s1) = s.rate_window[0], s.rate_window[-1]
+            if t1 > t0:
+                rate = (s1 - s0) / (t1 - t0)
+        return RankView(
+            rank=s.rank,
+            node_rank=s.node_rank,
+            local_rank=s.local_rank,
+            state=s.state,
+            generation=self.generation,
+            pid=s.pid,
+            hostname=s.hostname,
+            step=s.step,
+            samples=s.samples,
+            steps_per_s=rate,
+            loss=s.loss,
+            metrics=dict(s.metrics),
+            rss_bytes=s.rss_bytes,
+            cpu_percent=s.cpu_percent,
+            heartbeat_age_s=None if s.last_heartbeat_at is None else now - s.last_heartbeat_at,
+            exit_code=s.exit_code,
+            exception_type=s.exception_type,
+            traceback=s.traceback,
+        )

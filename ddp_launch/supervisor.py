@@ -1,0 +1,378 @@
+"""Start, watch, stop and restart the local worker group.
+
+The supervisor waits on the workers' process sentinels (a death is noticed within
+milliseconds, not at the next poll), and between wake-ups asks the registry for hang
+verdicts, samples RSS/CPU with psutil and checks the run's deadline. Any failure stops the
+whole group (SIGTERM to every process of every worker's tree, then SIGKILL after the grace
+period); while restarts remain, a new generation is started from the warm forkserver.
+
+Failures are data here: each generation ends in a GenerationResult; the launcher decides
+what to print and which exit code to use.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Protocol
+
+import psutil
+
+from ddp_launch.config import RunConfig
+from ddp_launch.output import OutputPump
+from ddp_launch.registry import HangVerdict, Registry, RunSnapshot
+from ddp_launch.worker import STACK_DUMP_SIGNAL
+
+TICK_S = 0.25
+STATS_INTERVAL_S = 1.0
+STACK_DUMP_WAIT_S = 2.0
+# Stack frames that mean "waiting for peers", not "the cause of the hang".
+_COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
+
+
+class WorkerHandle(Protocol):
+    """A started worker process, as the supervisor needs it (torch.multiprocessing's Process)."""
+
+    pid: int | None
+    sentinel: int
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+# start_worker(local_rank, generation) -> a started worker whose output is attached to the pump.
+WorkerStarter = Callable[[int, int], WorkerHandle]
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    HUNG = "hung"
+    INTERRUPTED = "interrupted"
+    TIMED_OUT = "timed out"
+
+
+def describe_exit(code: int) -> str:
+    """'exit code 3' or 'signal SIGKILL' from a multiprocessing exit code (negative: signal)."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+def shell_exit_code(code: int) -> int:
+    """The code a shell would show: 128 + N for death by signal N."""
+    return 128 - code if code < 0 else code
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    rank: int
+    pid: int
+    exit_code: int  # multiprocessing's: negative for a signal
+    at: float  # time.time()
+
+    @property
+    def description(self) -> str:
+        return describe_exit(self.exit_code)
+
+
+@dataclass
+class GenerationResult:
+    generation: int
+    outcome: Outcome
+    failures: list[WorkerExit] = field(default_factory=list)  # in the order they died
+    hung: list[HangVerdict] = field(default_factory=list)
+    stacks: dict[int, str] = field(default_factory=dict)
+    root_rank: int | None = None  # the rank that failed or stopped first
+    message: str = ""
+    signal_number: int | None = None
+    snapshot: RunSnapshot | None = None  # the state just before the group was stopped
+
+
+@dataclass
+class RunResult:
+    outcome: Outcome
+    generations: list[GenerationResult]
+    wall_s: float
+
+    @property
+    def restarts(self) -> int:
+        return len(self.generations) - 1
+
+    @property
+    def last(self) -> GenerationResult:
+        return self.generations[-1]
+
+
+class Supervisor:
+    """Runs the local group through generations until success, interruption or no restart left.
+
+    Args:
+        config: the run's settings.
+        registry: the master's state (this node's ranks live in it).
+        start_worker: forks one worker; a seam for tests.
+        pump: worker output, for stack dumps and the failure report's log lines.
+        on_tick: called with a snapshot a few times a second (the live view).
+        wakeup_fd: readable when a signal arrived (signal.set_wakeup_fd's pipe), or None.
+        clock: monotonic clock.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        registry: Registry,
+        start_worker: WorkerStarter,
+        pump: OutputPump,
+        on_tick: Callable[[RunSnapshot], None] = lambda snap: None,
+        wakeup_fd: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self._start_worker = start_worker
+        self._pump = pump
+        self._on_tick = on_tick
+        self._wakeup_fd = wakeup_fd
+        self._clock = clock
+        self._pending_signal: int | None = None
+        self._workers: dict[int, WorkerHandle] = {}
+        self._started_at = clock()
+        self._stats: dict[int, psutil.Process] = {}
+
+    def request_stop(self, signum: int) -> None:
+        """Called from the signal handler: the watch loop stops the group at its next wake-up."""
+        if self._pending_signal is None:
+            self._pending_signal = signum
+
+    @property
+    def first_rank(self) -> int:
+        return self.config.node_rank * self.config.nproc_per_node
+
+    def run(self) -> RunResult:
+        generations: list[GenerationResult] = []
+        generation = 0
+        try:
+            while True:
+                result = self._run_generation(generation)
+                generations.append(result)
+                if result.outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED, Outcome.TIMED_OUT):
+                    break
+                if generation >= self.config.restart.max_restarts:
+                    break
+                generation += 1
+                self.registry.begin_generation(generation)
+        finally:
+            self.stop_group()
+        return RunResult(generations[-1].outcome, generations, self._clock() - self._started_at)
+
+    # -- one generation -----------------------------------------------------------------
+
+    def _run_generation(self, generation: int) -> GenerationResult:
+        self._workers = {}
+        self._stats = {}
+        for local_rank in range(self.config.nproc_per_node):
+            self._workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
+        result = self._watch(generation)
+        result.snapshot = self.registry.snapshot()
+        if result.outcome is Outcome.HUNG:
+            result.stacks = self._dump_stacks()
+            result.root_rank = _root_of_hang(result.hung, result.stacks)
+        self.stop_group()
+        self._collect_collateral(result)
+        return result
+
+    def _watch(self, generation: int) -> GenerationResult:
+        config = self.config
+        join_deadline = self._clock() + config.join_timeout_s
+        run_deadline = None if config.timeout_s is None else self._started_at + config.timeout_s
+        next_stats = 0.0
+        alive = dict(self._workers)
+        failures: list[WorkerExit] = []
+        while True:
+            waitables: list = [w.sentinel for w in alive.values()]
+            if self._wakeup_fd is not None:
+                waitables.append(self._wakeup_fd)
+            ready = wait_for_sentinels(waitables, timeout=TICK_S) if waitables else []
+            if self._wakeup_fd is not None and self._wakeup_fd in ready:
+                _drain(self._wakeup_fd)
+            for rank, w in list(alive.items()):
+                if w.sentinel in ready or w.exitcode is not None:
+                    w.join(timeout=1.0)
+                    code = w.exitcode if w.exitcode is not None else 255
+                    del alive[rank]
+                    self.registry.record_exit(rank, generation, code)
+                    if code != 0:
+                        failures.append(WorkerExit(rank, w.pid or 0, code, time.time()))
+            if failures:
+                first = failures[0]
+                return GenerationResult(
+                    generation,
+                    Outcome.FAILED,
+                    failures=failures,
+                    root_rank=first.rank,
+                    message=f"rank {first.rank} failed ({first.description})",
+                )
+            if not alive:
+                return GenerationResult(generation, Outcome.SUCCEEDED)
+            if self._pending_signal is not None:
+                signum = self._pending_signal
+                name = signal.Signals(signum).name
+                return GenerationResult(
+                    generation, Outcome.INTERRUPTED, signal_number=signum, message=f"stopped by {name}"
+                )
+            now = self._clock()
+            if run_deadline is not None and now >= run_deadline:
+                return GenerationResult(
+                    generation, Outcome.TIMED_OUT, message=f"the run's --timeout of {config.timeout_s:g} s passed"
+                )
+            if now >= next_stats:
+                next_stats = now + STATS_INTERVAL_S
+                self._sample_stats(alive)
+            verdicts = self.registry.find_hung(config.restart.hang_timeout_s)
+            local = [v for v in verdicts if v.rank in alive]
+            if local:
+                for v in local:
+                    self.registry.mark_hung(v.rank)
+                return GenerationResult(
+                    generation,
+                    Outcome.HUNG,
+                    hung=local,
+                    root_rank=local[0].rank,
+                    message=f"rank {local[0].rank} hung: {local[0].reason}",
+                )
+            if not self.registry.barrier_open and now >= join_deadline:
+                missing = [r for r in self.registry.unregistered_ranks() if r in alive]
+                if missing:
+                    return GenerationResult(
+                        generation,
+                        Outcome.HUNG,
+                        root_rank=missing[0],
+                        message=f"rank(s) {missing} did not register within --join-timeout "
+                        f"({config.join_timeout_s:g} s)",
+                    )
+            self._on_tick(self.registry.snapshot())
+
+    def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
+        for rank, w in alive.items():
+            try:
+                proc = self._stats.get(rank)
+                if proc is None:
+                    proc = self._stats[rank] = psutil.Process(w.pid)
+                    proc.cpu_percent(None)  # the first call only starts the measurement
+                with proc.oneshot():
+                    rss = proc.memory_info().rss
+                    cpu = proc.cpu_percent(None)
+                self.registry.record_process_stats(rank, rss_bytes=rss, cpu_percent=cpu)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+
+    def _dump_stacks(self) -> dict[int, str]:
+        """Ask every live worker for its Python stacks (all threads); return them per rank."""
+        marks = {}
+        for rank, w in self._workers.items():
+            if w.exitcode is None and w.pid:
+                marks[rank] = self._pump.lines_seen(rank)
+                _signal_quietly(w.pid, STACK_DUMP_SIGNAL)
+                # A stopped (SIGSTOP) process cannot dump until it runs again.
+                _signal_quietly(w.pid, signal.SIGCONT)
+        if not marks:
+            return {}
+        self._pump.wait_quiet(list(marks), quiet_s=0.3, timeout_s=STACK_DUMP_WAIT_S)
+        return {rank: "\n".join(self._pump.lines_since(rank, mark)) for rank, mark in marks.items()}
+
+    def _collect_collateral(self, result: GenerationResult) -> None:
+        """Ranks that died while we stopped the group died because of the first failure."""
+        for rank, w in self._workers.items():
+            code = w.exitcode
+            if code is not None and code != 0 and all(f.rank != rank for f in result.failures):
+                self.registry.record_exit(rank, result.generation, code)
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def stop_group(self) -> None:
+        """SIGTERM every process of every worker's tree, SIGKILL what remains after the grace."""
+        roots = [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
+        stop_process_trees(roots, self.config.restart.stop_grace_s)
+        for w in self._workers.values():
+            w.join(timeout=2.0)
+
+    def signal_workers(self, signum: int) -> None:
+        for w in self._workers.values():
+            if w.pid and w.exitcode is None:
+                _signal_quietly(w.pid, signum)
+
+
+def stop_process_trees(pids: list[int], grace_s: float) -> None:
+    """Stop these processes and all their descendants: SIGTERM, wait, SIGKILL. Gone is fine."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs[root.pid] = root
+            # The tree is read before anything is signalled: orphans are hard to find later.
+            for child in root.children(recursive=True):
+                procs[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    if not procs:
+        return
+    for p in procs.values():
+        for sig in (signal.SIGTERM, signal.SIGCONT):
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=2.0)
+
+
+def _signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _root_of_hang(verdicts: list[HangVerdict], stacks: dict[int, str]) -> int | None:
+    """The rank that stopped first: prefer one whose main thread is not inside a collective
+    (its peers wait in allreduce for it); else the one that went quiet first."""
+    if not verdicts:
+        return None
+    for v in verdicts:
+        main = _main_thread_stack(stacks.get(v.rank, ""))
+        if main and not any(marker in main for marker in _COLLECTIVE_FRAMES):
+            return v.rank
+    return verdicts[0].rank
+
+
+def _main_thread_stack(dump: str) -> str:
+    """The innermost frames of the main thread in a faulthandler dump: threads are listed
+    newest first, so the main thread is the last block; frames innermost first."""
+    threads = [b for b in dump.split("\n\n") if "File " in b]
+    if not threads:
+        return ""
+    frames = [line for line in threads[-1].splitlines() if line.strip().startswith("File ")]
+    return "\n".join(frames[:3])

@@ -1,0 +1,214 @@
+"""Inside a worker: register, take the torchrun environment, wait at the barrier, run the script.
+
+`worker_main` is the target the supervisor forks (from a warm process that has already
+imported torch). It reads everything it needs from the environment it is given (the
+bootstrap variables), never from a pickled config, and ends with `os._exit` once the
+script is done: interpreter teardown after gloo has been seen to abort finished runs.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import faulthandler
+import os
+import runpy
+import signal
+import sys
+import traceback
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from ddp_launch import env
+from ddp_launch.config import Target
+
+# Python stacks of every thread go to the rank's log on this signal (hang reports).
+# Not SIGUSR1: PyTorch Lightning uses that one on SLURM.
+STACK_DUMP_SIGNAL = signal.SIGUSR2
+EXIT_BOOTSTRAP_FAILED = 1
+EXIT_MASTER_LOST = 1
+_PR_SET_PDEATHSIG = 1
+
+
+def worker_main(environ: dict[str, str], target: Target, stdout: Connection, stderr: Connection) -> None:
+    """Run one worker to the end; never returns.
+
+    Args:
+        environ: bootstrap variables (env.Bootstrap) to add to the inherited environment.
+        target: the script or module to run as __main__.
+        stdout, stderr: write ends of the pipes the launcher reads (prefixes and logs them).
+    """
+    _redirect_output(stdout.fileno(), stderr.fileno())
+    stdout.close()
+    stderr.close()
+    _die_with_parent()
+    os.environ.update(environ)
+    code = EXIT_BOOTSTRAP_FAILED
+    try:
+        code = _run(target)
+    except BaseException:
+        _say("the worker's bootstrap failed:")
+        traceback.print_exc()
+    finally:
+        _flush_stdio()
+        os._exit(code)
+
+
+def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    # Line buffering: the launcher shows worker output live, prefixed with the rank.
+    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies, so a killed launcher (its
+    forkserver exits with it) leaves no orphan, whatever the script is doing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os._exit(EXIT_MASTER_LOST)
+
+
+def _flush_stdio() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+def _say(message: str) -> None:
+    print(f"[ddp-launch] {message}", file=sys.stderr, flush=True)
+
+
+def _run(target: Target) -> int:
+    # Imported here, after the fork: gRPC must not exist in the warm parent.
+    from ddp_launch.client import HeartbeatThread, MasterClient
+    from ddp_launch.errors import MasterUnavailable, RegistrationRejected
+    from ddp_launch.progress import tracker
+
+    boot = env.Bootstrap.from_env()
+    faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
+    client = MasterClient(boot.control_addr, boot.token)
+    try:
+        assignment = client.register(
+            node_rank=boot.node_rank,
+            local_rank=boot.local_rank,
+            generation=boot.generation,
+            deadline_s=boot.join_timeout_s,
+        )
+        os.environ.update(env.torchrun_env(assignment, os.environ))
+        _configure_torch(assignment, boot.backend)
+        client.wait_barrier(rank=assignment.rank, generation=assignment.generation, deadline_s=boot.join_timeout_s)
+    except (MasterUnavailable, RegistrationRejected) as e:
+        _say(f"worker (local rank {boot.local_rank}) could not start: {e}")
+        client.close()
+        return EXIT_BOOTSTRAP_FAILED
+
+    def master_lost(message: str) -> None:
+        _say(message)
+        _flush_stdio()
+        os._exit(EXIT_MASTER_LOST)
+
+    heartbeats = HeartbeatThread(
+        client,
+        assignment,
+        tracker.snapshot,
+        interval_s=boot.heartbeat_interval_s,
+        master_lost_timeout_s=boot.master_lost_timeout_s,
+        on_master_lost=master_lost,
+    )
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    hook = register_optimizer_step_post_hook(tracker.on_optimizer_step)
+    heartbeats.start()
+    try:
+        code = run_target(target, on_exception=lambda e, tb: _report(client, assignment, e, tb))
+    finally:
+        hook.remove()
+        heartbeats.stop()
+        heartbeats.send_now()
+    try:
+        atexit._run_exitfuncs()
+    except BaseException:  # an atexit handler failing must not turn success into a crash
+        traceback.print_exc()
+    client.close()
+    return code
+
+
+def _report(client, assignment, e: BaseException, tb_text: str) -> None:
+    try:
+        client.report_failure(assignment, type(e).__name__, tb_text)
+    except Exception as rpc_error:  # the traceback is in the log anyway
+        _say(f"could not send the traceback to the master: {rpc_error!r}")
+
+
+def _configure_torch(assignment: env.Assignment, backend: str) -> None:
+    import torch
+
+    # torch sized its thread pool when the warm parent imported it; size it for this worker
+    # (oversubscribed spinning threads cost 10x in throughput on a small machine).
+    try:
+        torch.set_num_threads(max(1, int(os.environ[env.OMP_NUM_THREADS])))
+    except ValueError:
+        pass
+    if backend == "auto":
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        backend = "nccl" if gpus >= assignment.local_world_size else "gloo"
+    os.environ[env.BACKEND] = backend
+    if backend == "nccl":
+        torch.cuda.set_device(assignment.local_rank)
+
+
+def run_target(target: Target, on_exception=None) -> int:
+    """Run the script or module as __main__ in this process; returns its exit code.
+
+    An exception is printed as Python would print it (without the launcher's frames) and
+    handed to `on_exception(exc, traceback_text)` before the code 1 is returned.
+    """
+    try:
+        if target.is_module:
+            sys.argv = [target.name, *target.args]
+            sys.path.insert(0, os.getcwd())
+            runpy.run_module(target.name, run_name="__main__", alter_sys=True)
+        else:
+            path = Path(target.name).resolve()
+            sys.argv = [target.name, *target.args]
+            sys.path.insert(0, str(path.parent))
+            runpy.run_path(str(path), run_name="__main__")
+    except SystemExit as e:
+        return _exit_code(e.code)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BaseException as e:
+        tb_text = _format_user_traceback(e)
+        sys.stderr.write(tb_text)
+        sys.stderr.flush()
+        if on_exception is not None:
+            on_exception(e, tb_text)
+        return 1
+    return 0
+
+
+def _exit_code(code: object) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    return 1
+
+
+def _format_user_traceback(e: BaseException) -> str:
+    tb = e.__traceback__
+    ours = {__file__, runpy.__file__, "<frozen runpy>"}
+    while tb is not None and tb.tb_frame.f_code.co_filename in ours:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(e), e, tb))

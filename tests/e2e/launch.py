@@ -1,0 +1,84 @@
+"""Running the launcher for real, as a user would, with a deadline and clean-up by pid."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).resolve().parent / "scripts"
+EXAMPLE = REPO / "examples" / "train_mlp.py"
+
+
+@dataclass
+class Run:
+    returncode: int
+    stdout: str
+    stderr: str
+    run_dir: Path
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def launcher_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ddp_launch", *args]
+
+
+def test_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("OMP_NUM_THREADS", None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def run_launcher(args: list[str], cwd: Path, timeout_s: float = 120, env: dict | None = None) -> Run:
+    """`python -m ddp_launch --run-dir cwd/run ARGS` in `cwd`, bounded by `timeout_s`."""
+    run_dir = cwd / "run"
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(run_dir), *args),
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env or test_env(),
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"launcher did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}") from None
+    return Run(proc.returncode, out, err, run_dir)
+
+
+def kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def digests(output: str) -> dict[int, str]:
+    """{rank: sha256} from the example's `param-digest rank=R sha256=H` lines."""
+    found = {}
+    for line in output.splitlines():
+        if "param-digest" in line:
+            fields = dict(part.split("=", 1) for part in line.split("param-digest", 1)[1].split())
+            found[int(fields["rank"])] = fields["sha256"]
+    return found

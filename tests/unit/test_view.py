@@ -1,0 +1,364 @@
+"""The live view, rendered to an io.StringIO from hand-built snapshots, with a fake clock."""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+
+import pytest
+import tqdm
+
+from ddp_launch.registry import RankState, RankView, RunSnapshot
+from ddp_launch.view import LiveView, format_rate, format_summary
+
+ANSI = "\x1b"
+
+
+def rank(i: int, **kw: object) -> RankView:
+    fields: dict[str, object] = {
+        "rank": i,
+        "node_rank": 0,
+        "local_rank": i,
+        "state": RankState.TRAINING,
+        "generation": 0,
+        "pid": 1000 + i,
+        "hostname": "host",
+        "step": 120,
+        "samples": 120 * 32,
+        "steps_per_s": 43.1,
+        "loss": 0.231,
+        "metrics": {},
+        "rss_bytes": 312_000_000,
+        "cpu_percent": 98.0,
+        "heartbeat_age_s": 0.5,
+        "exit_code": None,
+        "exception_type": "",
+        "traceback": "",
+    }
+    fields.update(kw)
+    return RankView(**fields)  # type: ignore[arg-type]
+
+
+def snapshot(world: int = 4, *, ranks: list[RankView] | None = None, **kw: object) -> RunSnapshot:
+    fields: dict[str, object] = {
+        "run_id": "run-1",
+        "world_size": world,
+        "generation": 0,
+        "max_restarts": 3,
+        "elapsed_s": 10.0,
+        "total_steps": 300,
+        "barrier_open": True,
+        "ranks": tuple(ranks if ranks is not None else [rank(i) for i in range(world)]),
+    }
+    fields.update(kw)
+    return RunSnapshot(**fields)  # type: ignore[arg-type]
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_bars():
+    yield
+    leaked = list(tqdm.tqdm._instances)
+    for bar in leaked:
+        bar.close()
+    assert not leaked, f"tqdm bars left open: {leaked}"
+
+
+def lines_of(out: io.StringIO) -> list[str]:
+    return out.getvalue().splitlines()
+
+
+# -- non-interactive ----------------------------------------------------------------------
+
+
+def test_plain_line_has_step_total_rate_loss_and_no_escape_codes():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock())
+    view.update(snapshot())
+    view.close()
+
+    (line,) = lines_of(out)
+    assert line.startswith("[ddp-launch] step 120/300 (40%)")
+    assert "43.1 it/s" in line
+    assert "loss 0.231" in line
+    assert "4/4 training" in line
+    assert "gen 0" in line
+    assert ANSI not in out.getvalue()
+
+
+def test_plain_line_eta_from_world_rate():
+    out = io.StringIO()
+    clock = FakeClock()
+    view = LiveView(out, interactive=False, clock=clock, plain_interval_s=5.0)
+    view.update(snapshot(ranks=[rank(i, step=100) for i in range(2)], world=2, elapsed_s=10.0))
+    clock.now += 5.0
+    # 100 steps in 5 s of registry time: 20 it/s, 100 steps left: 5 s.
+    view.update(snapshot(ranks=[rank(i, step=200) for i in range(2)], world=2, elapsed_s=15.0))
+    view.close()
+
+    assert "20.0 it/s" in lines_of(out)[-1]
+    assert "eta 5s" in lines_of(out)[-1]
+
+
+def test_plain_line_without_total_or_loss():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock())
+    view.update(snapshot(total_steps=0, ranks=[rank(i, loss=None) for i in range(4)]))
+    view.close()
+
+    (line,) = lines_of(out)
+    assert line.startswith("[ddp-launch] step 120 |")
+    assert "eta" not in line and "loss" not in line
+
+
+def test_plain_respects_interval_by_the_clock():
+    out = io.StringIO()
+    clock = FakeClock()
+    view = LiveView(out, interactive=False, plain_interval_s=5.0, clock=clock)
+
+    view.update(snapshot())
+    clock.now += 1.0
+    view.update(snapshot(ranks=[rank(i, step=150) for i in range(4)]))
+    clock.now += 3.9
+    view.update(snapshot(ranks=[rank(i, step=160) for i in range(4)]))
+    assert len(lines_of(out)) == 1
+
+    clock.now += 0.1
+    view.update(snapshot(ranks=[rank(i, step=170) for i in range(4)]))
+    view.close()
+    assert len(lines_of(out)) == 2
+    assert "step 170/300" in lines_of(out)[1]
+
+
+def test_plain_prints_at_once_when_rank_states_change():
+    out = io.StringIO()
+    clock = FakeClock()
+    view = LiveView(out, interactive=False, plain_interval_s=5.0, clock=clock)
+
+    view.update(snapshot(ranks=[rank(i, state=RankState.WAITING, step=0) for i in range(4)]))
+    clock.now += 0.5
+    view.update(snapshot(ranks=[rank(i, step=0) for i in range(4)]))  # barrier opened
+    clock.now += 0.5
+    view.update(snapshot())  # same states: nothing
+    clock.now += 0.5
+    failed = [rank(i) for i in range(4)]
+    failed[2] = rank(2, state=RankState.FAILED, exit_code=1, exception_type="ValueError")
+    view.update(snapshot(ranks=failed))
+    view.close()
+
+    lines = lines_of(out)
+    assert len(lines) == 3
+    assert "4/4 waiting" in lines[0]
+    assert "4/4 training" in lines[1]
+    assert "3 training, 1 failed (rank 2)" in lines[2]
+
+
+def test_plain_prints_on_new_generation():
+    out = io.StringIO()
+    clock = FakeClock()
+    view = LiveView(out, interactive=False, clock=clock)
+    view.update(snapshot())
+    clock.now += 0.5
+    view.update(snapshot(generation=1, ranks=[rank(i, generation=1, step=100) for i in range(4)]))
+    view.close()
+
+    assert len(lines_of(out)) == 2
+    assert "gen 1 (restart 1/3)" in lines_of(out)[1]
+
+
+def test_write_line_is_verbatim_in_both_modes():
+    for interactive in (False, True):
+        out = io.StringIO()
+        view = LiveView(out, interactive=interactive, clock=FakeClock())
+        view.update(snapshot())
+        view.write_line("[rank 1] epoch 3: {acc: 0.9} 100%")
+        view.close()
+        assert "[rank 1] epoch 3: {acc: 0.9} 100%\n" in out.getvalue()
+
+
+def test_write_line_does_not_double_a_trailing_newline():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False)
+    view.write_line("hello\n")
+    assert out.getvalue() == "hello\n"
+
+
+def test_write_line_from_threads_during_updates_keeps_lines_whole():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot())
+
+    def pump(rank_id: int) -> None:
+        for k in range(50):
+            view.write_line(f"[rank {rank_id}] line {k}")
+
+    threads = [threading.Thread(target=pump, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for step in range(50):
+        view.update(snapshot(ranks=[rank(i, step=step) for i in range(4)]))
+    for t in threads:
+        t.join(timeout=10)
+    view.close()
+
+    text = out.getvalue()
+    for i in range(4):
+        for k in range(50):
+            assert f"[rank {i}] line {k}\n" in text
+
+
+# -- interactive --------------------------------------------------------------------------
+
+
+def test_interactive_draws_a_line_per_rank_for_small_worlds():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot(ranks=[rank(i, step=120 + i) for i in range(4)]))
+    text = out.getvalue()
+    view.close()
+
+    for i in range(4):
+        assert f"rank {i}  step {120 + i}" in text
+    assert "43.1 it/s  loss 0.231  rss 312 MB  cpu 98%  training" in text
+    assert "120/300" in text
+    assert "ranks 4:" not in text
+
+
+def test_rank_lines_show_failures_and_silent_ranks():
+    out = io.StringIO()
+    ranks = [rank(i) for i in range(3)]
+    ranks[1] = rank(1, state=RankState.FAILED, exit_code=1, exception_type="ValueError")
+    ranks[2] = rank(2, heartbeat_age_s=7.0)
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot(3, ranks=ranks))
+    text = out.getvalue()
+    view.close()
+
+    assert "failed (exit 1, ValueError)" in text
+    assert "training, no heartbeat for 7s" in text
+    assert "2 training, 1 failed (rank 1)" in text  # on the overall bar
+
+
+def test_interactive_aggregate_line_names_slowest_rank_for_large_worlds():
+    out = io.StringIO()
+    ranks = [rank(i, steps_per_s=43.0 + i / 100) for i in range(16)]
+    ranks[11] = rank(11, step=118, steps_per_s=40.1)
+    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock())
+    view.update(snapshot(16, ranks=ranks))
+    text = out.getvalue()
+    view.close()
+
+    assert "ranks 16: step min/median/max 118/120/120" in text
+    assert "it/s min/median/max 40.1/" in text
+    assert "slowest rank 11" in text
+    assert "rank 0  step" not in text
+
+
+def test_interactive_rebuilds_lines_when_world_size_changes():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock())
+    view.update(snapshot(2))
+    assert len(tqdm.tqdm._instances) == 3
+    view.update(snapshot(16))
+    assert len(tqdm.tqdm._instances) == 2  # overall bar + aggregate line
+    view.update(snapshot(4))
+    assert len(tqdm.tqdm._instances) == 5
+    view.close()
+
+
+def test_interactive_bar_without_total_and_with_restarts():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot(total_steps=0, generation=2))
+    text = out.getvalue()
+    assert "ddp-launch step 120 [" in text
+    assert "restart 2/3" in text
+    view.update(snapshot(total_steps=240, generation=2))
+    assert " 50%|" in out.getvalue()
+    view.close()
+
+
+def test_close_is_idempotent_and_leaves_no_bars():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot())
+    assert tqdm.tqdm._instances
+    view.close()
+    view.close()
+    assert not tqdm.tqdm._instances
+    view.update(snapshot())  # after close: ignored, no new bars
+    assert not tqdm.tqdm._instances
+
+
+def test_disabled_view_draws_nothing_but_prints_lines():
+    for interactive in (False, True):
+        out = io.StringIO()
+        view = LiveView(out, interactive=interactive, enabled=False, clock=FakeClock())
+        view.update(snapshot())
+        assert out.getvalue() == ""
+        view.write_line("worker says hi")
+        view.close()
+        assert out.getvalue() == "worker says hi\n"
+        assert not tqdm.tqdm._instances
+
+
+def test_interactive_none_follows_isatty():
+    assert LiveView(io.StringIO()).interactive is False
+
+
+# -- summary and formatting ---------------------------------------------------------------
+
+
+def test_summary_names_slowest_rank_and_totals():
+    ranks = [rank(i, state=RankState.DONE, step=300, samples=9600, steps_per_s=40.0 + i, exit_code=0) for i in range(4)]
+    ranks[2] = rank(2, state=RankState.DONE, step=300, samples=9600, steps_per_s=31.5, exit_code=0)
+    text = format_summary(snapshot(ranks=ranks), wall_s=12.0, restarts=0)
+
+    assert "slowest rank 2 (31.5 it/s)" in text
+    assert "min/median/max 31.5/" in text
+    assert "300/300" in text
+    assert "4/4 done" in text
+    assert "samples/s  3200.0" in text  # 4 ranks x 9600 samples / 12 s
+    assert "restarts   0" in text
+    assert "final loss 0.231" in text
+    assert ANSI not in text
+
+
+def test_summary_after_restarts_does_not_claim_a_samples_rate():
+    text = format_summary(snapshot(generation=1), wall_s=12.0, restarts=1)
+    assert "samples/s" not in text
+    assert re.search(r"restarts +1", text)
+
+
+def test_summary_without_rates_or_loss():
+    ranks = [rank(i, steps_per_s=0.0, loss=None, samples=0) for i in range(2)]
+    text = format_summary(snapshot(2, ranks=ranks, total_steps=0), wall_s=1.0, restarts=0)
+    assert "unknown" in text
+    assert "loss" not in text and "samples" not in text
+
+
+@pytest.mark.parametrize(
+    ("rate", "text"),
+    [
+        (43.12, "43.1 it/s"),
+        (1234.5, "1234 it/s"),
+        (0.52, "0.52 it/s"),
+        (0.05, "20.0 s/it"),
+        (0.0, "0.0 it/s"),
+    ],
+)
+def test_format_rate(rate, text):
+    assert format_rate(rate) == text
+
+
+def test_format_rate_unknown():
+    assert format_rate(float("nan")) == "? it/s"
+    assert format_rate(-1.0) == "? it/s"
