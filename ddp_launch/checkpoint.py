@@ -62,7 +62,8 @@ def save(state: Any, path: StrPath) -> Path:
     The previous file at ``path``, if any, stays complete and loadable until the new one has
     fully reached the disk; then a rename replaces it. If ``torch.save`` (or anything after it)
     raises, the temporary file is removed and ``path`` is untouched. A process killed in the
-    middle can leave its temporary file (see `_temp_path`) behind, but never a broken ``path``.
+    middle can leave its temporary file (see `_temp_path`) behind, but never a broken ``path``;
+    the next save on the same machine deletes it once that process is gone.
 
     Call it from one rank only (usually rank 0): two processes saving to the same path do not
     corrupt it, but the last rename wins.
@@ -82,6 +83,7 @@ def save(state: Any, path: StrPath) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_orphaned_temps(path)
     tmp = _temp_path(path)
     try:
         with open(tmp, "wb") as f:
@@ -97,6 +99,22 @@ def save(state: Any, path: StrPath) -> Path:
         raise
     _fsync_dir(path.parent)
     return path
+
+
+def _remove_orphaned_temps(path: Path) -> None:
+    """Delete temporary files of this checkpoint left by writers that died mid-save (their
+    pid is gone): a crash must not leave garbage beside the checkpoint for ever."""
+    prefix = f".{path.name}.tmp-"
+    for leftover in path.parent.glob(f"{prefix}*"):
+        pid_text = leftover.name[len(prefix) :]
+        if not pid_text.isdigit() or int(pid_text) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            leftover.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, someone else's
 
 
 def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True) -> Any | None:

@@ -80,6 +80,7 @@ class _Slot:
     loss: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     last_step_change_at: float | None = None
+    heartbeats: int = 0
     rate_window: deque[tuple[float, int]] = field(default_factory=deque)
     rss_bytes: int = 0
     cpu_percent: float = 0.0
@@ -225,8 +226,9 @@ class Registry:
             self._registered += 1
             if self._registered == self.world_size:
                 for s in self._slots:
-                    s.state = RankState.TRAINING
-                    s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
+                    if s.state is RankState.WAITING:  # not one that already exited
+                        s.state = RankState.TRAINING
+                        s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
                 self._cond.notify_all()
             return self._assignment(slot)
 
@@ -313,9 +315,12 @@ class Registry:
                 return True
             slot = self._registered_slot(rank, generation, pid)
             now = self._clock()
-            slot.last_heartbeat_at = now
-            if step != slot.step or slot.last_step_change_at is None and step > 0:
+            # The first heartbeat sets the baseline (a resumed run may start at any step);
+            # the step rule of find_hung applies once the step has moved from it.
+            if slot.heartbeats and step != slot.step:
                 slot.last_step_change_at = now
+            slot.heartbeats += 1
+            slot.last_heartbeat_at = now
             slot.step = step
             slot.samples = samples
             if loss is not None:
@@ -375,7 +380,7 @@ class Registry:
                     verdicts.append(
                         HangVerdict(s.rank, f"no heartbeat for {silent_for:.0f} s", silent_for, s.last_heartbeat_at)
                     )
-                elif s.step > 0 and s.last_step_change_at is not None:
+                elif s.last_step_change_at is not None:
                     stalled_for = now - s.last_step_change_at
                     if stalled_for > hang_timeout_s:
                         verdicts.append(
@@ -386,7 +391,7 @@ class Registry:
                                 s.last_step_change_at,
                             )
                         )
-        verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].step, v.rank))
+            verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].step, v.rank))
         return verdicts
 
     def unregistered_ranks(self) -> list[int]:

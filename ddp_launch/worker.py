@@ -41,6 +41,7 @@ def worker_main(environ: dict[str, str], target: Target, stdout: Connection, std
     _redirect_output(stdout.fileno(), stderr.fileno())
     stdout.close()
     stderr.close()
+    _release_forkserver()
     _die_with_parent()
     os.environ.update(environ)
     code = EXIT_BOOTSTRAP_FAILED
@@ -60,6 +61,25 @@ def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
     # Line buffering: the launcher shows worker output live, prefixed with the rank.
     sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
     sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
+
+
+def _release_forkserver() -> None:
+    """Close this worker's copy of the launcher's end of the forkserver's "alive" pipe.
+
+    multiprocessing hands it to every forked child (so that the child could use the
+    forkserver too). While a worker holds it, the forkserver never sees the launcher die,
+    so it never exits, and the parent-death signal below never fires: a SIGKILLed launcher
+    would leave its workers running.
+    """
+    from multiprocessing import forkserver
+
+    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        forkserver._forkserver._forkserver_alive_fd = None
 
 
 def _die_with_parent() -> None:

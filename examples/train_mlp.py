@@ -139,6 +139,8 @@ def main() -> None:
     else:
         device = torch.device("cpu")
     dist.init_process_group(backend)
+    if rank == 0:
+        print(f"training on {world_size} ranks, backend {backend}", flush=True)
 
     data = make_dataset(args.samples, args.seed)
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)

@@ -32,7 +32,7 @@ def launcher_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "ddp_launch", *args]
 
 
-def test_env() -> dict[str, str]:
+def launcher_env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("OMP_NUM_THREADS", None)
     env["PYTHONUNBUFFERED"] = "1"
@@ -48,7 +48,7 @@ def run_launcher(args: list[str], cwd: Path, timeout_s: float = 120, env: dict |
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        env=env or test_env(),
+        env=env or launcher_env(),
         start_new_session=True,
     )
     try:

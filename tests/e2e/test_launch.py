@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, run_launcher
+from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, launcher_env, run_launcher
 
 pytestmark = [pytest.mark.e2e]
 
@@ -67,7 +67,7 @@ def test_workers_see_the_torchrun_environment(tmp_path):
 def test_user_omp_num_threads_is_kept(tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    env = {**__import__("tests.e2e.launch", fromlist=["test_env"]).test_env(), "OMP_NUM_THREADS": "2"}
+    env = {**launcher_env(), "OMP_NUM_THREADS": "2"}
     run = run_launcher(["-n", "1", str(SCRIPTS / "env_dump.py"), str(out)], tmp_path, env=env)
     assert run.returncode == 0, run.output
     seen = json.loads((out / "env-0.json").read_text())

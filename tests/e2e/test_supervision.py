@@ -1,0 +1,200 @@
+"""End-to-end fault injection: crashes, hangs, restarts, resume, signals to the launcher."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, kill_tree, launcher_command, launcher_env, run_launcher
+
+pytestmark = [pytest.mark.e2e]
+
+FAULTS = str(SCRIPTS / "faults.py")
+TRAIN = ["--epochs", "2", "--max-steps", "40", "--checkpoint-every", "10", "--print-digest"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_digest(tmp_path_factory):
+    """The final parameters of a run that nothing interrupted (same seed, same world size)."""
+    cwd = tmp_path_factory.mktemp("clean")
+    run = run_launcher(["-n", "2", str(EXAMPLE), *TRAIN, "--checkpoint", str(cwd / "ckpt.pt")], cwd)
+    assert run.returncode == 0, run.output
+    found = set(digests(run.stdout).values())
+    assert len(found) == 1
+    return found.pop()
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize(("fault", "step"), [("exit1", 25), ("sigkill", 25), ("save-crash", 20)])
+def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrupted_digest, fault, step):
+    ckpt = tmp_path / "ckpt.pt"
+    rank = 0 if fault == "save-crash" else 1  # rank 0 is the one that saves
+    run = run_launcher(
+        ["-n", "2", "--max-restarts", "1", "--stop-grace", "2", FAULTS, fault, str(rank), str(step), *TRAIN,
+         "--checkpoint", str(ckpt)],
+        tmp_path,
+        timeout_s=200,
+    )  # fmt: skip
+    assert run.returncode == 0, run.output
+    assert f"[rank {rank}] injecting {fault} at step {step}" in run.stdout
+    # Generation 1 resumed from the last good checkpoint: step 20 (or 10 when the save at 20 died).
+    resumed_at = 10 if fault == "save-crash" else 20
+    assert f"resuming from {ckpt}: epoch 0 step {resumed_at}" in run.stdout, run.stdout
+    found = digests(run.stdout)
+    assert sorted(found) == [0, 1] and set(found.values()) == {uninterrupted_digest}
+    assert "restarts   1" in run.stderr
+    assert not list(tmp_path.glob(".ckpt.pt.tmp*")), "a half-written temporary file was left behind"
+
+
+@pytest.mark.timeout(120)
+def test_no_restart_left_fails_with_the_report(tmp_path):
+    run = run_launcher(
+        ["-n", "2", "--max-restarts", "0", "--stop-grace", "1", FAULTS, "raise", "1", "3", *TRAIN], tmp_path
+    )
+    assert run.returncode == 1, run.output
+    report = json.loads((run.run_dir / "failure.json").read_text())
+    cause = report["root_cause"]
+    assert cause["rank"] == 1 and cause["generation"] == 0 and cause["exit_code"] == 1
+    assert cause["exception_type"] == "RuntimeError"
+    assert "injected failure at step 3" in cause["traceback"]
+    assert "root cause: rank 1" in run.stderr and "RuntimeError: injected failure at step 3" in run.stderr
+
+
+@pytest.mark.timeout(180)
+def test_restarts_exhausted_reports_every_generation(tmp_path):
+    # fail.py's rank 1 fails on every attempt.
+    run = run_launcher(
+        ["-n", "2", "--max-restarts", "2", "--stop-grace", "1", str(SCRIPTS / "fail.py"), "1", "exit", "7"], tmp_path
+    )
+    assert run.returncode == 7, run.output
+    report = json.loads((run.run_dir / "failure.json").read_text())
+    assert report["restarts"] == 2
+    assert [g["generation"] for g in report["generations"]] == [0, 1, 2]
+    assert all(g["root_rank"] == 1 for g in report["generations"])
+    assert run.stdout.count("[rank 1] rank 1 exits with 7") == 3
+
+
+@pytest.mark.timeout(180)
+def test_hang_in_a_collective_is_detected_with_stacks_and_restarted(tmp_path):
+    run = run_launcher(
+        ["-n", "2", "--max-restarts", "1", "--hang-timeout", "4", "--heartbeat-interval", "0.5", "--stop-grace", "1",
+         FAULTS, "hang", "1", "8", "--epochs", "1", "--max-steps", "16", "--print-digest"],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.output
+    assert "[rank 1] injecting hang at step 8" in run.stdout
+    assert sorted(digests(run.stdout)) == [0, 1]
+    for rank in (0, 1):  # every rank's stacks were dumped into its log before the stop
+        log = (run.run_dir / f"rank-{rank}.log").read_text()
+        assert "most recent call first" in log, log
+    # No failure.json for a run that recovered, but the hang went to stderr's summary.
+    assert "restarts   1" in run.stderr
+
+
+@pytest.mark.timeout(120)
+def test_hang_report_names_the_rank_that_stopped_and_where(tmp_path):
+    run = run_launcher(
+        ["-n", "2", "--hang-timeout", "4", "--heartbeat-interval", "0.5", "--stop-grace", "1",
+         FAULTS, "hang", "1", "5", "--epochs", "1", "--max-steps", "30"],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.output
+    report = json.loads((run.run_dir / "failure.json").read_text())
+    assert report["outcome"] == "hung"
+    cause = report["root_cause"]
+    assert cause["rank"] == 1, report
+    assert "has not advanced" in cause["hang"]
+    assert "wait_forever_in_the_hook" in cause["stack"]
+    assert "wait_forever_in_the_hook" in run.stderr
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_holding_the_gil_before_its_first_step_is_hung_by_heartbeat(tmp_path):
+    run = run_launcher(
+        ["-n", "2", "--hang-timeout", "3", "--heartbeat-interval", "0.5", "--stop-grace", "1",
+         FAULTS, "hold-gil", "0", "0", "--epochs", "1", "--max-steps", "10"],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.output
+    report = json.loads((run.run_dir / "failure.json").read_text())
+    assert report["root_cause"]["rank"] == 0
+    assert "no heartbeat" in report["root_cause"]["hang"]
+
+
+@pytest.mark.timeout(60)
+def test_timeout_stops_the_run_with_124(tmp_path):
+    out = tmp_path / "pids"
+    out.mkdir()
+    run = run_launcher(
+        ["-n", "2", "--timeout", "4", "--stop-grace", "1", str(SCRIPTS / "sleeper.py"), str(out)], tmp_path
+    )
+    assert run.returncode == 124, run.output
+    assert "--timeout of 4 s passed" in run.stderr
+    assert "rank 0: " in run.stderr and "rank 1: " in run.stderr  # where each rank was
+    _assert_all_gone(_recorded_pids(out))
+
+
+# -- signals to the launcher ---------------------------------------------------------------
+
+
+def _recorded_pids(out: Path) -> list[int]:
+    return [int(p) for f in sorted(out.glob("pids-*.txt")) for p in f.read_text().split()]
+
+
+def _assert_all_gone(pids: list[int], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    alive = pids
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.05)
+    if alive:
+        for pid in alive:
+            kill_tree(pid)
+    assert not alive, f"processes of the run survived: {alive}"
+
+
+def _start_and_wait_ready(tmp_path: Path, n: int = 2) -> tuple[subprocess.Popen, Path]:
+    out = tmp_path / "pids"
+    out.mkdir()
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(tmp_path / "run"), "-n", str(n), "--stop-grace", "2",
+                         str(SCRIPTS / "sleeper.py"), str(out)),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while len(list(out.glob("pids-*.txt"))) < n:
+        if time.monotonic() > deadline or proc.poll() is not None:
+            kill_tree(proc.pid)
+            raise AssertionError(f"workers did not start: {proc.communicate()}")
+        time.sleep(0.05)
+    return proc, out
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_signal_to_the_launcher_stops_every_process_of_the_run(tmp_path, sig, code):
+    proc, out = _start_and_wait_ready(tmp_path)
+    try:
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == code, err
+    assert f"stopped by {signal.Signals(sig).name}" in err
+    _assert_all_gone(_recorded_pids(out))  # workers and their children
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_to_the_launcher_leaves_no_worker_behind(tmp_path):
+    proc, out = _start_and_wait_ready(tmp_path)
+    workers = [int(f.read_text().split()[0]) for f in out.glob("pids-*.txt")]
+    proc.kill()
+    proc.communicate(timeout=10)
+    _assert_all_gone(workers)

@@ -1,0 +1,363 @@
+"""The servicer called as a plain object (a fake context, no sockets), then one real server."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+
+import grpc
+import pytest
+
+from ddp_launch.client import TOKEN_METADATA_KEY, MasterClient
+from ddp_launch.errors import ConfigError, RegistrationRejected
+from ddp_launch.master import MasterServer, OrchestratorServicer
+from ddp_launch.progress import Progress
+from ddp_launch.proto import orchestrator_pb2 as pb
+from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+from ddp_launch.registry import Registry
+
+DDP_PORT = 29555
+
+
+class FakeClock:
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Aborted(Exception):
+    """What the fake context raises, as grpc's real `abort()` raises to end the handler."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+def make_registry(clock: FakeClock, *, nnodes: int = 1, local_world_size: int = 2) -> Registry:
+    return Registry(
+        run_id="run-7",
+        nnodes=nnodes,
+        local_world_size=local_world_size,
+        max_restarts=2,
+        ddp_addr="10.0.0.1",
+        ddp_port=DDP_PORT,
+        clock=clock,
+    )
+
+
+@pytest.fixture
+def servicer(clock) -> OrchestratorServicer:
+    return OrchestratorServicer(make_registry(clock))
+
+
+def register_req(rank: int, *, lws: int = 2, pid: int | None = None, generation: int = 0) -> pb.RegisterRequest:
+    return pb.RegisterRequest(
+        node_rank=rank // lws,
+        local_rank=rank % lws,
+        pid=pid if pid is not None else 100 + rank,
+        hostname=f"host-{rank}",
+        generation=generation,
+    )
+
+
+def register_all(s: OrchestratorServicer) -> None:
+    for rank in range(s.registry.world_size):
+        s.Register(register_req(rank, lws=s.registry.local_world_size), FakeContext())
+
+
+def rejected(call, request) -> Aborted:
+    with pytest.raises(Aborted) as e:
+        call(request, FakeContext())
+    return e.value
+
+
+# -- Register -----------------------------------------------------------------------------
+
+
+def test_register_reply_carries_the_assignment(clock):
+    s = OrchestratorServicer(make_registry(clock, nnodes=2, local_world_size=2))
+    reply = s.Register(register_req(3), FakeContext())
+    assert reply == pb.RegisterReply(
+        rank=3,
+        world_size=4,
+        local_world_size=2,
+        nnodes=2,
+        generation=0,
+        ddp_addr="10.0.0.1",
+        ddp_port=DDP_PORT,
+        run_id="run-7",
+        max_restarts=2,
+    )
+    assert s.rejections == Counter()
+
+
+def test_over_registration_is_already_exists_and_changes_nothing(servicer):
+    register_all(servicer)
+    before = servicer.registry.snapshot()
+    e = rejected(servicer.Register, register_req(0, pid=999))
+    assert e.code is grpc.StatusCode.ALREADY_EXISTS
+    assert "already registered" in e.details
+    assert servicer.registry.snapshot() == before
+    assert servicer.rejections == Counter({"duplicate": 1})
+
+
+def test_a_second_pid_for_a_taken_slot_is_already_exists(servicer):
+    servicer.Register(register_req(1), FakeContext())
+    before = servicer.registry.snapshot()
+    e = rejected(servicer.Register, register_req(1, pid=555))
+    assert e.code is grpc.StatusCode.ALREADY_EXISTS
+    assert servicer.registry.snapshot() == before
+    assert servicer.registry.snapshot().ranks[1].pid == 101
+    # The same pid again (a retried RPC) is not a rejection.
+    assert servicer.Register(register_req(1), FakeContext()).rank == 1
+    assert servicer.rejections == Counter({"duplicate": 1})
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        pb.RegisterRequest(node_rank=0, local_rank=2, pid=10, generation=0),
+        pb.RegisterRequest(node_rank=0, local_rank=-1, pid=10, generation=0),
+        pb.RegisterRequest(node_rank=1, local_rank=0, pid=10, generation=0),
+        pb.RegisterRequest(node_rank=-3, local_rank=0, pid=10, generation=0),
+        pb.RegisterRequest(node_rank=0, local_rank=0, pid=0, generation=0),
+    ],
+    ids=["local-too-big", "local-negative", "node-too-big", "node-negative", "no-pid"],
+)
+def test_out_of_range_is_invalid_argument(servicer, request_):
+    before = servicer.registry.snapshot()
+    e = rejected(servicer.Register, request_)
+    assert e.code is grpc.StatusCode.INVALID_ARGUMENT
+    assert servicer.registry.snapshot() == before
+    assert servicer.rejections == Counter({"invalid": 1})
+
+
+def test_a_stale_generation_is_failed_precondition(servicer):
+    servicer.registry.begin_generation(1)
+    before = servicer.registry.snapshot()
+    e = rejected(servicer.Register, register_req(0, generation=0))
+    assert e.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert "generation 0" in e.details
+    assert servicer.registry.snapshot() == before
+    assert servicer.rejections == Counter({"stale": 1})
+
+
+# -- SendHeartbeat ------------------------------------------------------------------------
+
+
+def test_heartbeat_of_an_unknown_rank_is_not_found(servicer):
+    servicer.Register(register_req(0), FakeContext())
+    before = servicer.registry.snapshot()
+    e = rejected(servicer.SendHeartbeat, pb.Heartbeat(rank=1, generation=0, pid=101, step=3))
+    assert e.code is grpc.StatusCode.NOT_FOUND
+    assert servicer.registry.snapshot() == before
+    assert servicer.rejections == Counter({"unknown": 1})
+
+
+def test_heartbeat_rejections_are_counted_and_change_nothing(servicer):
+    register_all(servicer)
+    before = servicer.registry.snapshot()
+    cases = [
+        (pb.Heartbeat(rank=0, generation=0, pid=101, step=3), grpc.StatusCode.ALREADY_EXISTS),  # wrong pid
+        (pb.Heartbeat(rank=0, generation=0, pid=100, step=-1), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.Heartbeat(rank=7, generation=0, pid=100, step=1), grpc.StatusCode.INVALID_ARGUMENT),
+        (pb.Heartbeat(rank=0, generation=4, pid=100, step=1), grpc.StatusCode.FAILED_PRECONDITION),
+    ]
+    for request, code in cases:
+        assert rejected(servicer.SendHeartbeat, request).code is code
+    assert servicer.registry.snapshot() == before
+    assert servicer.rejections == Counter({"duplicate": 1, "invalid": 2, "stale": 1})
+
+
+def test_heartbeat_reply_says_superseded_for_an_old_generation(servicer):
+    register_all(servicer)
+    ok = servicer.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=100, step=1), FakeContext())
+    assert ok.superseded is False
+    servicer.registry.begin_generation(1)
+    old = servicer.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=100, step=2), FakeContext())
+    assert old.superseded is True
+    assert servicer.rejections == Counter()
+
+
+def test_a_heartbeat_without_has_loss_has_no_loss(servicer):
+    register_all(servicer)
+    servicer.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=100, step=1, loss=0.0), FakeContext())
+    assert servicer.registry.snapshot().ranks[0].loss is None
+    servicer.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=100, step=2, has_loss=True), FakeContext())
+    assert servicer.registry.snapshot().ranks[0].loss == 0.0
+
+
+# -- CanStartTraining ---------------------------------------------------------------------
+
+
+def test_can_start_training_opens_once_all_registered(servicer):
+    servicer.Register(register_req(0), FakeContext())
+    closed = servicer.CanStartTraining(pb.BarrierRequest(rank=0, generation=0, wait_s=0), FakeContext())
+    assert (closed.open, closed.superseded) == (False, False)
+    servicer.Register(register_req(1), FakeContext())
+    for rank in (0, 1):
+        r = servicer.CanStartTraining(pb.BarrierRequest(rank=rank, generation=0, wait_s=0), FakeContext())
+        assert (r.open, r.superseded) == (True, False)
+
+
+def test_can_start_training_of_an_old_generation_is_superseded(servicer):
+    register_all(servicer)
+    servicer.registry.begin_generation(1)
+    r = servicer.CanStartTraining(pb.BarrierRequest(rank=0, generation=0, wait_s=0), FakeContext())
+    assert (r.open, r.superseded) == (False, True)
+
+
+def test_can_start_training_of_an_unregistered_rank_is_not_found(servicer):
+    servicer.Register(register_req(0), FakeContext())
+    e = rejected(servicer.CanStartTraining, pb.BarrierRequest(rank=1, generation=0, wait_s=0))
+    assert e.code is grpc.StatusCode.NOT_FOUND
+    assert servicer.rejections == Counter({"unknown": 1})
+
+
+# -- GetStatus and ReportFailure ----------------------------------------------------------
+
+
+def test_get_status_has_one_rank_status_per_rank_with_the_heartbeat_values(clock):
+    s = OrchestratorServicer(make_registry(clock, local_world_size=3))
+    s.Register(register_req(0, lws=3), FakeContext())
+    s.Register(register_req(1, lws=3), FakeContext())
+    s.Register(register_req(2, lws=3), FakeContext())
+    s.SendHeartbeat(pb.Heartbeat(rank=1, generation=0, pid=101, step=0), FakeContext())
+    clock.now += 2
+    hb = pb.Heartbeat(
+        rank=1,
+        generation=0,
+        pid=101,
+        step=40,
+        samples=1280,
+        has_loss=True,
+        loss=0.125,
+        total_steps=500,
+        metrics={"lr": 0.01},
+    )
+    s.SendHeartbeat(hb, FakeContext())
+    clock.now += 0.5
+    status = s.GetStatus(pb.StatusRequest(), FakeContext())
+    assert (status.run_id, status.world_size, status.generation, status.max_restarts) == ("run-7", 3, 0, 2)
+    assert status.total_steps == 500
+    assert [r.rank for r in status.ranks] == [0, 1, 2]
+    r1 = status.ranks[1]
+    assert (r1.node_rank, r1.local_rank, r1.pid, r1.hostname) == (0, 1, 101, "host-1")
+    assert (r1.state, r1.generation, r1.step, r1.samples) == ("training", 0, 40, 1280)
+    assert (r1.has_loss, r1.loss) == (True, 0.125)
+    assert dict(r1.metrics) == {"lr": 0.01}
+    assert r1.steps_per_s == pytest.approx(20.0)
+    assert r1.heartbeat_age_s == pytest.approx(0.5)
+    r0 = status.ranks[0]
+    assert (r0.step, r0.has_loss, r0.steps_per_s) == (0, False, 0.0)
+    assert r0.heartbeat_age_s == pytest.approx(2.5)  # since the barrier opened
+
+
+def test_get_status_before_registration_marks_missing_heartbeats(servicer):
+    status = servicer.GetStatus(pb.StatusRequest(), FakeContext())
+    assert [(r.rank, r.state, r.pid, r.heartbeat_age_s) for r in status.ranks] == [
+        (0, "starting", 0, -1.0),
+        (1, "starting", 0, -1.0),
+    ]
+
+
+def test_report_failure_is_acknowledged_and_stored(servicer):
+    register_all(servicer)
+    report = pb.FailureReport(rank=1, generation=0, pid=101, exception_type="RuntimeError", traceback="tb...")
+    assert servicer.ReportFailure(report, FakeContext()) == pb.Ack()
+    r1 = servicer.registry.snapshot().ranks[1]
+    assert (r1.exception_type, r1.traceback) == ("RuntimeError", "tb...")
+    stranger = pb.FailureReport(rank=1, generation=0, pid=7, exception_type="X", traceback="y")
+    assert rejected(servicer.ReportFailure, stranger).code is grpc.StatusCode.ALREADY_EXISTS
+
+
+# -- one real server ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(clock):
+    srv = MasterServer(make_registry(clock), token="secret", host="127.0.0.1", port=0)
+    try:
+        srv.start()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(30)
+def test_a_real_server_serves_a_client_refuses_a_wrong_token_and_owns_its_port(server):
+    assert server.port > 0
+    address = f"127.0.0.1:{server.port}"
+    assert server.address == address
+    registry = server.registry
+
+    # A client with the wrong token, or none, is turned away before any handler runs.
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = pb_grpc.OrchestratorStub(channel)
+        intruder = register_req(1, pid=31337)
+        for metadata in (((TOKEN_METADATA_KEY, "wrong"),), ((TOKEN_METADATA_KEY, "secre"),), ()):
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Register(intruder, metadata=metadata, timeout=5)
+            assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as e:
+            stub.GetStatus(pb.StatusRequest(), metadata=(("authorization", "secret"),), timeout=5)
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    finally:
+        channel.close()
+    assert registry.unregistered_ranks() == [0, 1]
+    assert all(r.pid != 31337 for r in registry.snapshot().ranks)
+    assert server.interceptor.denied == 4
+    assert server.servicer.rejections == Counter()
+
+    bad = MasterClient(address, token="wrong")
+    try:
+        with pytest.raises(RegistrationRejected):
+            bad.register(node_rank=0, local_rank=1, generation=0, deadline_s=5, pid=31337)
+    finally:
+        bad.close()
+    assert registry.unregistered_ranks() == [0, 1]
+
+    client = MasterClient(address, token="secret")
+    try:
+        a = client.register(node_rank=0, local_rank=0, generation=0, deadline_s=10)
+        assert (a.rank, a.world_size, a.ddp_addr, a.ddp_port, a.run_id) == (
+            0,
+            2,
+            "10.0.0.1",
+            DDP_PORT,
+            "run-7",
+        )
+        assert registry.snapshot().ranks[0].pid == os.getpid()
+        client.register(node_rank=0, local_rank=1, generation=0, deadline_s=10, pid=os.getpid() + 1)
+        client.wait_barrier(rank=0, generation=0, deadline_s=10)  # returns: the world is complete
+        progress = Progress(step=12, samples=384, loss=0.5, total_steps=100, metrics={"acc": 0.75})
+        assert client.heartbeat(a, progress) is False
+        r0 = registry.snapshot().ranks[0]
+        assert (r0.step, r0.samples, r0.loss, dict(r0.metrics)) == (12, 384, 0.5, {"acc": 0.75})
+        status = client.get_status()
+        assert [(r.rank, r.step) for r in status.ranks] == [(0, 12), (1, 0)]
+        assert status.total_steps == 100
+    finally:
+        client.close()
+
+    # The port is taken: a second master must say so, not share it silently.
+    other = MasterServer(make_registry(FakeClock()), token="secret", host="127.0.0.1", port=server.port)
+    try:
+        with pytest.raises(ConfigError, match=f"127.0.0.1:{server.port}"):
+            other.start()
+    finally:
+        other.stop()
