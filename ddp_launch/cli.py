@@ -150,7 +150,8 @@ def _gpu_count() -> int:
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, master_addr, master_port, ddp_port,
                 backend, run_id, run_dir, heartbeat_interval, join_timeout, quiet, standalone, script, script_args) -> None:  # fmt: skip
-    from ddp_launch.launcher import launch  # keeps `--help` and bad-input errors fast
+    # Imported late: `--help` and bad input stay fast, and the forkserver starts first.
+    from ddp_launch.warm import forkserver_context
 
     extra = {"run_id": run_id} if run_id else {}
     config = RunConfig(
@@ -169,6 +170,9 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
         **extra,
     )
     config.validate()
+    forkserver_context()  # its torch import overlaps the rest of the launcher's start-up
+    from ddp_launch.launcher import launch
+
     outcome = launch(config)
     print(outcome.summary, file=sys.stderr)
     if outcome.report:

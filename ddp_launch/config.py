@@ -1,10 +1,12 @@
-"""A run's settings as frozen, validated dataclasses. No I/O beyond checking paths exist."""
+"""A run's settings as frozen, validated dataclasses. No I/O beyond checking that paths exist
+and that the master's port is free."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
 import secrets
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +65,17 @@ class RestartPolicy:
             raise ConfigError(f"--stop-grace must be >= 0, got {self.stop_grace_s}")
         if self.hang_timeout_s < 0:
             raise ConfigError(f"--hang-timeout must be >= 0 (0 disables), got {self.hang_timeout_s}")
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Raise ConfigError when nothing could listen on host:port (e.g. it is in use)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def new_run_id() -> str:
@@ -124,5 +137,7 @@ class RunConfig:
             raise ConfigError(f"--join-timeout must be > 0, got {self.join_timeout_s}")
         self.restart.validate()
         self.target.validate()
+        if self.master_port is not None and self.node_rank == 0:
+            check_can_listen(self.master_addr, self.master_port)
         if self.resolved_run_dir.exists() and not self.resolved_run_dir.is_dir():
             raise ConfigError(f"--run-dir {str(self.resolved_run_dir)!r} exists and is not a directory")

@@ -12,9 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import json
-import multiprocessing
 import multiprocessing.connection
-import multiprocessing.forkserver
 import os
 import secrets
 import signal
@@ -36,11 +34,9 @@ from ddp_launch.output import OutputPump
 from ddp_launch.registry import Registry
 from ddp_launch.supervisor import Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
 from ddp_launch.view import LiveView, format_summary
+from ddp_launch.warm import forkserver_context
 from ddp_launch.worker import worker_main
 
-# Imported once by the warm forkserver so that neither a start nor a restart pays for it.
-# Nothing here may start threads, open sockets or initialise CUDA at import.
-PRELOAD = ["torch", "torch.multiprocessing", "torch.optim", "torch.distributed", "torch.nn.parallel", "torch._dynamo"]
 EXIT_TIMEOUT = 124
 EXIT_HUNG = 1
 HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -89,7 +85,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         teardown.callback(pump.stop)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
-        context = _forkserver_context()
+        context = forkserver_context()
         bootstrap = dict(
             control_addr=server.address,
             token=token,
@@ -161,15 +157,6 @@ def _make_run_dir(config: RunConfig, server: MasterServer) -> Path:
     master = {"host": server.host, "port": server.port, "pid": os.getpid(), "run_id": config.run_id}
     write_json_atomic(run_dir / "master.json", master)
     return run_dir
-
-
-def _forkserver_context():
-    """The warm process every worker is forked from, started now so that it imports torch
-    while the launcher does the rest of its start-up."""
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(PRELOAD)
-    multiprocessing.forkserver.ensure_running()
-    return context
 
 
 def _become_subreaper() -> None:

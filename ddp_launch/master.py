@@ -8,7 +8,6 @@ anything the registry refuses becomes a clear gRPC error and changes nothing.
 from __future__ import annotations
 
 import hmac
-import socket
 import threading
 from collections import Counter
 from concurrent import futures
@@ -17,6 +16,7 @@ from typing import Any
 import grpc
 
 from ddp_launch.client import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
+from ddp_launch.config import check_can_listen
 from ddp_launch.errors import ConfigError
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
@@ -149,17 +149,6 @@ def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
     )
 
 
-def _check_bindable(host: str, port: int) -> None:
-    """A plain bind first: a clear one-line error instead of gRPC's C-core log."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
-
-
 class _TokenInterceptor(grpc.ServerInterceptor):
     """Rejects any call without the run's token before a handler sees it."""
 
@@ -221,7 +210,7 @@ class MasterServer:
             ConfigError: the address cannot be bound (e.g. the port is in use).
         """
         if self.port:
-            _check_bindable(self.host, self.port)
+            check_can_listen(self.host, self.port)  # a clear error instead of gRPC's C-core log
         try:
             bound = self._server.add_insecure_port(self.address)
         except RuntimeError:

@@ -187,7 +187,9 @@ class Supervisor:
         if result.outcome is Outcome.HUNG:
             result.stacks = self._dump_stacks()
             result.root_rank = _root_of_hang(result.hung, result.stacks)
-        self.stop_group()
+        # An interrupted run forwards the signal the user sent (Ctrl-C reaches the script as
+        # KeyboardInterrupt, which it may catch to save); every other stop is a SIGTERM.
+        self.stop_group(result.signal_number or signal.SIGTERM)
         self._collect_collateral(result)
         return result
 
@@ -299,10 +301,10 @@ class Supervisor:
 
     # -- stopping ------------------------------------------------------------------------
 
-    def stop_group(self) -> None:
-        """SIGTERM every process of every worker's tree, SIGKILL what remains after the grace."""
+    def stop_group(self, first_signal: int = signal.SIGTERM) -> None:
+        """Signal every process of every worker's tree; SIGKILL what remains after the grace."""
         roots = [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
-        stop_process_trees(roots, self.config.restart.stop_grace_s)
+        stop_process_trees(roots, self.config.restart.stop_grace_s, first_signal)
         for w in self._workers.values():
             w.join(timeout=2.0)
 
@@ -312,8 +314,9 @@ class Supervisor:
                 _signal_quietly(w.pid, signum)
 
 
-def stop_process_trees(pids: list[int], grace_s: float) -> None:
-    """Stop these processes and all their descendants: SIGTERM, wait, SIGKILL. Gone is fine."""
+def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
+    """Stop these processes and all their descendants: `first_signal` (and SIGCONT, for a
+    stopped one), wait up to `grace_s`, then SIGKILL. Already gone is fine."""
     procs: dict[int, psutil.Process] = {}
     for pid in pids:
         try:
@@ -327,7 +330,7 @@ def stop_process_trees(pids: list[int], grace_s: float) -> None:
     if not procs:
         return
     for p in procs.values():
-        for sig in (signal.SIGTERM, signal.SIGCONT):
+        for sig in (first_signal, signal.SIGCONT):
             try:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:

@@ -78,6 +78,7 @@ def test_restarts_exhausted_reports_every_generation(tmp_path):
     assert [g["generation"] for g in report["generations"]] == [0, 1, 2]
     assert all(g["root_rank"] == 1 for g in report["generations"])
     assert run.stdout.count("[rank 1] rank 1 exits with 7") == 3
+    assert report["flapping"] is True and "restarts made no progress" in run.stderr
 
 
 @pytest.mark.timeout(180)
@@ -125,6 +126,20 @@ def test_a_rank_holding_the_gil_before_its_first_step_is_hung_by_heartbeat(tmp_p
     report = json.loads((run.run_dir / "failure.json").read_text())
     assert report["root_cause"]["rank"] == 0
     assert "no heartbeat" in report["root_cause"]["hang"]
+
+
+@pytest.mark.timeout(120)
+def test_a_stopped_rank_is_hung_and_the_group_is_still_cleaned_up(tmp_path):
+    run = run_launcher(
+        ["-n", "2", "--hang-timeout", "3", "--heartbeat-interval", "0.5", "--stop-grace", "1",
+         FAULTS, "sigstop", "1", "3", "--epochs", "1", "--max-steps", "30"],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 1, run.output
+    report = json.loads((run.run_dir / "failure.json").read_text())
+    assert report["root_cause"]["rank"] == 1 and "no heartbeat" in report["root_cause"]["hang"]
+    assert {r["pid"] for r in report["ranks"]}, report
+    _assert_all_gone([r["pid"] for r in report["ranks"]])
 
 
 @pytest.mark.timeout(60)
@@ -188,6 +203,8 @@ def test_signal_to_the_launcher_stops_every_process_of_the_run(tmp_path, sig, co
         kill_tree(proc.pid)
     assert proc.returncode == code, err
     assert f"stopped by {signal.Signals(sig).name}" in err
+    if sig == signal.SIGINT:  # the script saw the Ctrl-C, as it would without a launcher
+        assert "rank 0 got KeyboardInterrupt" in (tmp_path / "run" / "rank-0.log").read_text()
     _assert_all_gone(_recorded_pids(out))  # workers and their children
 
 

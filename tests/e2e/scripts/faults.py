@@ -5,6 +5,7 @@ usage: faults.py FAULT RANK STEP [example args...]
   sigkill    rank RANK kills itself with SIGKILL after step STEP
   raise      rank RANK raises RuntimeError after step STEP
   hang       rank RANK sleeps forever after step STEP (its peers then block in allreduce)
+  sigstop    rank RANK stops itself (SIGSTOP) after step STEP
   hold-gil   rank RANK holds the GIL forever before its first step (heartbeats stop too)
   save-crash rank RANK dies (os._exit) in the middle of the checkpoint save after step STEP
 The fault only fires when TORCHELASTIC_RESTART_COUNT is 0, so a restart runs clean.
@@ -43,6 +44,8 @@ def after_step(optimizer, args, kwargs):
         os.kill(os.getpid(), signal.SIGKILL)
     if fault == "raise":
         raise RuntimeError(f"injected failure at step {steps}")
+    if fault == "sigstop":
+        os.kill(os.getpid(), signal.SIGSTOP)
     if fault == "hang":
         wait_forever_in_the_hook()
     if fault == "save-crash":

@@ -11,4 +11,8 @@ child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
 rank = os.environ["RANK"]
 (out / f"pids-{rank}.txt").write_text(f"{os.getpid()} {child.pid}\n")
 print(f"rank {rank} ready", flush=True)
-time.sleep(120)
+try:
+    time.sleep(120)
+except KeyboardInterrupt:  # a Ctrl-C reaches the script, which may save and leave
+    print(f"rank {rank} got KeyboardInterrupt", flush=True)
+    raise
