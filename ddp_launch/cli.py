@@ -142,6 +142,23 @@ def _gpu_count() -> int:
 @click.option(
     "--join-timeout", default=300.0, show_default=True, type=float, help="Seconds for every rank to register."
 )
+@click.option(
+    "--straggler-fraction",
+    default=0.7,
+    show_default=True,
+    type=float,
+    help="A rank slower than this fraction of the median step rate ...",
+)
+@click.option(
+    "--straggler-window",
+    default=30.0,
+    show_default=True,
+    type=float,
+    help="... for this many seconds is flagged a straggler.",
+)
+@click.option(
+    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (needs ddp-launch[metrics])."
+)
 @click.option("-q", "--quiet", is_flag=True, help="No live view; worker output still streams.")
 @click.option(
     "--standalone", is_flag=True, hidden=True, help="Accepted for torchrun compatibility (always standalone)."
@@ -149,7 +166,8 @@ def _gpu_count() -> int:
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, master_addr, master_port, ddp_port,
-                backend, run_id, run_dir, heartbeat_interval, join_timeout, quiet, standalone, script, script_args) -> None:  # fmt: skip
+                backend, run_id, run_dir, heartbeat_interval, join_timeout, straggler_fraction, straggler_window,
+                metrics_port, quiet, standalone, script, script_args) -> None:  # fmt: skip
     # Imported late: `--help` and bad input stay fast, and the forkserver starts first.
     from ddp_launch.warm import forkserver_context
 
@@ -166,6 +184,9 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
         heartbeat_interval_s=heartbeat_interval,
         timeout_s=timeout_s,
         join_timeout_s=join_timeout,
+        straggler_fraction=straggler_fraction,
+        straggler_window_s=straggler_window,
+        metrics_port=metrics_port,
         quiet=quiet,
         **extra,
     )
@@ -178,6 +199,43 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
     if outcome.report:
         print(outcome.report, file=sys.stderr)
     sys.exit(outcome.exit_code)
+
+
+@cli.command("status", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's directory [default: here, or the newest under ./runs].",
+)
+@click.option("--master-addr", default=None, help="The master's host, instead of the run directory's master.json.")
+@click.option("--master-port", type=int, default=None, help="The master's port.")
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The run's token [default: <run-dir>/token or $DDP_LAUNCH_TOKEN].",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON: the run's fields and a `ranks` list.")
+def status_command(run_dir, master_addr, master_port, token_file, as_json) -> None:  # fmt: skip
+    """Show a running run's ranks: state, step, steps/s, loss, RSS, CPU, heartbeat age.
+
+    \b
+    Example:
+        ddp-launch status --run-dir runs/20261125-142215-3f9a
+        ddp-launch status --json | jq '.ranks[] | select(.straggler)'
+    """
+    import json
+
+    from ddp_launch.status import StatusUnavailable, fetch_status, format_table, resolve_endpoint
+
+    try:
+        address, token = resolve_endpoint(run_dir, master_addr, master_port, token_file)
+        status = fetch_status(address, token)
+    except StatusUnavailable as e:
+        print(f"ddp-launch: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(status, indent=2) if as_json else format_table(status))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -102,6 +102,9 @@ class RunConfig:
     timeout_s: float | None = None  # bound on the whole run; exit 124 when it passes
     join_timeout_s: float = 300.0
     quiet: bool = False
+    straggler_fraction: float = 0.7  # below this fraction of the median step rate ...
+    straggler_window_s: float = 30.0  # ... for this long, a rank is flagged a straggler
+    metrics_port: int | None = None  # Prometheus metrics on the master (off by default)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -124,7 +127,12 @@ class RunConfig:
             raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
-        for name, port in (("--master-port", self.master_port), ("--ddp-port", self.ddp_port)):
+        ports = (
+            ("--master-port", self.master_port),
+            ("--ddp-port", self.ddp_port),
+            ("--metrics-port", self.metrics_port),
+        )
+        for name, port in ports:
             if port is not None and not 1 <= port <= 65535:
                 raise ConfigError(f"{name} must be in 1..65535, got {port}")
         if self.backend not in BACKENDS:
@@ -135,8 +143,18 @@ class RunConfig:
             raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
         if self.join_timeout_s <= 0:
             raise ConfigError(f"--join-timeout must be > 0, got {self.join_timeout_s}")
+        if not 0 <= self.straggler_fraction < 1:
+            raise ConfigError(f"--straggler-fraction must be in [0, 1) (0 disables), got {self.straggler_fraction}")
+        if self.straggler_window_s < 0:
+            raise ConfigError(f"--straggler-window must be >= 0, got {self.straggler_window_s}")
         self.restart.validate()
         self.target.validate()
+        if self.metrics_port is not None:
+            try:
+                import prometheus_client  # noqa: F401
+            except ImportError:
+                raise ConfigError("--metrics-port needs prometheus-client: pip install 'ddp-launch[metrics]'") from None
+            check_can_listen(self.master_addr, self.metrics_port)
         if self.master_port is not None and self.node_rank == 0:
             check_can_listen(self.master_addr, self.master_port)
         if self.resolved_run_dir.exists() and not self.resolved_run_dir.is_dir():

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import json
 import multiprocessing.connection
 import os
 import secrets
@@ -32,6 +31,7 @@ from ddp_launch.failure import build_report, format_report, write_json_atomic
 from ddp_launch.master import MasterServer
 from ddp_launch.output import OutputPump
 from ddp_launch.registry import Registry
+from ddp_launch.status import MASTER_FILE, write_token
 from ddp_launch.supervisor import Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
 from ddp_launch.view import LiveView, format_summary
 from ddp_launch.warm import forkserver_context
@@ -74,7 +74,12 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     server.start()
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
-        run_dir = _make_run_dir(config, server)
+        run_dir = _make_run_dir(config, server, token)
+        if config.metrics_port is not None:
+            from ddp_launch.metrics import MetricsServer
+
+            metrics = MetricsServer(registry, config.master_addr, config.metrics_port)
+            teardown.callback(metrics.stop)
         view = LiveView(stderr, enabled=not config.quiet)
         teardown.callback(view.close)
 
@@ -147,7 +152,7 @@ def _exit_code(result: RunResult) -> int:
     return EXIT_HUNG
 
 
-def _make_run_dir(config: RunConfig, server: MasterServer) -> Path:
+def _make_run_dir(config: RunConfig, server: MasterServer, token: str) -> Path:
     run_dir = config.resolved_run_dir
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -155,7 +160,10 @@ def _make_run_dir(config: RunConfig, server: MasterServer) -> Path:
         raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
     # The token stays out of this file: anyone who can read the run directory could use it.
     master = {"host": server.host, "port": server.port, "pid": os.getpid(), "run_id": config.run_id}
-    write_json_atomic(run_dir / "master.json", master)
+    if config.metrics_port is not None:
+        master["metrics_port"] = config.metrics_port
+    write_token(run_dir, token)
+    write_json_atomic(run_dir / MASTER_FILE, master)
     return run_dir
 
 
@@ -199,7 +207,3 @@ def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
             signal.signal(s, handler)
         os.close(read_fd)
         os.close(write_fd)
-
-
-def read_master_json(run_dir: Path) -> dict:
-    return json.loads((run_dir / "master.json").read_text())

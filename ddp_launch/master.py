@@ -143,6 +143,7 @@ def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
                 cpu_percent=r.cpu_percent,
                 heartbeat_age_s=r.heartbeat_age_s if r.heartbeat_age_s is not None else -1.0,
                 metrics=r.metrics,
+                straggler=r.straggler,
             )
             for r in snap.ranks
         ],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import enum
 import math
 import socket
+import statistics
 import threading
 import time
 from collections import deque
@@ -85,6 +86,8 @@ class _Slot:
     rss_bytes: int = 0
     cpu_percent: float = 0.0
     exit_code: int | None = None
+    slow_since: float | None = None  # when its rate first fell below the straggler threshold
+    straggler: bool = False
     exception_type: str = ""
     traceback: str = ""
 
@@ -111,6 +114,7 @@ class RankView:
     exit_code: int | None
     exception_type: str
     traceback: str
+    straggler: bool = False
 
 
 @dataclass(frozen=True)
@@ -394,6 +398,35 @@ class Registry:
             verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].step, v.rank))
         return verdicts
 
+    def update_stragglers(self, fraction: float, window_s: float) -> list[int]:
+        """Flag training ranks whose step rate stayed below `fraction` x the median rate of
+        the training ranks for `window_s`; returns the ranks newly flagged.
+
+        A rank recovers (loses the flag) as soon as its rate is back above the threshold.
+        """
+        if fraction <= 0:
+            return []
+        now = self._clock()
+        flagged = []
+        with self._cond:
+            rates = {s.rank: self._rate(s) for s in self._slots if s.state is RankState.TRAINING}
+            measured = [r for r in rates.values() if r > 0]
+            if len(measured) < 2:
+                return []
+            median = statistics.median(measured)
+            for s in self._slots:
+                rate = rates.get(s.rank)
+                if rate is None or len(s.rate_window) < 2 or rate >= fraction * median:
+                    s.slow_since = None
+                    s.straggler = False
+                    continue
+                if s.slow_since is None:
+                    s.slow_since = now
+                if not s.straggler and now - s.slow_since >= window_s:
+                    s.straggler = True
+                    flagged.append(s.rank)
+        return flagged
+
     def unregistered_ranks(self) -> list[int]:
         with self._cond:
             return [s.rank for s in self._slots if s.state is RankState.STARTING]
@@ -415,12 +448,15 @@ class Registry:
                 ranks=ranks,
             )
 
+    @staticmethod
+    def _rate(s: _Slot) -> float:
+        if len(s.rate_window) < 2:
+            return 0.0
+        (t0, s0), (t1, s1) = s.rate_window[0], s.rate_window[-1]
+        return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
+
     def _view(self, s: _Slot, now: float) -> RankView:
-        rate = 0.0
-        if len(s.rate_window) >= 2:
-            (t0, s0), (t1, s1) = s.rate_window[0], s.rate_window[-1]
-            if t1 > t0:
-                rate = (s1 - s0) / (t1 - t0)
+        rate = self._rate(s)
         return RankView(
             rank=s.rank,
             node_rank=s.node_rank,
@@ -440,4 +476,5 @@ class Registry:
             exit_code=s.exit_code,
             exception_type=s.exception_type,
             traceback=s.traceback,
+            straggler=s.straggler,
         )

@@ -164,6 +164,12 @@ class Supervisor:
         try:
             while True:
                 result = self._run_generation(generation)
+                if self._pending_signal is not None and result.outcome is not Outcome.INTERRUPTED:
+                    # Ctrl-C reaches the workers too: a failure it caused, or one that came
+                    # while the group was being stopped, must not start a new generation.
+                    result.outcome = Outcome.INTERRUPTED
+                    result.signal_number = self._pending_signal
+                    result.message = f"stopped by {signal.Signals(self._pending_signal).name}"
                 generations.append(result)
                 if result.outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED, Outcome.TIMED_OUT):
                     break
@@ -184,7 +190,7 @@ class Supervisor:
             self._workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
         result = self._watch(generation)
         result.snapshot = self.registry.snapshot()
-        if result.outcome is Outcome.HUNG:
+        if result.outcome is Outcome.HUNG and result.hung:
             result.stacks = self._dump_stacks()
             result.root_rank = _root_of_hang(result.hung, result.stacks)
         # An interrupted run forwards the signal the user sent (Ctrl-C reaches the script as
@@ -207,6 +213,12 @@ class Supervisor:
             ready = wait_for_sentinels(waitables, timeout=TICK_S) if waitables else []
             if self._wakeup_fd is not None and self._wakeup_fd in ready:
                 _drain(self._wakeup_fd)
+            if self._pending_signal is not None:
+                signum = self._pending_signal
+                name = signal.Signals(signum).name
+                return GenerationResult(
+                    generation, Outcome.INTERRUPTED, signal_number=signum, message=f"stopped by {name}"
+                )
             for rank, w in list(alive.items()):
                 if w.sentinel in ready or w.exitcode is not None:
                     w.join(timeout=1.0)
@@ -226,12 +238,6 @@ class Supervisor:
                 )
             if not alive:
                 return GenerationResult(generation, Outcome.SUCCEEDED)
-            if self._pending_signal is not None:
-                signum = self._pending_signal
-                name = signal.Signals(signum).name
-                return GenerationResult(
-                    generation, Outcome.INTERRUPTED, signal_number=signum, message=f"stopped by {name}"
-                )
             now = self._clock()
             if run_deadline is not None and now >= run_deadline:
                 return GenerationResult(
@@ -262,10 +268,13 @@ class Supervisor:
                         message=f"rank(s) {missing} did not register within --join-timeout "
                         f"({config.join_timeout_s:g} s)",
                     )
+            self.registry.update_stragglers(config.straggler_fraction, config.straggler_window_s)
             self._on_tick(self.registry.snapshot())
 
     def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
         for rank, w in alive.items():
+            if not w.pid:  # psutil.Process(None) would be the launcher itself
+                continue
             try:
                 proc = self._stats.get(rank)
                 if proc is None:

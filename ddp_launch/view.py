@@ -175,7 +175,15 @@ def _rank_state_text(r: RankView) -> str:
         return f"failed ({', '.join(detail)})" if detail else "failed"
     if r.state is RankState.TRAINING and r.heartbeat_age_s is not None and r.heartbeat_age_s >= _STALE_HEARTBEAT_S:
         return f"training, no heartbeat for {format_duration(r.heartbeat_age_s)}"
+    if r.straggler:
+        return f"{r.state.value}, STRAGGLER"
     return r.state.value
+
+
+def format_stragglers(ranks: Sequence[RankView]) -> str:
+    """``stragglers: rank 3, rank 7`` or the empty string."""
+    slow = [r.rank for r in ranks if r.straggler]
+    return "stragglers: " + ", ".join(f"rank {r}" for r in slow[:8]) + (" ..." if len(slow) > 8 else "") if slow else ""
 
 
 def format_rank_line(r: RankView, *, rank_width: int = 1, step_width: int = 1) -> str:
@@ -213,6 +221,8 @@ def format_aggregate_line(ranks: Sequence[RankView]) -> str:
         text += f"  slowest rank {slowest.rank}"
     if any(r.state is not RankState.TRAINING for r in ranks):
         text += f"  {format_states(ranks)}"
+    if stragglers := format_stragglers(ranks):
+        text += f"  {stragglers}"
     return text
 
 
@@ -271,6 +281,8 @@ def format_plain_line(snap: RunSnapshot, rate: float | None) -> str:
     if snap.loss is not None:
         parts.append(f"loss {format_loss(snap.loss)}")
     parts += [format_states(snap.ranks), _generation_text(snap)]
+    if stragglers := format_stragglers(snap.ranks):
+        parts.append(stragglers)
     return " | ".join(parts)
 
 
@@ -395,7 +407,7 @@ class LiveView:
 
     def _maybe_print_plain(self, snap: RunSnapshot, rate: float | None) -> None:
         now = self._clock()
-        states = (snap.world_size, snap.generation, _state_counts(snap.ranks))
+        states = (snap.world_size, snap.generation, _state_counts(snap.ranks), format_stragglers(snap.ranks))
         due = self._last_plain_at is None or now - self._last_plain_at >= self.plain_interval_s
         if not due and states == self._last_states:
             return

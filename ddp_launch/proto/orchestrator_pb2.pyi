@@ -118,7 +118,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "node_rank", "local_rank", "pid", "hostname", "state", "generation", "step", "samples", "steps_per_s", "has_loss", "loss", "rss_bytes", "cpu_percent", "heartbeat_age_s", "metrics")
+    __slots__ = ("rank", "node_rank", "local_rank", "pid", "hostname", "state", "generation", "step", "samples", "steps_per_s", "has_loss", "loss", "rss_bytes", "cpu_percent", "heartbeat_age_s", "metrics", "straggler")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -142,6 +142,7 @@ class RankStatus(_message.Message):
     CPU_PERCENT_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    STRAGGLER_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_rank: int
     local_rank: int
@@ -158,7 +159,8 @@ class RankStatus(_message.Message):
     cpu_percent: float
     heartbeat_age_s: float
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, rank: _Optional[int] = ..., node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    straggler: bool
+    def __init__(self, rank: _Optional[int] = ..., node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., straggler: _Optional[bool] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("run_id", "world_size", "generation", "restarts", "max_restarts", "elapsed_s", "total_steps", "ranks")

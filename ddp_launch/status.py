@@ -1,0 +1,135 @@
+"""`ddp-launch status`: ask a running master for its per-rank state and print it.
+
+The run directory holds `master.json` (host, port, pid) and `token` (mode 0600), so the
+command run inside a run directory, or next to `./runs/`, needs no arguments.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ddp_launch import env
+from ddp_launch.errors import DdpLaunchError
+
+MASTER_FILE = "master.json"
+TOKEN_FILE = "token"
+
+
+class StatusUnavailable(DdpLaunchError):
+    """No run found, or its master does not answer."""
+
+
+def find_run_dir(start: Path) -> Path:
+    """`start` when it holds master.json; else the newest run under `start`/runs or `start`."""
+    if (start / MASTER_FILE).is_file():
+        return start
+    candidates = [p.parent for base in (start / "runs", start) if base.is_dir() for p in base.glob(f"*/{MASTER_FILE}")]
+    if not candidates:
+        raise StatusUnavailable(f"no run directory (with {MASTER_FILE}) in or under {str(start)!r}; give --run-dir")
+    return max(candidates, key=lambda d: (d / MASTER_FILE).stat().st_mtime)
+
+
+def write_token(run_dir: Path, token: str) -> None:
+    """The token goes in a file only its owner can read, never in master.json."""
+    path = run_dir / TOKEN_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token)
+
+
+def resolve_endpoint(
+    run_dir: Path | None, master_addr: str | None, master_port: int | None, token_file: Path | None
+) -> tuple[str, str]:
+    """(host:port, token) from explicit options, else from the run directory."""
+    token = os.environ.get(env.TOKEN, "")
+    if token_file is not None:
+        token = token_file.read_text().strip()
+    if master_addr and master_port:
+        return f"{master_addr}:{master_port}", token
+    directory = find_run_dir(run_dir or Path.cwd())
+    try:
+        master = json.loads((directory / MASTER_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise StatusUnavailable(f"cannot read {directory / MASTER_FILE}: {e}") from None
+    if not token and (directory / TOKEN_FILE).is_file():
+        token = (directory / TOKEN_FILE).read_text().strip()
+    return f"{master_addr or master['host']}:{master_port or master['port']}", token
+
+
+def fetch_status(address: str, token: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    """The master's status as plain data (the shape `--json` prints)."""
+    import grpc
+
+    from ddp_launch.client import MasterClient
+
+    client = MasterClient(address, token)
+    try:
+        reply = client.get_status(timeout_s=timeout_s)
+    except grpc.RpcError as e:
+        if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+            raise StatusUnavailable(f"the master at {address} refused the token (see --token-file)") from None
+        raise StatusUnavailable(f"no master answers at {address} ({e.code().name}); has the run ended?") from None
+    finally:
+        client.close()
+    return {
+        "run_id": reply.run_id,
+        "world_size": reply.world_size,
+        "generation": reply.generation,
+        "restarts": reply.restarts,
+        "max_restarts": reply.max_restarts,
+        "elapsed_s": round(reply.elapsed_s, 3),
+        "total_steps": reply.total_steps,
+        "ranks": [
+            {
+                "rank": r.rank,
+                "node": r.node_rank,
+                "hostname": r.hostname,
+                "pid": r.pid,
+                "state": r.state,
+                "generation": r.generation,
+                "step": r.step,
+                "steps_per_s": round(r.steps_per_s, 3),
+                "loss": r.loss if r.has_loss else None,
+                "rss_bytes": r.rss_bytes,
+                "cpu_percent": round(r.cpu_percent, 1),
+                "heartbeat_age_s": None if r.heartbeat_age_s < 0 else round(r.heartbeat_age_s, 3),
+                "straggler": r.straggler,
+                "metrics": dict(r.metrics),
+            }
+            for r in reply.ranks
+        ],
+    }
+
+
+def format_table(status: dict[str, Any]) -> str:
+    """The status as a table a person reads."""
+    head = (
+        f"run {status['run_id']}: {status['world_size']} ranks, generation {status['generation']}, "
+        f"restarts {status['restarts']}/{status['max_restarts']}, up {status['elapsed_s']:.0f} s"
+    )
+    columns = ["rank", "node", "pid", "state", "gen", "step", "steps/s", "loss", "rss", "cpu%", "hb age"]
+    rows = []
+    for r in status["ranks"]:
+        state = r["state"] + (" straggler" if r["straggler"] else "")
+        rows.append(
+            [
+                str(r["rank"]),
+                str(r["node"]),
+                str(r["pid"] or "-"),
+                state,
+                str(r["generation"]),
+                str(r["step"]),
+                f"{r['steps_per_s']:.1f}",
+                "-" if r["loss"] is None else f"{r['loss']:.4g}",
+                f"{r['rss_bytes'] / 2**20:.0f} MB" if r["rss_bytes"] else "-",
+                f"{r['cpu_percent']:.0f}",
+                "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f} s",
+            ]
+        )
+    widths = [max(len(c), *(len(row[i]) for row in rows)) if rows else len(c) for i, c in enumerate(columns)]
+    lines = [head, "  ".join(c.ljust(w) for c, w in zip(columns, widths)).rstrip()]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in rows]
+    return "\n".join(lines)

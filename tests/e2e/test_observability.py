@@ -1,0 +1,85 @@
+"""The status command, straggler flags and Prometheus metrics against a live run."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import time
+import urllib.request
+
+import pytest
+
+from tests.e2e.launch import SCRIPTS, kill_tree, launcher_command, launcher_env
+
+pytestmark = [pytest.mark.e2e]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _status(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(launcher_command("status", *args), capture_output=True, text=True, timeout=30)
+
+
+@pytest.mark.timeout(150)
+def test_status_metrics_and_straggler_flag_on_a_live_run(tmp_path):
+    pytest.importorskip("prometheus_client")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run_dir = tmp_path / "run"
+    metrics_port = _free_port()
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(run_dir), "-n", "3", "--heartbeat-interval", "0.25",
+                         "--straggler-window", "2", "--metrics-port", str(metrics_port),
+                         str(SCRIPTS / "straggler.py"), "2", "400"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline:
+            if (run_dir / "master.json").exists():
+                out = _status("--run-dir", str(run_dir), "--json")
+                if out.returncode == 0:
+                    status = json.loads(out.stdout)
+                    if any(r["straggler"] for r in status["ranks"]):
+                        break
+            time.sleep(0.3)
+        assert status is not None, "status never answered"
+        assert status["world_size"] == 3 and [r["rank"] for r in status["ranks"]] == [0, 1, 2]
+        assert [r["rank"] for r in status["ranks"] if r["straggler"]] == [2], status
+        for r in status["ranks"]:
+            assert r["state"] == "training" and r["pid"] > 0 and r["step"] > 0
+            assert r["rss_bytes"] > 0 and r["heartbeat_age_s"] is not None
+            assert set(r) >= {"node", "generation", "steps_per_s", "loss", "cpu_percent"}
+        assert status["ranks"][2]["steps_per_s"] < status["ranks"][0]["steps_per_s"]
+
+        table = _status("--run-dir", str(run_dir))
+        assert table.returncode == 0 and "straggler" in table.stdout and "steps/s" in table.stdout
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        steps = {s.labels["rank"]: s.value for s in families["ddp_launch_rank_step"].samples}
+        assert set(steps) == {"0", "1", "2"} and all(v > 0 for v in steps.values())
+        stragglers = {s.labels["rank"]: s.value for s in families["ddp_launch_rank_straggler"].samples}
+        assert stragglers["2"] == 1.0
+        training = [s.value for s in families["ddp_launch_ranks"].samples if s.labels["state"] == "training"]
+        assert training == [3.0]
+    finally:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        finally:
+            kill_tree(proc.pid)
+
+
+@pytest.mark.timeout(30)
+def test_status_without_a_run_is_a_one_line_error(tmp_path):
+    out = subprocess.run(launcher_command("status"), capture_output=True, text=True, timeout=30, cwd=tmp_path)
+    assert out.returncode == 1
+    assert out.stderr.strip().startswith("ddp-launch: error: no run directory")

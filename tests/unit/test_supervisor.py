@@ -1,0 +1,751 @@
+"""The Supervisor driven by fakes and a scripted history: no process, no socket, a fake clock.
+
+A fake worker's sentinel is the read end of a real pipe: closing the write end is its death,
+which the supervisor notices through `multiprocessing.connection.wait` exactly as it notices
+a real process's. Its pid is None, so nothing can ever be signalled. Each tick of the watch
+loop (the `on_tick` callback) moves the fake clock by one second and plays the script:
+heartbeats, exits, stop requests.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import ddp_launch.supervisor as supervisor_module
+from ddp_launch.config import RestartPolicy, RunConfig, Target
+from ddp_launch.registry import HangVerdict, RankState, Registry, RunSnapshot
+from ddp_launch.supervisor import (
+    Outcome,
+    RunResult,
+    Supervisor,
+    WorkerExit,
+    _main_thread_stack,
+    _root_of_hang,
+    describe_exit,
+    shell_exit_code,
+)
+from ddp_launch.worker import STACK_DUMP_SIGNAL
+
+START = 1000.0
+TICK_S = 1.0  # fake seconds per watch-loop tick
+
+
+class FakeClock:
+    def __init__(self, now: float = START) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class FakePorts:
+    def __init__(self) -> None:
+        self.next = 30000
+
+    def __call__(self, host: str) -> int:
+        self.next += 1
+        return self.next
+
+
+@dataclass(frozen=True)
+class Fate:
+    """What one fake worker does in one generation.
+
+    exit_code: its exit code (negative: killed by that signal); None runs until stopped.
+    at_tick: the tick on which it exits (0: as soon as it is started).
+    register: whether it registers with the registry (all must, for the barrier to open).
+    heartbeats_until: the last tick on which it sends a heartbeat (None: every tick).
+    stopped_exit: the exit code it gets when the group is stopped while it runs.
+    """
+
+    exit_code: int | None = 0
+    at_tick: int = 0
+    register: bool = True
+    heartbeats_until: int | None = None
+    stopped_exit: int = -signal.SIGTERM
+
+
+RUNS = Fate(exit_code=None)
+
+
+class FakeWorker:
+    """A WorkerHandle with no process behind it."""
+
+    def __init__(self, rank: int, generation: int, fate: Fate, registry_pid: int) -> None:
+        self.rank = rank
+        self.generation = generation
+        self.fate = fate
+        self.registry_pid = registry_pid  # what it registered with; never signalled
+        self.pid: int | None = None
+        self._read_fd, self._write_fd = os.pipe()
+        self.sentinel = self._read_fd
+        self._exitcode: int | None = None
+        self.registered = False
+
+    @property
+    def exitcode(self) -> int | None:
+        return self._exitcode
+
+    def exit(self, code: int) -> None:
+        if self._exitcode is None:
+            self._exitcode = code  # set before the sentinel becomes readable, like a real Process
+            os.close(self._write_fd)
+            self._write_fd = -1
+
+    def join(self, timeout: float | None = None) -> None:
+        # The supervisor joins every worker after stopping the group: a worker still
+        # running here is one the stop ended.
+        if self._exitcode is None:
+            self.exit(self.fate.stopped_exit)
+
+    def close(self) -> None:
+        for fd in (self._read_fd, self._write_fd):
+            if fd >= 0:
+                os.close(fd)
+        self._read_fd = self._write_fd = -1
+
+
+class FakePump:
+    """lines_seen / lines_since / wait_quiet / tail over in-memory lines."""
+
+    def __init__(self) -> None:
+        self.lines: dict[int, list[str]] = {}
+        self.waited: list[list[int]] = []
+
+    def print(self, rank: int, text: str) -> None:
+        self.lines.setdefault(rank, []).extend(text.split("\n"))
+
+    def lines_seen(self, rank: int) -> int:
+        return len(self.lines.get(rank, []))
+
+    def lines_since(self, rank: int, mark: int) -> list[str]:
+        return self.lines.get(rank, [])[mark:]
+
+    def wait_quiet(self, ranks: list[int], quiet_s: float, timeout_s: float) -> None:
+        self.waited.append(list(ranks))
+
+    def tail(self, rank: int, n: int = 20) -> list[str]:
+        return self.lines.get(rank, [])[-n:] if n > 0 else []
+
+
+class Script:
+    """The scripted history: fates per generation and local rank, played on each tick.
+
+    Generations not in `fates` (and ranks not in a generation's dict) exit 0 immediately.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        fates: dict[int, dict[int, Fate]] | None = None,
+        *,
+        on_tick: Callable[[int, Script], None] | None = None,
+        max_ticks: int = 1000,
+    ) -> None:
+        self.config = config
+        self.fates = fates or {}
+        self.clock = FakeClock()
+        self.registry = Registry(
+            run_id="run-1",
+            nnodes=config.nnodes,
+            local_world_size=config.nproc_per_node,
+            max_restarts=config.restart.max_restarts,
+            ddp_addr="127.0.0.1",
+            port_picker=FakePorts(),
+            clock=self.clock,
+        )
+        self.pump = FakePump()
+        self.started: list[tuple[int, int]] = []
+        self.workers: list[FakeWorker] = []
+        self.current: dict[int, FakeWorker] = {}
+        self.tick = 0  # ticks of the whole run
+        self.generation = -1
+        self.gen_tick = 0  # ticks of the current generation: what fates count
+        self.snapshots: list[RunSnapshot] = []
+        self._extra_on_tick = on_tick
+        self._max_ticks = max_ticks
+        self.supervisor = Supervisor(
+            config, self.registry, self.start_worker, self.pump, on_tick=self.on_tick, clock=self.clock
+        )
+
+    def fate(self, generation: int, local_rank: int) -> Fate:
+        return self.fates.get(generation, {}).get(local_rank, Fate())
+
+    def start_worker(self, local_rank: int, generation: int) -> FakeWorker:
+        self.started.append((local_rank, generation))
+        if generation != self.generation:  # the first worker of a new generation
+            self.generation, self.gen_tick = generation, 0
+            self.current = {}
+        rank = self.config.node_rank * self.config.nproc_per_node + local_rank
+        fate = self.fate(generation, local_rank)
+        w = FakeWorker(rank, generation, fate, registry_pid=10_000 + 100 * generation + rank)
+        self.workers.append(w)
+        self.current[rank] = w
+        if fate.register:
+            self.registry.register(
+                node_rank=self.config.node_rank,
+                local_rank=local_rank,
+                pid=w.registry_pid,
+                hostname="node-a",
+                generation=generation,
+            )
+            w.registered = True
+        if fate.exit_code is not None and fate.at_tick == 0:
+            w.exit(fate.exit_code)
+        return w
+
+    def on_tick(self, snap: RunSnapshot) -> None:
+        self.snapshots.append(snap)
+        self.tick += 1
+        self.gen_tick += 1
+        assert self.tick <= self._max_ticks, "the supervisor never ended the generation"
+        self.clock.advance(TICK_S)
+        t = self.gen_tick
+        for w in self.current.values():
+            if w.exitcode is not None or not w.registered:
+                continue
+            until = w.fate.heartbeats_until
+            if until is None or t <= until:
+                self.registry.heartbeat(rank=w.rank, generation=w.generation, pid=w.registry_pid, step=t, samples=32 * t)
+            if w.fate.exit_code is not None and w.fate.at_tick == t:
+                w.exit(w.fate.exit_code)
+        if self._extra_on_tick is not None:
+            self._extra_on_tick(t, self)
+
+    def run(self) -> RunResult:
+        return self.supervisor.run()
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.close()
+
+
+def make_config(nproc: int = 2, **kw: object) -> RunConfig:
+    restart = RestartPolicy(
+        max_restarts=kw.pop("max_restarts", 0),  # type: ignore[arg-type]
+        stop_grace_s=0.5,
+        hang_timeout_s=kw.pop("hang_timeout_s", 300.0),  # type: ignore[arg-type]
+    )
+    return RunConfig(target=Target("train.py"), nproc_per_node=nproc, run_dir=Path("unused"), restart=restart, **kw)  # type: ignore[arg-type]
+
+
+class Signals:
+    """Everything that could signal a process, recorded instead of sent."""
+
+    def __init__(self) -> None:
+        self.os_kill: list[tuple[int, int]] = []
+        self.psutil_sent: list[tuple[int, int]] = []
+        self.trees: list[tuple[list[int], float, int]] = []
+
+
+@pytest.fixture
+def signals(monkeypatch: pytest.MonkeyPatch) -> Signals:
+    """A safety net and a witness: no test here may signal a real process (the test's own
+    included: psutil.Process(None) is the current process)."""
+    record = Signals()
+    real_stop_process_trees = supervisor_module.stop_process_trees
+
+    def fake_kill(pid: int, signum: int) -> None:
+        record.os_kill.append((pid, signum))
+
+    def fake_send_signal(self, sig: int) -> None:
+        record.psutil_sent.append((self.pid, sig))
+
+    def fake_psutil_kill(self) -> None:
+        record.psutil_sent.append((self.pid, signal.SIGKILL))
+
+    def recording_stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
+        record.trees.append((list(pids), grace_s, first_signal))
+        real_stop_process_trees(pids, grace_s, first_signal)  # signals go to the fakes above
+
+    monkeypatch.setattr(os, "kill", fake_kill)
+    monkeypatch.setattr(supervisor_module.psutil.Process, "send_signal", fake_send_signal)
+    monkeypatch.setattr(supervisor_module.psutil.Process, "kill", fake_psutil_kill)
+    monkeypatch.setattr(supervisor_module, "stop_process_trees", recording_stop_process_trees)
+    return record
+
+
+@pytest.fixture(autouse=True)
+def fast_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The watch loop blocks up to TICK_S real seconds when nothing happens; the fake clock,
+    # not the wall clock, is what moves in these tests.
+    monkeypatch.setattr(supervisor_module, "TICK_S", 0.0)
+
+
+@pytest.fixture
+def scripts(signals: Signals):
+    made: list[Script] = []
+
+    def make(config: RunConfig, fates: dict[int, dict[int, Fate]] | None = None, **kw: object) -> Script:
+        s = Script(config, fates, **kw)  # type: ignore[arg-type]
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+    assert signals.os_kill == [] and signals.psutil_sent == [], "a test signalled a real process"
+
+
+# -- outcomes ------------------------------------------------------------------------------
+
+
+def test_all_exit_zero_succeeds_in_one_generation(scripts) -> None:
+    s = scripts(make_config(nproc=3))
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.restarts == 0
+    assert [g.generation for g in result.generations] == [0]
+    assert result.last.failures == [] and result.last.root_rank is None
+    assert s.started == [(0, 0), (1, 0), (2, 0)]
+    assert [r.state for r in s.registry.snapshot().ranks] == [RankState.DONE] * 3
+    assert [r.exit_code for r in s.registry.snapshot().ranks] == [0, 0, 0]
+
+
+def test_workers_that_exit_on_a_later_tick_succeed(scripts) -> None:
+    s = scripts(make_config(), {0: {0: Fate(0, at_tick=2), 1: Fate(0, at_tick=4)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert s.tick == 4
+    assert result.wall_s == pytest.approx(4 * TICK_S)
+    assert s.registry.snapshot().ranks[1].step == 4  # heartbeats reached the registry
+
+
+def test_a_failure_restarts_the_whole_group(scripts) -> None:
+    s = scripts(make_config(max_restarts=1), {0: {0: RUNS, 1: Fate(1, at_tick=2)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert result.restarts == 1
+    assert s.started == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert s.registry.generation == 1
+    first, second = result.generations
+    assert first.outcome is Outcome.FAILED
+    assert first.root_rank == 1
+    assert [(f.rank, f.exit_code) for f in first.failures] == [(1, 1)]
+    assert first.message == "rank 1 failed (exit code 1)"
+    assert first.snapshot is not None and first.snapshot.generation == 0
+    assert second.outcome is Outcome.SUCCEEDED and second.generation == 1
+    # Rank 0 of generation 0 was still running: the stop ended it.
+    assert s.workers[0].exitcode == -signal.SIGTERM
+
+
+def test_exhausted_restarts_fail_with_the_first_failure(scripts) -> None:
+    fates = {g: {0: RUNS, 1: Fate(3, at_tick=1)} for g in range(3)}
+    s = scripts(make_config(max_restarts=2), fates)
+
+    result = s.run()
+
+    assert result.outcome is Outcome.FAILED
+    assert result.restarts == 2
+    assert [g.generation for g in result.generations] == [0, 1, 2]
+    assert all(g.outcome is Outcome.FAILED for g in result.generations)
+    assert s.started == [(r, g) for g in range(3) for r in range(2)]
+    last = result.last
+    assert last.root_rank == 1
+    assert last.failures[0].rank == 1 and last.failures[0].exit_code == 3
+    assert last.message == "rank 1 failed (exit code 3)"
+
+
+def test_the_first_rank_to_die_is_the_root_cause(scripts) -> None:
+    # Rank 1 dies on tick 1; rank 0 would die later (a peer's "connection closed").
+    s = scripts(make_config(), {0: {0: Fate(1, at_tick=3), 1: Fate(7, at_tick=1)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.FAILED
+    assert result.last.root_rank == 1
+    assert [f.rank for f in result.last.failures] == [1]
+
+
+def test_a_rank_stopped_with_the_group_is_recorded_as_collateral(scripts) -> None:
+    s = scripts(make_config(), {0: {0: RUNS, 1: Fate(2, at_tick=1)}})
+
+    result = s.run()
+
+    assert [f.rank for f in result.last.failures] == [1]  # the collateral is no root cause
+    ranks = s.registry.snapshot().ranks
+    assert (ranks[0].state, ranks[0].exit_code) == (RankState.FAILED, -signal.SIGTERM)
+    assert (ranks[1].state, ranks[1].exit_code) == (RankState.FAILED, 2)
+
+
+def test_death_by_signal_is_described_by_the_signal(scripts) -> None:
+    s = scripts(make_config(), {0: {0: Fate(-signal.SIGKILL, at_tick=1), 1: RUNS}})
+
+    result = s.run()
+
+    failure = result.last.failures[0]
+    assert (failure.rank, failure.exit_code) == (0, -9)
+    assert failure.description == "signal SIGKILL"
+    assert result.last.message == "rank 0 failed (signal SIGKILL)"
+    assert shell_exit_code(failure.exit_code) == 137
+
+
+@pytest.mark.parametrize(
+    ("code", "text", "shell"),
+    [
+        (0, "exit code 0", 0),
+        (3, "exit code 3", 3),
+        (-9, "signal SIGKILL", 137),
+        (-15, "signal SIGTERM", 143),
+        (-2, "signal SIGINT", 130),
+        (-200, "signal 200", 328),
+    ],
+)
+def test_describe_exit_and_shell_exit_code(code: int, text: str, shell: int) -> None:
+    assert describe_exit(code) == text
+    assert shell_exit_code(code) == shell
+    assert WorkerExit(rank=0, pid=1, exit_code=code, at=0.0).description == text
+
+
+def test_a_stop_request_interrupts_without_restart(scripts, signals: Signals) -> None:
+    def ctrl_c(tick: int, s: Script) -> None:
+        if tick == 2:
+            s.supervisor.request_stop(signal.SIGINT)
+            s.supervisor.request_stop(signal.SIGTERM)  # the first request wins
+
+    s = scripts(make_config(max_restarts=3), {0: {0: RUNS, 1: RUNS}}, on_tick=ctrl_c)
+
+    result = s.run()
+
+    assert result.outcome is Outcome.INTERRUPTED
+    assert result.last.signal_number == signal.SIGINT
+    assert result.last.message == "stopped by SIGINT"
+    assert result.restarts == 0
+    assert s.started == [(0, 0), (1, 0)]
+    # The user's signal is forwarded to the group; pid-less handles are never signalled.
+    assert signals.trees[0] == ([], 0.5, signal.SIGINT)
+
+
+def test_the_wakeup_fd_is_drained(signals: Signals) -> None:
+    config = make_config()
+    s = Script(config, {0: {0: RUNS, 1: RUNS}})
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    s.supervisor = Supervisor(
+        config, s.registry, s.start_worker, s.pump, on_tick=s.on_tick, wakeup_fd=read_fd, clock=s.clock
+    )
+
+    def signal_arrives(tick: int, s: Script) -> None:
+        if tick == 1:
+            os.write(write_fd, b"\x02")  # what signal.set_wakeup_fd writes
+            s.supervisor.request_stop(signal.SIGINT)
+
+    s._extra_on_tick = signal_arrives
+    try:
+        result = s.run()
+        assert result.outcome is Outcome.INTERRUPTED
+        with pytest.raises(BlockingIOError):
+            os.read(read_fd, 1)
+    finally:
+        s.close()
+        os.close(read_fd)
+        os.close(write_fd)
+
+
+def test_the_run_timeout_ends_the_run_without_restart(scripts) -> None:
+    s = scripts(make_config(max_restarts=3, timeout_s=5.0), {0: {0: RUNS, 1: RUNS}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.TIMED_OUT
+    assert result.wall_s == pytest.approx(5.0)
+    assert result.restarts == 0
+    assert "--timeout of 5 s" in result.last.message
+    assert s.started == [(0, 0), (1, 0)]
+
+
+def test_a_rank_whose_heartbeats_stop_is_hung(scripts, signals: Signals) -> None:
+    s = scripts(make_config(hang_timeout_s=10.0), {0: {0: RUNS, 1: Fate(None, heartbeats_until=3)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.HUNG
+    g = result.last
+    assert g.root_rank == 1
+    assert [v.rank for v in g.hung] == [1]
+    assert g.hung[0].stalled_for_s > 10.0
+    assert g.message.startswith("rank 1 hung: no heartbeat for")
+    # Rank 1 last spoke on tick 3 and was judged once more than 10 s had passed since.
+    assert s.clock() - (START + 3 * TICK_S) > 10.0
+    assert s.clock() - (START + 3 * TICK_S) <= 10.0 + TICK_S
+    assert g.snapshot is not None
+    assert g.snapshot.ranks[1].state is RankState.HUNG
+    assert g.snapshot.ranks[0].state is RankState.TRAINING
+    # Pid-less handles get no stack dump request, and nobody waits for one.
+    assert g.stacks == {} and s.pump.waited == []
+    assert signals.trees[0][2] == signal.SIGTERM
+
+
+def test_a_rank_whose_step_stalls_is_hung(scripts) -> None:
+    def stall(tick: int, s: Script) -> None:
+        if tick >= 5:  # rank 0 keeps sending heartbeats, at step 5 forever
+            s.registry.heartbeat(rank=0, generation=0, pid=s.current[0].registry_pid, step=5)
+
+    s = scripts(
+        make_config(hang_timeout_s=10.0),
+        {0: {0: Fate(None, heartbeats_until=4), 1: RUNS}},
+        on_tick=stall,
+    )
+
+    result = s.run()
+
+    assert result.outcome is Outcome.HUNG
+    assert result.last.root_rank == 0
+    assert "step 5 has not advanced" in result.last.message
+
+
+def test_a_hang_is_restarted_while_restarts_remain(scripts) -> None:
+    s = scripts(make_config(max_restarts=1, hang_timeout_s=10.0), {0: {0: RUNS, 1: Fate(None, heartbeats_until=0)}})
+
+    result = s.run()
+
+    assert [g.outcome for g in result.generations] == [Outcome.HUNG, Outcome.SUCCEEDED]
+    assert result.outcome is Outcome.SUCCEEDED
+    assert s.started == [(0, 0), (1, 0), (0, 1), (1, 1)]
+
+
+def test_hang_detection_off_with_zero_timeout(scripts) -> None:
+    s = scripts(
+        make_config(hang_timeout_s=0.0), {0: {0: Fate(0, at_tick=50, heartbeats_until=0), 1: Fate(0, at_tick=50)}}
+    )
+
+    assert s.run().outcome is Outcome.SUCCEEDED
+
+
+def test_a_rank_that_never_registers_hits_the_join_timeout(scripts) -> None:
+    s = scripts(make_config(join_timeout_s=5.0), {0: {0: RUNS, 1: Fate(None, register=False)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.HUNG
+    assert result.last.message == "rank(s) [1] did not register within --join-timeout (5 s)"
+    assert result.last.hung == []
+    assert result.wall_s == pytest.approx(5.0)
+
+
+def test_the_join_timeout_names_the_missing_rank_as_root_cause(scripts) -> None:
+    s = scripts(make_config(join_timeout_s=5.0), {0: {0: RUNS, 1: Fate(None, register=False)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.HUNG
+    assert result.last.root_rank == 1
+
+
+def test_ranks_of_a_second_node_are_offset(scripts) -> None:
+    # Node 1 of 2: its local ranks are global ranks 2 and 3; rank 3 fails.
+    config = make_config(nnodes=2, node_rank=1)
+    s = scripts(config, {0: {0: RUNS, 1: Fate(4, at_tick=1)}})
+    # Node 0's ranks register too (through the master, in a real run), so the barrier opens.
+    for local_rank in range(2):
+        s.registry.register(node_rank=0, local_rank=local_rank, pid=500 + local_rank, hostname="node-b", generation=0)
+
+    result = s.run()
+
+    assert result.last.root_rank == 3
+    assert s.supervisor.first_rank == 2
+
+
+def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, signals: Signals) -> None:
+    """Ranks with pids: the stack dump is requested (recorded, never sent) and the rank whose
+    main thread is outside a collective is the root cause, though rank 0's verdict comes first."""
+    config = make_config(hang_timeout_s=10.0)
+    s = Script(config, {0: {0: Fate(None, heartbeats_until=3), 1: Fate(None, heartbeats_until=3)}})
+    # Above Linux's largest possible pid_max (2**22): no such process can exist.
+    fake_pids = {0: 2**22 + 1001, 1: 2**22 + 1002}
+    dumps = {0: dump(RANK_IN_ALLREDUCE), 1: dump(RANK_IN_USER_CODE)}
+    sent: list[tuple[int, int]] = []
+
+    def start_with_pid(local_rank: int, generation: int) -> FakeWorker:
+        w = Script.start_worker(s, local_rank, generation)
+        w.pid = fake_pids[w.rank]
+        return w
+
+    def signal_quietly(pid: int, signum: int) -> None:
+        sent.append((pid, signum))
+        if signum == STACK_DUMP_SIGNAL:
+            rank = next(r for r, p in fake_pids.items() if p == pid)
+            s.pump.print(rank, dumps[rank])
+
+    monkeypatch.setattr(supervisor_module, "_signal_quietly", signal_quietly)
+    monkeypatch.setattr(Supervisor, "_sample_stats", lambda self, alive: None)
+    s.pump.print(0, "epoch 1 done")  # output before the dump is not part of the stack
+    s.supervisor = Supervisor(config, s.registry, start_with_pid, s.pump, on_tick=s.on_tick, clock=s.clock)
+    try:
+        result = s.run()
+    finally:
+        s.close()
+
+    g = result.last
+    assert result.outcome is Outcome.HUNG
+    assert [v.rank for v in g.hung] == [0, 1]  # the same silence: rank 0 is listed first...
+    assert g.root_rank == 1  # ...but it waits in allreduce for rank 1
+    assert sent == [
+        (fake_pids[0], STACK_DUMP_SIGNAL),
+        (fake_pids[0], signal.SIGCONT),
+        (fake_pids[1], STACK_DUMP_SIGNAL),
+        (fake_pids[1], signal.SIGCONT),
+    ]
+    assert s.pump.waited == [[0, 1]]
+    assert g.stacks == {0: dumps[0], 1: dumps[1]}
+    assert signals.trees[0] == ([fake_pids[0], fake_pids[1]], 0.5, signal.SIGTERM)
+
+
+# -- bugs ----------------------------------------------------------------------------------
+
+
+def test_a_stop_request_with_a_failure_starts_no_new_generation(scripts) -> None:
+    def ctrl_c(tick: int, s: Script) -> None:
+        if tick == 1:
+            s.supervisor.request_stop(signal.SIGINT)
+
+    fates = {g: {0: RUNS, 1: RUNS} for g in range(3)}
+    fates[0] = {0: RUNS, 1: Fate(1, at_tick=1)}  # rank 1 dies of the same Ctrl-C
+    s = scripts(make_config(max_restarts=2), fates, on_tick=ctrl_c)
+
+    result = s.run()
+
+    assert s.started == [(0, 0), (1, 0)]
+    assert result.outcome is Outcome.INTERRUPTED
+    assert result.last.signal_number == signal.SIGINT
+
+
+def test_a_handle_without_pid_gets_no_process_stats(scripts) -> None:
+    s = scripts(make_config(), {0: {0: Fate(0, at_tick=1), 1: Fate(0, at_tick=1)}})
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [r.rss_bytes for r in s.registry.snapshot().ranks] == [0, 0]
+
+
+# -- reading stack dumps -------------------------------------------------------------------
+
+HEARTBEAT_THREAD = """\
+Thread 0x00007f3a2cffd640 (most recent call first):
+  File "/usr/lib/python3.11/threading.py", line 331 in wait
+  File "/usr/lib/python3.11/threading.py", line 629 in wait
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/client.py", line 402 in _loop
+  File "/usr/lib/python3.11/threading.py", line 975 in run
+  File "/usr/lib/python3.11/threading.py", line 1038 in _bootstrap_inner
+  File "/usr/lib/python3.11/threading.py", line 995 in _bootstrap"""
+
+RANK_IN_ALLREDUCE = """\
+Current thread 0x00007f3a3b5ff740 (most recent call first):
+  File "/opt/venv/lib/python3.11/site-packages/torch/autograd/graph.py", line 769 in _engine_run_backward
+  File "/opt/venv/lib/python3.11/site-packages/torch/autograd/__init__.py", line 289 in backward
+  File "/opt/venv/lib/python3.11/site-packages/torch/_tensor.py", line 581 in backward
+  File "/home/user/train.py", line 41 in train_step
+  File "/home/user/train.py", line 58 in main
+  File "/home/user/train.py", line 62 in <module>
+  File "<frozen runpy>", line 88 in _run_code
+  File "<frozen runpy>", line 291 in run_path
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/worker.py", line 160 in _run_target"""
+
+RANK_IN_USER_CODE = """\
+Current thread 0x00007f9d11e4b740 (most recent call first):
+  File "/home/user/data.py", line 17 in load_shard
+  File "/home/user/train.py", line 35 in next_batch
+  File "/home/user/train.py", line 40 in train_step
+  File "/home/user/train.py", line 58 in main
+  File "/home/user/train.py", line 62 in <module>
+  File "<frozen runpy>", line 88 in _run_code
+  File "<frozen runpy>", line 291 in run_path
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/worker.py", line 160 in _run_target"""
+
+
+def dump(main_thread: str) -> str:
+    """A faulthandler all-threads dump: newest thread first, blocks separated by a blank line."""
+    return f"{HEARTBEAT_THREAD}\n\n{main_thread}\n"
+
+
+def verdict(rank: int, last: float) -> HangVerdict:
+    return HangVerdict(rank, "no heartbeat for 301 s", 301.0, last)
+
+
+def test_main_thread_stack_is_the_last_block_innermost_frames() -> None:
+    main = _main_thread_stack(dump(RANK_IN_ALLREDUCE))
+
+    assert main.splitlines() == [
+        '  File "/opt/venv/lib/python3.11/site-packages/torch/autograd/graph.py", line 769 in _engine_run_backward',
+        '  File "/opt/venv/lib/python3.11/site-packages/torch/autograd/__init__.py", line 289 in backward',
+        '  File "/opt/venv/lib/python3.11/site-packages/torch/_tensor.py", line 581 in backward',
+    ]
+    assert "client.py" not in main
+
+
+def test_main_thread_stack_of_no_dump_is_empty() -> None:
+    assert _main_thread_stack("") == ""
+    assert _main_thread_stack("epoch 3: loss 0.12\nsome other line") == ""
+
+
+def test_main_thread_stack_reads_a_real_faulthandler_dump(tmp_path: Path) -> None:
+    """The format assumptions (blank-line blocks, the main thread listed last) hold for the
+    interpreter's own dump."""
+    started, release = threading.Event(), threading.Event()
+
+    def other_thread() -> None:
+        started.set()
+        release.wait(10)
+
+    t = threading.Thread(target=other_thread, daemon=True)
+    t.start()
+    assert started.wait(10)
+    path = tmp_path / "dump.txt"
+    try:
+        with open(path, "w") as f:
+            faulthandler.dump_traceback(f, all_threads=True)
+    finally:
+        release.set()
+        t.join(10)
+
+    text = path.read_text()
+    main = _main_thread_stack(text)
+    assert "test_main_thread_stack_reads_a_real_faulthandler_dump" in main
+    assert "other_thread" not in main
+
+
+def test_root_of_hang_prefers_the_rank_outside_a_collective() -> None:
+    verdicts = [verdict(0, 10.0), verdict(1, 11.0)]
+    stacks = {0: dump(RANK_IN_ALLREDUCE), 1: dump(RANK_IN_USER_CODE)}
+
+    assert _root_of_hang(verdicts, stacks) == 1
+
+
+def test_root_of_hang_falls_back_to_the_first_to_go_quiet() -> None:
+    verdicts = [verdict(2, 10.0), verdict(0, 11.0)]
+
+    assert _root_of_hang(verdicts, {0: dump(RANK_IN_ALLREDUCE), 2: dump(RANK_IN_ALLREDUCE)}) == 2
+    assert _root_of_hang(verdicts, {}) == 2  # no stacks (a dump that never came)
+    assert _root_of_hang([], {}) is None
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        "/opt/venv/lib/python3.11/site-packages/torch/distributed/distributed_c10d.py",
+        "/opt/venv/lib/python3.11/site-packages/torch/nn/parallel/distributed.py",
+    ],
+)
+def test_every_collective_marker_counts_as_waiting(frame: str) -> None:
+    waiting = f'Current thread 0x1 (most recent call first):\n  File "{frame}", line 1 in all_reduce\n'
+    verdicts = [verdict(0, 10.0), verdict(1, 11.0)]
+
+    assert _root_of_hang(verdicts, {0: waiting, 1: dump(RANK_IN_USER_CODE)}) == 1
