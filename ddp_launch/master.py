@@ -7,9 +7,11 @@ anything the registry refuses becomes a clear gRPC error and changes nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import threading
 from collections import Counter
+from collections.abc import Iterator
 from concurrent import futures
 from typing import Any
 
@@ -40,13 +42,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self.rejections: Counter[str] = Counter()
         self._lock = threading.Lock()
 
-    def _reject(self, context: Any, e: Rejected) -> None:
-        with self._lock:
-            self.rejections[e.reason] += 1
-        context.abort(_CODES[e.reason], str(e))
+    @contextlib.contextmanager
+    def _rejections_as_errors(self, context: Any) -> Iterator[None]:
+        """A request the registry refuses becomes a gRPC error with a matching code."""
+        try:
+            yield
+        except Rejected as e:
+            with self._lock:
+                self.rejections[e.reason] += 1
+            context.abort(_CODES[e.reason], str(e))
+            raise  # unreachable with a real context: abort() raises
 
     def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterReply:
-        try:
+        with self._rejections_as_errors(context):
             a = self.registry.register(
                 node_rank=request.node_rank,
                 local_rank=request.local_rank,
@@ -54,9 +62,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 hostname=request.hostname,
                 generation=request.generation,
             )
-        except Rejected as e:
-            self._reject(context, e)
-            raise  # unreachable with a real context: abort() raises
         return pb.RegisterReply(
             rank=a.rank,
             world_size=a.world_size,
@@ -70,19 +75,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         )
 
     def CanStartTraining(self, request: pb.BarrierRequest, context: Any) -> pb.BarrierReply:
-        try:
+        with self._rejections_as_errors(context):
             r = self.registry.wait_barrier(
                 rank=request.rank,
                 generation=request.generation,
                 timeout_s=min(max(request.wait_s, 0.0), MAX_BARRIER_WAIT_S),
             )
-        except Rejected as e:
-            self._reject(context, e)
-            raise
         return pb.BarrierReply(open=r.open, superseded=r.superseded)
 
     def SendHeartbeat(self, request: pb.Heartbeat, context: Any) -> pb.HeartbeatReply:
-        try:
+        with self._rejections_as_errors(context):
             superseded = self.registry.heartbeat(
                 rank=request.rank,
                 generation=request.generation,
@@ -93,13 +95,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 metrics=request.metrics,
                 total_steps=request.total_steps,
             )
-        except Rejected as e:
-            self._reject(context, e)
-            raise
         return pb.HeartbeatReply(superseded=superseded)
 
     def ReportFailure(self, request: pb.FailureReport, context: Any) -> pb.Ack:
-        try:
+        with self._rejections_as_errors(context):
             self.registry.report_failure(
                 rank=request.rank,
                 generation=request.generation,
@@ -107,9 +106,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 exception_type=request.exception_type,
                 traceback=request.traceback,
             )
-        except Rejected as e:
-            self._reject(context, e)
-            raise
         return pb.Ack()
 
     def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.RunStatus:

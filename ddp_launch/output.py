@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import selectors
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,8 +27,7 @@ Sink = Callable[[int, str, bool], None]
 class _Stream:
     rank: int
     is_stderr: bool
-    log: object
-    partial: bytes = b""
+    partial: bytes = b""  # the start of a line whose newline has not come yet
 
 
 @dataclass
@@ -100,8 +100,6 @@ class OutputPump:
 
     def wait_quiet(self, ranks: list[int], quiet_s: float, timeout_s: float) -> None:
         """Wait until the ranks printed nothing for `quiet_s` (e.g. after a stack dump)."""
-        import time
-
         end = time.monotonic() + timeout_s
         last = [self.lines_seen(r) for r in ranks]
         while time.monotonic() < end:
@@ -134,7 +132,7 @@ class OutputPump:
                 pending, self._pending = self._pending, []
                 stopping = self._stopping
             for rank, fd, is_stderr in pending:
-                self._selector.register(fd, selectors.EVENT_READ, _Stream(rank, is_stderr, None))
+                self._selector.register(fd, selectors.EVENT_READ, _Stream(rank, is_stderr))
             if stopping:
                 self._drain_all()
                 return
