@@ -189,6 +189,8 @@ class HeartbeatThread:
                 self._last_ok = time.monotonic()
             return False
         except Exception as e:  # never let progress reporting kill training
+            # The master was not even asked: this says nothing about losing it.
+            self._last_ok = time.monotonic()
             print(f"[ddp-launch] heartbeat failed: {e!r}", file=sys.stderr, flush=True)
             return False
         self._last_ok = time.monotonic()

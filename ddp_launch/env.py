@@ -31,7 +31,8 @@ MAX_RESTARTS = "TORCHELASTIC_MAX_RESTARTS"
 # "False": rank 0 hosts the DDP store itself (torchrun says "True" when its agent hosts it,
 # and init_process_group would then wait for a store nobody serves).
 USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
-ERROR_FILE = "TORCHELASTIC_ERROR_FILE"
+ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # where torch's @record writes a failing rank's error
+NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"  # torchrun sets 1 unless set
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
 
 DEFAULT_ROLE = "default"
@@ -46,7 +47,7 @@ BACKEND = "DDP_LAUNCH_BACKEND"  # what --backend asked for; the worker resolves 
 HEARTBEAT_INTERVAL = "DDP_LAUNCH_HEARTBEAT_INTERVAL_S"
 MASTER_LOST_TIMEOUT = "DDP_LAUNCH_MASTER_LOST_TIMEOUT_S"
 JOIN_TIMEOUT = "DDP_LAUNCH_JOIN_TIMEOUT_S"
-LAUNCHER_PID = "DDP_LAUNCH_LAUNCHER_PID"
+RUN_DIR = "DDP_LAUNCH_RUN_DIR"
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Bootstrap:
     heartbeat_interval_s: float
     master_lost_timeout_s: float
     join_timeout_s: float
+    run_dir: str = ""
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -74,6 +76,7 @@ class Bootstrap:
             HEARTBEAT_INTERVAL: repr(self.heartbeat_interval_s),
             MASTER_LOST_TIMEOUT: repr(self.master_lost_timeout_s),
             JOIN_TIMEOUT: repr(self.join_timeout_s),
+            RUN_DIR: self.run_dir,
         }
 
     @classmethod
@@ -89,6 +92,7 @@ class Bootstrap:
             heartbeat_interval_s=float(e.get(HEARTBEAT_INTERVAL, "1.0")),
             master_lost_timeout_s=float(e.get(MASTER_LOST_TIMEOUT, "30")),
             join_timeout_s=float(e.get(JOIN_TIMEOUT, "300")),
+            run_dir=e.get(RUN_DIR, ""),
         )
 
 
@@ -109,15 +113,22 @@ class Assignment:
     max_restarts: int
 
 
-def torchrun_env(a: Assignment, environ: Mapping[str, str]) -> dict[str, str]:
+def error_file(run_dir: str, a: Assignment) -> str:
+    return os.path.join(run_dir, "errors", f"generation-{a.generation}", f"rank-{a.rank}.json")
+
+
+def torchrun_env(a: Assignment, environ: Mapping[str, str], run_dir: str = "") -> dict[str, str]:
     """The variables torchrun would set for this worker, to be merged into its environment.
 
     Args:
         a: the worker's assignment from the master.
-        environ: the environment the user launched with (OMP_NUM_THREADS is kept if set).
+        environ: the environment the user launched with (OMP_NUM_THREADS and
+            TORCH_NCCL_ASYNC_ERROR_HANDLING are kept if set).
+        run_dir: the run directory; TORCHELASTIC_ERROR_FILE goes below it when given.
     """
     # One role ("default") holds every worker, so role ranks equal global ranks.
-    return {
+    extra = {ERROR_FILE: error_file(run_dir, a)} if run_dir else {}
+    return extra | {
         RANK: str(a.rank),
         LOCAL_RANK: str(a.local_rank),
         WORLD_SIZE: str(a.world_size),
@@ -134,6 +145,7 @@ def torchrun_env(a: Assignment, environ: Mapping[str, str]) -> dict[str, str]:
         MAX_RESTARTS: str(a.max_restarts),
         USE_AGENT_STORE: "False",
         OMP_NUM_THREADS: environ.get(OMP_NUM_THREADS) or DEFAULT_OMP_THREADS,
+        NCCL_ASYNC_ERROR_HANDLING: environ.get(NCCL_ASYNC_ERROR_HANDLING) or "1",
     }
 
 

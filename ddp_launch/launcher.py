@@ -100,6 +100,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             heartbeat_interval_s=config.heartbeat_interval_s,
             master_lost_timeout_s=max(30.0, 10 * config.heartbeat_interval_s),
             join_timeout_s=config.join_timeout_s,
+            run_dir=str(run_dir.resolve()),
         )
 
         def start_worker(local_rank: int, generation: int):

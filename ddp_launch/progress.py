@@ -31,7 +31,8 @@ class Progress:
 class _Tracker:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._steps_by_optimizer: dict[int, int] = {}
+        self._stepped_this_step: set[int] = set()
+        self._completed_steps = 0
         self._auto_step = 0
         self._explicit_step: int | None = None
         self._samples = 0
@@ -40,12 +41,16 @@ class _Tracker:
         self._metrics: dict[str, float] = {}
 
     def on_optimizer_step(self, optimizer: object, args: object, kwargs: object) -> None:
-        # Several optimizers stepping once each are one training step, not several.
+        # A training step ends when an optimizer steps a second time: so several optimizers
+        # stepping once each are one step, and a script that builds a new optimizer (each
+        # stage, each epoch) keeps counting instead of starting again from 1.
         key = id(optimizer)
-        n = self._steps_by_optimizer.get(key, 0) + 1
-        self._steps_by_optimizer[key] = n
-        if n > self._auto_step:
-            self._auto_step = n
+        if key in self._stepped_this_step:
+            self._completed_steps += 1
+            self._stepped_this_step = {key}
+        else:
+            self._stepped_this_step.add(key)
+        self._auto_step = self._completed_steps + 1
 
     def report(self, step, loss, samples, total_steps, metrics) -> None:
         with self._lock:

@@ -122,7 +122,9 @@ class Supervisor:
         registry: the master's state (this node's ranks live in it).
         start_worker: forks one worker; a seam for tests.
         pump: worker output, for stack dumps and the failure report's log lines.
-        on_tick: called with a snapshot a few times a second (the live view).
+        on_tick: called with a snapshot a few times a second (the live view, the event log).
+        on_generation_end: called with each generation's result once its group is stopped,
+            and whether a new generation follows.
         wakeup_fd: readable when a signal arrived (signal.set_wakeup_fd's pipe), or None.
         clock: monotonic clock.
     """
@@ -134,6 +136,7 @@ class Supervisor:
         start_worker: WorkerStarter,
         pump: OutputPump,
         on_tick: Callable[[RunSnapshot], None] = lambda snap: None,
+        on_generation_end: Callable[[GenerationResult, bool], None] = lambda result, restarting: None,
         wakeup_fd: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -142,6 +145,7 @@ class Supervisor:
         self._start_worker = start_worker
         self._pump = pump
         self._on_tick = on_tick
+        self._on_generation_end = on_generation_end
         self._wakeup_fd = wakeup_fd
         self._clock = clock
         self._pending_signal: int | None = None
@@ -171,9 +175,10 @@ class Supervisor:
                     result.signal_number = self._pending_signal
                     result.message = f"stopped by {signal.Signals(self._pending_signal).name}"
                 generations.append(result)
-                if result.outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED, Outcome.TIMED_OUT):
-                    break
-                if generation >= self.config.restart.max_restarts:
+                final = result.outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED, Outcome.TIMED_OUT)
+                restarting = not final and generation < self.config.restart.max_restarts
+                self._on_generation_end(result, restarting)
+                if not restarting:
                     break
                 generation += 1
                 self.registry.begin_generation(generation)

@@ -124,7 +124,7 @@ def _run(target: Target) -> int:
             generation=boot.generation,
             deadline_s=boot.join_timeout_s,
         )
-        os.environ.update(env.torchrun_env(assignment, os.environ))
+        os.environ.update(env.torchrun_env(assignment, os.environ, boot.run_dir))
         _configure_torch(assignment, boot.backend)
         client.wait_barrier(rank=assignment.rank, generation=assignment.generation, deadline_s=boot.join_timeout_s)
     except (MasterUnavailable, RegistrationRejected) as e:

@@ -57,6 +57,8 @@ def test_workers_see_the_torchrun_environment(tmp_path):
         assert e["TORCHELASTIC_USE_AGENT_STORE"] == "False"
         assert e["OMP_NUM_THREADS"] == "1" and e["torch_threads"] == 1
         assert e["DDP_LAUNCH_BACKEND"] == "gloo"
+        assert e["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"
+        assert e["TORCHELASTIC_ERROR_FILE"] == str(run.run_dir.resolve() / "errors" / "generation-0" / f"rank-{r}.json")
         assert e["name"] == "__main__"
         assert e["argv"] == [str(SCRIPTS / "env_dump.py"), str(out), "--lr", "0.1"]
     assert "[rank 1] hello from rank 1" in run.stdout
