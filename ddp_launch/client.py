@@ -175,6 +175,7 @@ class HeartbeatThread:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ddp-launch-heartbeat", daemon=True)
         self._last_ok = time.monotonic()
+        self._local_error_reported = False
 
     def start(self) -> None:
         self._thread.start()
@@ -191,7 +192,9 @@ class HeartbeatThread:
         except Exception as e:  # never let progress reporting kill training
             # The master was not even asked: this says nothing about losing it.
             self._last_ok = time.monotonic()
-            print(f"[ddp-launch] heartbeat failed: {e!r}", file=sys.stderr, flush=True)
+            if not self._local_error_reported:
+                print(f"[ddp-launch] heartbeat failed (not retried loudly): {e!r}", file=sys.stderr, flush=True)
+                self._local_error_reported = True
             return False
         self._last_ok = time.monotonic()
         return True

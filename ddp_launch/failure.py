@@ -90,10 +90,11 @@ def _rank_progress(r: RankView) -> dict[str, Any]:
 
 
 def flapping(result: RunResult) -> bool:
-    """True when the last restarts made no progress: each generation died at or before the
-    step the one before it reached."""
+    """True when the last restarts made no progress: each of the last three generations died
+    at or before the step the one before it reached."""
     steps = [g.snapshot.step for g in result.generations if g.snapshot and g.outcome is not Outcome.SUCCEEDED]
-    return len(steps) >= 3 and all(b <= a for a, b in zip(steps, steps[1:]))
+    last = steps[-3:]
+    return len(last) == 3 and all(b <= a for a, b in zip(last, last[1:]))
 
 
 def format_report(report: dict[str, Any], run_dir: Path) -> str:

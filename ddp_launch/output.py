@@ -74,7 +74,7 @@ class OutputPump:
     def tail(self, rank: int, n: int = 20) -> list[str]:
         with self._lock:
             out = self._ranks.get(rank)
-            return list(out.tail)[-n:] if out else []
+            return list(out.tail)[-n:] if out and n > 0 else []
 
     def lines_seen(self, rank: int) -> int:
         with self._lock:

@@ -93,4 +93,7 @@ def report(
         total_steps: the number of steps the run will take (gives the live view an ETA).
         **metrics: any other scalars (accuracy=0.93, lr=1e-3), shown by `ddp-launch status`.
     """
+    for name, value in (("step", step), ("samples", samples), ("total_steps", total_steps)):
+        if value is not None and value < 0:
+            raise ValueError(f"ddp_launch.report: {name} must be >= 0, got {value}")
     tracker.report(step, loss, samples, total_steps, metrics)

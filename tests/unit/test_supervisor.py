@@ -175,8 +175,17 @@ class Script:
         self.snapshots: list[RunSnapshot] = []
         self._extra_on_tick = on_tick
         self._max_ticks = max_ticks
+        self.ended: list[tuple[int, Outcome, bool]] = []
         self.supervisor = Supervisor(
-            config, self.registry, self.start_worker, self.pump, on_tick=self.on_tick, clock=self.clock
+            config,
+            self.registry,
+            self.start_worker,
+            self.pump,
+            on_tick=self.on_tick,
+            on_generation_end=lambda result, restarting: self.ended.append(
+                (result.generation, result.outcome, restarting)
+            ),
+            clock=self.clock,
         )
 
     def fate(self, generation: int, local_rank: int) -> Fate:
@@ -217,7 +226,9 @@ class Script:
                 continue
             until = w.fate.heartbeats_until
             if until is None or t <= until:
-                self.registry.heartbeat(rank=w.rank, generation=w.generation, pid=w.registry_pid, step=t, samples=32 * t)
+                self.registry.heartbeat(
+                    rank=w.rank, generation=w.generation, pid=w.registry_pid, step=t, samples=32 * t
+                )
             if w.fate.exit_code is not None and w.fate.at_tick == t:
                 w.exit(w.fate.exit_code)
         if self._extra_on_tick is not None:
@@ -342,6 +353,7 @@ def test_a_failure_restarts_the_whole_group(scripts) -> None:
     assert first.message == "rank 1 failed (exit code 1)"
     assert first.snapshot is not None and first.snapshot.generation == 0
     assert second.outcome is Outcome.SUCCEEDED and second.generation == 1
+    assert s.ended == [(0, Outcome.FAILED, True), (1, Outcome.SUCCEEDED, False)]
     # Rank 0 of generation 0 was still running: the stop ended it.
     assert s.workers[0].exitcode == -signal.SIGTERM
 
@@ -361,6 +373,7 @@ def test_exhausted_restarts_fail_with_the_first_failure(scripts) -> None:
     assert last.root_rank == 1
     assert last.failures[0].rank == 1 and last.failures[0].exit_code == 3
     assert last.message == "rank 1 failed (exit code 3)"
+    assert s.ended == [(0, Outcome.FAILED, True), (1, Outcome.FAILED, True), (2, Outcome.FAILED, False)]
 
 
 def test_the_first_rank_to_die_is_the_root_cause(scripts) -> None:
@@ -606,9 +619,10 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
     assert s.pump.waited == [[0, 1]]
     assert g.stacks == {0: dumps[0], 1: dumps[1]}
     assert signals.trees[0] == ([fake_pids[0], fake_pids[1]], 0.5, signal.SIGTERM)
+    assert signals.os_kill == [] and signals.psutil_sent == []  # those pids do not exist
 
 
-# -- bugs ----------------------------------------------------------------------------------
+# -- regressions (bugs these tests found) --------------------------------------------------
 
 
 def test_a_stop_request_with_a_failure_starts_no_new_generation(scripts) -> None:

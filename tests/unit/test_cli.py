@@ -1,0 +1,447 @@
+"""The CLI's parsing and its error path, RunConfig validation and the environment contract.
+
+The launcher is replaced by a fake that records the RunConfig it is given: nothing starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+import ddp_launch.launcher
+import ddp_launch.warm
+from ddp_launch import cli as cli_module
+from ddp_launch import env
+from ddp_launch.cli import cli, main, parse_nproc
+from ddp_launch.config import RestartPolicy, RunConfig, Target
+from ddp_launch.errors import ConfigError
+
+# -- parse_nproc ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "n"), [("4", 4), ("1", 1), (" 2 ", 2), ("16", 16)])
+def test_parse_nproc_counts(text: str, n: int) -> None:
+    assert parse_nproc(text) == n
+
+
+def test_parse_nproc_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    assert parse_nproc("cpu") == 12
+    assert parse_nproc("CPU") == 12
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "cannot be determined"
+    assert parse_nproc("cpu") == 1
+
+
+def test_parse_nproc_gpu_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(cli_module, "_gpu_count", lambda: 2)
+    assert parse_nproc("gpu") == 2
+    assert parse_nproc("auto") == 2
+    monkeypatch.setattr(cli_module, "_gpu_count", lambda: 0)
+    assert parse_nproc("auto") == 8
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        parse_nproc("gpu")
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "two", "", "2.5", "4x", "cpus"])
+def test_parse_nproc_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="-n/--nproc-per-node"):
+        parse_nproc(text)
+
+
+# -- the click command, parsing only -------------------------------------------------------
+
+
+@dataclass
+class FakeOutcome:
+    exit_code: int = 0
+    summary: str = "ddp-launch: run succeeded"
+    report: str = ""
+
+
+class FakeLaunch:
+    def __init__(self, outcome: FakeOutcome) -> None:
+        self.outcome = outcome
+        self.configs: list[RunConfig] = []
+
+    def __call__(self, config: RunConfig, **kw: object) -> FakeOutcome:
+        self.configs.append(config)
+        return self.outcome
+
+    @property
+    def config(self) -> RunConfig:
+        assert len(self.configs) == 1
+        return self.configs[0]
+
+
+@pytest.fixture
+def launched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeLaunch:
+    """The launcher and the forkserver replaced; the working directory holds train.py."""
+    fake = FakeLaunch(FakeOutcome())
+    monkeypatch.setattr(ddp_launch.launcher, "launch", fake)
+    monkeypatch.setattr(ddp_launch.warm, "forkserver_context", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.py").write_text("print('hi')\n")
+    return fake
+
+
+def invoke(args: list[str]):
+    return CliRunner().invoke(cli, args, prog_name="ddp-launch", catch_exceptions=False)
+
+
+def test_script_args_pass_through_untouched(launched: FakeLaunch) -> None:
+    result = invoke(["-n", "2", "train.py", "--lr", "0.1", "-n", "5"])
+
+    assert result.exit_code == 0, result.output
+    config = launched.config
+    assert config.nproc_per_node == 2
+    assert config.target == Target("train.py", ("--lr", "0.1", "-n", "5"), is_module=False)
+    assert config.target.argv == ["train.py", "--lr", "0.1", "-n", "5"]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        ["--help"],
+        ["-m", "x", "--max-restarts", "3"],
+        ["--", "--x"],
+        ["-q", "positional", "--timeout=5"],
+        ["run", "status"],
+        [],
+    ],
+)
+def test_launcher_options_after_the_script_belong_to_the_script(launched: FakeLaunch, tail: list[str]) -> None:
+    result = invoke(["train.py", *tail])
+
+    assert result.exit_code == 0, result.output
+    assert launched.config.target.args == tuple(tail)
+    assert launched.config.nproc_per_node == 1
+    assert launched.config.restart.max_restarts == 0
+    assert not launched.config.target.is_module
+
+
+def test_explicit_run_subcommand(launched: FakeLaunch) -> None:
+    result = invoke(["run", "-n", "3", "train.py", "a"])
+
+    assert result.exit_code == 0, result.output
+    assert launched.config.nproc_per_node == 3
+    assert launched.config.target.args == ("a",)
+
+
+def test_module_flag(launched: FakeLaunch) -> None:
+    result = invoke(["-n", "2", "-m", "json.tool", "--indent", "2"])
+
+    assert result.exit_code == 0, result.output
+    assert launched.config.target == Target("json.tool", ("--indent", "2"), is_module=True)
+
+
+def test_defaults(launched: FakeLaunch) -> None:
+    result = invoke(["train.py"])
+
+    assert result.exit_code == 0, result.output
+    config = launched.config
+    assert config.restart == RestartPolicy(max_restarts=0, stop_grace_s=5.0, hang_timeout_s=300.0)
+    assert config.nproc_per_node == 1
+    assert config.nnodes == 1 and config.node_rank == 0
+    assert config.backend == "auto"
+    assert config.master_addr == "127.0.0.1"
+    assert config.master_port is None and config.ddp_port is None
+    assert config.timeout_s is None
+    assert config.join_timeout_s == 300.0
+    assert config.heartbeat_interval_s == 1.0
+    assert config.quiet is False
+    assert config.run_dir == Path("runs") / config.run_id
+
+
+def test_options_reach_the_config(launched: FakeLaunch, tmp_path: Path) -> None:
+    result = invoke(
+        [
+            "-n",
+            "2",
+            "--max-restarts",
+            "3",
+            "--hang-timeout",
+            "60",
+            "--stop-grace",
+            "1.5",
+            "--timeout",
+            "30",
+            "--ddp-port",
+            "29500",
+            "--backend",
+            "gloo",
+            "--run-id",
+            "my-run",
+            "--run-dir",
+            str(tmp_path / "out"),
+            "--heartbeat-interval",
+            "0.5",
+            "--join-timeout",
+            "20",
+            "-q",
+            "--standalone",
+            "train.py",
+        ]
+    )
+
+    assert result.exit_code == 0, result.output
+    c = launched.config
+    assert c.restart == RestartPolicy(max_restarts=3, stop_grace_s=1.5, hang_timeout_s=60.0)
+    assert (c.timeout_s, c.ddp_port, c.backend, c.run_id) == (30.0, 29500, "gloo", "my-run")
+    assert c.run_dir == tmp_path / "out"
+    assert (c.heartbeat_interval_s, c.join_timeout_s, c.quiet) == (0.5, 20.0, True)
+
+
+def test_the_outcome_becomes_the_exit_code(launched: FakeLaunch) -> None:
+    launched.outcome = FakeOutcome(exit_code=137, summary="the summary", report="the report")
+
+    result = invoke(["train.py"])
+
+    assert result.exit_code == 137
+    assert "the summary" in result.output and "the report" in result.output
+
+
+@pytest.mark.parametrize("args", [["--help"], ["-h"], ["run", "--help"]])
+def test_help_shows_an_example(args: list[str]) -> None:
+    result = invoke(args)
+
+    assert result.exit_code == 0
+    assert "Example:" in result.output
+    assert "ddp-launch -n 4 examples/train_mlp.py --epochs 3" in result.output
+
+
+def test_run_help_lists_the_defaults() -> None:
+    output = invoke(["run", "--help"]).output
+
+    assert "--max-restarts" in output and "--hang-timeout" in output and "--stop-grace" in output
+    assert "[default: 300.0]" in output
+
+
+# -- main: bad input is one line and exit 2 ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["-n", "0", "train.py"], "-n/--nproc-per-node must be >= 1"),
+        (["-n", "lots", "train.py"], "-n/--nproc-per-node"),
+        (["missing.py"], "does not exist"),
+        (["--max-restarts", "-1", "train.py"], "--max-restarts"),
+        (["--backend", "mpi", "train.py"], "--backend"),
+        (["--max-restarts", "many", "train.py"], "--max-restarts"),
+        (["--bogus-option", "train.py"], "--bogus-option"),
+        (["--ddp-port", "70000", "train.py"], "--ddp-port"),
+        (["--timeout", "0", "train.py"], "--timeout"),
+        (["-m", "no_such_module_xyz"], "no_such_module_xyz"),
+        ([], "SCRIPT"),
+    ],
+)
+def test_main_bad_input_is_one_line_and_exit_2(
+    launched: FakeLaunch, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ddp-launch: error: ")
+    assert fragment in lines[0]
+    assert launched.configs == []  # nothing was launched
+
+
+def test_main_passes_the_run_exit_code(launched: FakeLaunch, capsys: pytest.CaptureFixture[str]) -> None:
+    launched.outcome = FakeOutcome(exit_code=3)
+
+    with pytest.raises(SystemExit) as exc:
+        main(["-n", "2", "train.py", "--epochs", "1"])
+
+    assert exc.value.code == 3
+    assert launched.config.target.args == ("--epochs", "1")
+
+
+def test_main_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    assert "Example:" in capsys.readouterr().out
+
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert ddp_launch.__version__ in capsys.readouterr().out
+
+
+# -- RunConfig.validate ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text("pass\n")
+    return path
+
+
+def valid_config(script: Path, **kw: object) -> RunConfig:
+    return RunConfig(target=Target(str(script)), nproc_per_node=2, run_dir=script.parent / "run", **kw)  # type: ignore[arg-type]
+
+
+def test_a_valid_config_validates(script: Path) -> None:
+    valid_config(script).validate()
+    valid_config(script, nnodes=2, node_rank=1, ddp_port=29500, backend="nccl", timeout_s=1.0).validate()
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"nproc_per_node": 0}, "-n/--nproc-per-node must be >= 1"),
+        ({"nnodes": 0}, "--nnodes"),
+        ({"node_rank": 1}, "--node-rank must be in [0, 1)"),
+        ({"node_rank": -1}, "--node-rank"),
+        ({"ddp_port": 0}, "--ddp-port must be in 1..65535"),
+        ({"ddp_port": 65536}, "--ddp-port"),
+        ({"master_port": -5}, "--master-port"),
+        ({"backend": "mpi"}, "--backend must be one of auto, gloo, nccl"),
+        ({"heartbeat_interval_s": 0.0}, "--heartbeat-interval"),
+        ({"timeout_s": 0.0}, "--timeout must be > 0"),
+        ({"timeout_s": -1.0}, "--timeout"),
+        ({"join_timeout_s": 0.0}, "--join-timeout"),
+        ({"restart": RestartPolicy(max_restarts=-1)}, "--max-restarts must be >= 0, got -1"),
+        ({"restart": RestartPolicy(stop_grace_s=-0.1)}, "--stop-grace"),
+        ({"restart": RestartPolicy(hang_timeout_s=-1.0)}, "--hang-timeout"),
+    ],
+)
+def test_bad_values_are_config_errors(script: Path, kw: dict, fragment: str) -> None:
+    config = replace(valid_config(script), **kw)
+
+    with pytest.raises(ConfigError) as exc:
+        config.validate()
+    assert fragment in str(exc.value)
+
+
+def test_bad_targets_are_config_errors(tmp_path: Path, script: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        valid_config(tmp_path / "nope.py").validate()
+    with pytest.raises(ConfigError, match="is a directory"):
+        RunConfig(target=Target(str(tmp_path)), nproc_per_node=1, run_dir=tmp_path / "run").validate()
+    with pytest.raises(ConfigError, match="cannot be found"):
+        RunConfig(target=Target("no_such_module_xyz", is_module=True), nproc_per_node=1).validate()
+    with pytest.raises(ConfigError, match="no module"):
+        RunConfig(target=Target("", is_module=True), nproc_per_node=1).validate()
+    RunConfig(target=Target("json.tool", is_module=True), nproc_per_node=1, run_dir=tmp_path / "run").validate()
+
+
+def test_a_run_dir_that_is_a_file_is_a_config_error(script: Path, tmp_path: Path) -> None:
+    taken = tmp_path / "taken"
+    taken.write_text("")
+
+    with pytest.raises(ConfigError, match="not a directory"):
+        replace(valid_config(script), run_dir=taken).validate()
+
+
+# -- the environment contract ----------------------------------------------------------------
+
+
+def assignment(**kw: object) -> env.Assignment:
+    fields: dict[str, object] = {
+        "rank": 5,
+        "local_rank": 1,
+        "world_size": 8,
+        "local_world_size": 4,
+        "node_rank": 1,
+        "nnodes": 2,
+        "ddp_addr": "10.0.0.7",
+        "ddp_port": 29511,
+        "run_id": "20261125-142215-3f9a",
+        "generation": 2,
+        "max_restarts": 3,
+    }
+    fields.update(kw)
+    return env.Assignment(**fields)  # type: ignore[arg-type]
+
+
+def test_torchrun_env_values() -> None:
+    assert env.torchrun_env(assignment(), {}) == {
+        "RANK": "5",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "8",
+        "LOCAL_WORLD_SIZE": "4",
+        "GROUP_RANK": "1",
+        "GROUP_WORLD_SIZE": "2",
+        "ROLE_RANK": "5",
+        "ROLE_WORLD_SIZE": "8",
+        "ROLE_NAME": "default",
+        "MASTER_ADDR": "10.0.0.7",
+        "MASTER_PORT": "29511",
+        "TORCHELASTIC_RUN_ID": "20261125-142215-3f9a",
+        "TORCHELASTIC_RESTART_COUNT": "2",
+        "TORCHELASTIC_MAX_RESTARTS": "3",
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "OMP_NUM_THREADS": "1",
+        "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
+    }
+
+
+def test_torchrun_env_keeps_omp_num_threads() -> None:
+    assert env.torchrun_env(assignment(), {"OMP_NUM_THREADS": "6"})["OMP_NUM_THREADS"] == "6"
+    assert env.torchrun_env(assignment(), {"OMP_NUM_THREADS": ""})["OMP_NUM_THREADS"] == "1"
+
+
+def test_torchrun_env_keeps_nccl_async_error_handling() -> None:
+    kept = env.torchrun_env(assignment(), {"TORCH_NCCL_ASYNC_ERROR_HANDLING": "3"})
+    assert kept["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "3"
+
+
+def test_torchrun_env_error_file_below_the_run_dir() -> None:
+    a = assignment()
+    assert "TORCHELASTIC_ERROR_FILE" not in env.torchrun_env(a, {})
+
+    with_dir = env.torchrun_env(a, {}, run_dir="/runs/r1")
+
+    assert with_dir["TORCHELASTIC_ERROR_FILE"] == "/runs/r1/errors/generation-2/rank-5.json"
+
+
+def test_torchrun_env_values_are_strings() -> None:
+    assert all(isinstance(v, str) for v in env.torchrun_env(assignment(), {}).values())
+
+
+def bootstrap(**kw: object) -> env.Bootstrap:
+    fields: dict[str, object] = {
+        "control_addr": "127.0.0.1:41234",
+        "token": "s3cret-token",
+        "node_rank": 1,
+        "local_rank": 3,
+        "generation": 2,
+        "backend": "gloo",
+        "heartbeat_interval_s": 0.1,
+        "master_lost_timeout_s": 30.0,
+        "join_timeout_s": 12.5,
+    }
+    fields.update(kw)
+    return env.Bootstrap(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "b", [bootstrap(), bootstrap(heartbeat_interval_s=1 / 3, join_timeout_s=1e-3, token="", backend="auto")]
+)
+def test_bootstrap_round_trip(b: env.Bootstrap) -> None:
+    environ = b.to_env()
+
+    assert all(isinstance(v, str) for v in environ.values())
+    assert env.Bootstrap.from_env(environ) == b
+    assert env.in_worker(environ)
+
+
+def test_bootstrap_defaults_and_in_worker() -> None:
+    b = env.Bootstrap.from_env({env.CONTROL_ADDR: "h:1", env.LOCAL_RANK: "0"})
+
+    assert (b.node_rank, b.generation, b.backend, b.token) == (0, 0, "auto", "")
+    assert math.isclose(b.heartbeat_interval_s, 1.0)
+    assert not env.in_worker({"RANK": "0"})
