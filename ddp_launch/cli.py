@@ -238,6 +238,31 @@ def status_command(run_dir, master_addr, master_port, token_file, as_json) -> No
     print(json.dumps(status, indent=2) if as_json else format_table(status))
 
 
+@cli.command("report", context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("run_dir", type=click.Path(path_type=Path, exists=True, file_okay=False))
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The HTML file [default: RUN_DIR/report.html].",
+)
+@click.option("--png", is_flag=True, help="Also write the charts as PNG images (needs matplotlib).")
+def report_command(run_dir, out, png) -> None:  # fmt: skip
+    """Render a run's events.jsonl as a self-contained HTML page (no network needed to open it).
+
+    \b
+    Example:
+        ddp-launch report runs/20261125-142215-3f9a
+        ddp-launch report runs/20261125-142215-3f9a --png
+    """
+    from ddp_launch.run_report import render_html, render_png
+
+    print(render_html(run_dir, out))
+    if png:
+        for path in render_png(run_dir):
+            print(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click in non-standalone mode, so every error is one line."""
     args = sys.argv[1:] if argv is None else list(argv)

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
+import importlib.metadata
 import multiprocessing.connection
 import os
+import platform
 import secrets
 import signal
+import socket
+import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -24,15 +29,17 @@ from typing import TextIO
 
 import psutil
 
-from ddp_launch import env
+from ddp_launch import __version__, env
 from ddp_launch.config import RunConfig
 from ddp_launch.errors import ConfigError
+from ddp_launch.events import EventLog
 from ddp_launch.failure import build_report, format_report, write_json_atomic
 from ddp_launch.master import MasterServer
 from ddp_launch.output import OutputPump
-from ddp_launch.registry import Registry
+from ddp_launch.registry import Registry, RunSnapshot
+from ddp_launch.run_report import EVENTS_FILE
 from ddp_launch.status import MASTER_FILE, write_token
-from ddp_launch.supervisor import Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
+from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
 from ddp_launch.view import LiveView, format_summary
 from ddp_launch.warm import forkserver_context
 from ddp_launch.worker import worker_main
@@ -82,6 +89,34 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             teardown.callback(metrics.stop)
         view = LiveView(stderr, enabled=not config.quiet)
         teardown.callback(view.close)
+        events = EventLog(run_dir / EVENTS_FILE)
+        teardown.callback(events.close)
+        events.emit(
+            "run_start",
+            run_id=config.run_id,
+            config=dataclasses.asdict(config),
+            world_size=config.world_size,
+            nnodes=config.nnodes,
+            nproc_per_node=config.nproc_per_node,
+            versions=_versions(),
+            host=socket.gethostname(),
+        )
+
+        def on_tick(snap: RunSnapshot) -> None:
+            view.update(snap)
+            events.observe(snap)
+
+        def on_generation_end(result: GenerationResult, restarting: bool) -> None:
+            # The last generation's failure is logged with the full report, further below.
+            if restarting:
+                if result.outcome in (Outcome.FAILED, Outcome.HUNG):
+                    summary = {
+                        "outcome": result.outcome.value,
+                        "message": result.message,
+                        "root_rank": result.root_rank,
+                    }
+                    events.emit("failure", generation=result.generation, report=summary, **summary)
+                events.emit("restart", generation=result.generation + 1, reason=result.message)
 
         def sink(rank: int, line: str, is_stderr: bool) -> None:
             view.write_line(f"[rank {rank}] {line}", file=stderr if is_stderr else stdout)
@@ -124,20 +159,75 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             return process
 
         with _signals_as_stop_requests() as (wakeup_fd, requests):
-            supervisor = Supervisor(config, registry, start_worker, pump, on_tick=view.update, wakeup_fd=wakeup_fd)
+            supervisor = Supervisor(
+                config,
+                registry,
+                start_worker,
+                pump,
+                on_tick=on_tick,
+                on_generation_end=on_generation_end,
+                wakeup_fd=wakeup_fd,
+            )
             requests.append(supervisor.request_stop)
             result = supervisor.run()
-        view.update(registry.snapshot())
+        final = registry.snapshot()
+        view.update(final)
         view.close()
+        events.observe(final)
         local_ranks = [config.node_rank * config.nproc_per_node + i for i in range(config.nproc_per_node)]
         pump.wait_closed(local_ranks, timeout_s=2.0)
-        summary = format_summary(registry.snapshot(), wall_s=result.wall_s, restarts=result.restarts)
+        summary = format_summary(final, wall_s=result.wall_s, restarts=result.restarts)
         report_text = ""
         if result.outcome is not Outcome.SUCCEEDED:
             report = build_report(result, {r: pump.tail(r, 50) for r in local_ranks})
             write_json_atomic(run_dir / "failure.json", report)
             report_text = format_report(report, run_dir)
-        return LaunchResult(_exit_code(result), result, summary, report_text)
+            if result.outcome in (Outcome.FAILED, Outcome.HUNG):
+                last = result.last
+                events.emit(
+                    "failure",
+                    generation=last.generation,
+                    report=report,
+                    outcome=last.outcome.value,
+                    message=last.message,
+                    root_rank=last.root_rank,
+                )
+        exit_code = _exit_code(result)
+        events.emit(
+            "run_end",
+            outcome=result.outcome.value,
+            exit_code=exit_code,
+            wall_s=round(result.wall_s, 3),
+            restarts=result.restarts,
+            final_step=final.step,
+            summary=_summary_fields(final, result),
+        )
+        return LaunchResult(exit_code, result, summary, report_text)
+
+
+def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
+    rates = sorted(r.steps_per_s for r in snap.ranks)
+    slowest = min(snap.ranks, key=lambda r: r.steps_per_s, default=None)
+    return {
+        "final_step": snap.step,
+        "total_steps": snap.total_steps,
+        "samples": max((r.samples for r in snap.ranks), default=0),
+        "loss": snap.loss,
+        "steps_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]} if rates else None,
+        "slowest_rank": slowest.rank if slowest else None,
+        "generations": len(result.generations),
+    }
+
+
+def _versions() -> dict[str, str]:
+    import grpc
+
+    found = {"python": platform.python_version(), "ddp_launch": __version__, "grpc": grpc.__version__}
+    try:  # without importing torch in the launcher
+        found["torch"] = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    return found
 
 
 def _exit_code(result: RunResult) -> int:

@@ -10,7 +10,7 @@ import urllib.request
 
 import pytest
 
-from tests.e2e.launch import SCRIPTS, kill_tree, launcher_command, launcher_env
+from tests.e2e.launch import SCRIPTS, kill_tree, launcher_command, launcher_env, run_launcher
 
 pytestmark = [pytest.mark.e2e]
 
@@ -83,3 +83,44 @@ def test_status_without_a_run_is_a_one_line_error(tmp_path):
     out = subprocess.run(launcher_command("status"), capture_output=True, text=True, timeout=30, cwd=tmp_path)
     assert out.returncode == 1
     assert out.stderr.strip().startswith("ddp-launch: error: no run directory")
+
+
+@pytest.mark.timeout(180)
+def test_event_log_of_a_run_with_a_restart_follows_the_schema_and_renders(tmp_path):
+    from ddp_launch.events import read_events, validate_event
+    from ddp_launch.run_report import load_report_data
+
+    run = run_launcher(
+        ["-n", "2", "--max-restarts", "1", "--stop-grace", "1", "--heartbeat-interval", "0.5",
+         str(SCRIPTS / "faults.py"), "exit1", "1", "15", "--epochs", "1", "--max-steps", "30",
+         "--checkpoint", str(tmp_path / "ckpt.pt")],
+        tmp_path,
+    )  # fmt: skip
+    assert run.returncode == 0, run.output
+    events = read_events(run.run_dir / "events.jsonl")
+    for event in events:
+        validate_event(event)
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and kinds[-1] == "run_end"
+    assert kinds.count("barrier_open") == 2 and kinds.count("register") == 4
+    failure = next(e for e in events if e["event"] == "failure")
+    assert failure["generation"] == 0 and failure["root_rank"] == 1
+    restart = next(e for e in events if e["event"] == "restart")
+    assert restart["generation"] == 1 and "rank 1 failed" in restart["reason"]
+    end = events[-1]
+    assert end["outcome"] == "succeeded" and end["exit_code"] == 0 and end["restarts"] == 1
+    assert end["final_step"] == 30
+
+    report = subprocess.run(launcher_command("report", str(run.run_dir)), capture_output=True, text=True, timeout=60)
+    assert report.returncode == 0, report.stderr
+    page = (run.run_dir / "report.html").read_text()
+    assert "<svg" in page and "http://" not in page and "https://" not in page
+    data = load_report_data(run.run_dir)
+    assert data["outcome"] == "succeeded"
+
+
+@pytest.mark.timeout(30)
+def test_report_of_a_directory_without_events_is_a_one_line_error(tmp_path):
+    out = subprocess.run(launcher_command("report", str(tmp_path)), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert out.stderr.strip().startswith("ddp-launch: error: no events.jsonl")

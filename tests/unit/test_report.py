@@ -1,0 +1,430 @@
+"""The HTML (and PNG) report, rendered from an events.jsonl written by EventLog for a fake run
+with a failure and a restart."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ddp_launch import run_report as report_module
+from ddp_launch.errors import ConfigError
+from ddp_launch.events import EVENT_KINDS, EventLog, read_events
+from ddp_launch.registry import RankState, RankView, RunSnapshot
+from ddp_launch.run_report import load_report_data, nice_ticks, render_html, render_png
+
+RUN_ID = "<script>alert(1)</script>"
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def view(i: int, generation: int, state: RankState, step: int, loss: float | None, **kw: object) -> RankView:
+    fields: dict[str, object] = {
+        "rank": i,
+        "node_rank": 0,
+        "local_rank": i,
+        "state": state,
+        "generation": generation,
+        "pid": 0 if state is RankState.STARTING else 2000 + 10 * generation + i,
+        "hostname": "" if state is RankState.STARTING else "node-a",
+        "step": step,
+        "samples": step * 32,
+        "steps_per_s": 0.0 if state is RankState.STARTING else 10.0 - i,
+        "loss": loss,
+        "metrics": {},
+        "rss_bytes": 200_000_000,
+        "cpu_percent": 95.0,
+        "heartbeat_age_s": None if state is RankState.STARTING else 0.3,
+        "exit_code": None,
+        "exception_type": "",
+        "traceback": "",
+    }
+    fields.update(kw)
+    return RankView(**fields)  # type: ignore[arg-type]
+
+
+def snap(generation: int, ranks: list[RankView], elapsed_s: float) -> RunSnapshot:
+    return RunSnapshot(
+        run_id=RUN_ID,
+        world_size=len(ranks),
+        generation=generation,
+        max_restarts=1,
+        elapsed_s=elapsed_s,
+        total_steps=400,
+        barrier_open=all(r.state is not RankState.STARTING for r in ranks),
+        ranks=tuple(ranks),
+    )
+
+
+def write_fake_run(
+    run_dir: Path, *, world: int = 2, finished: bool = True, with_failure_json: bool = False, run_id: str = RUN_ID
+) -> None:
+    """Generation 0 trains 20 s, rank 1 fails; generation 1 resumes and trains 30 s to the end."""
+    clock = FakeClock()
+    with EventLog(run_dir / "events.jsonl", clock=clock, progress_interval_s=1.0) as log:
+        log.emit(
+            "run_start",
+            run_id=run_id,
+            config={"nproc_per_node": world, "max_restarts": 1, "script": "train.py & <b>bold</b>"},
+            world_size=world,
+            nnodes=1,
+            nproc_per_node=world,
+            versions={"python": "3.11.7", "ddp_launch": "0.1.0", "grpc": "1.70.0"},
+            host="node-a",
+        )
+        step = 0
+        for generation, seconds in ((0, 20), (1, 30)):
+            log.observe(snap(generation, [view(i, generation, RankState.STARTING, 0, None) for i in range(world)], 0))
+            clock.now += 0.5
+            for tick in range(seconds * 4):
+                step += 1
+                loss = 2.0 / (1 + 0.05 * step)
+                ranks = [view(i, generation, RankState.TRAINING, step, loss + 0.01 * i) for i in range(world)]
+                log.observe(snap(generation, ranks, tick / 4))
+                clock.now += 0.25
+            if generation == 0:
+                ranks[1] = view(1, 0, RankState.FAILED, step, loss, exit_code=1)
+                log.observe(snap(0, ranks, seconds))
+                log.emit(
+                    "failure",
+                    generation=0,
+                    report={"outcome": "failed", "message": "rank 1 failed (exit code 1)", "root_rank": 1},
+                    outcome="failed",
+                    message="rank 1 failed (exit code 1)",
+                    root_rank=1,
+                )
+                clock.now += 0.2
+                log.emit("restart", generation=1, reason="rank 1 failed (exit code 1)")
+                step -= 10  # resumed from a checkpoint a little behind
+        if finished:
+            done = [view(i, 1, RankState.DONE, step, loss, exit_code=0) for i in range(world)]
+            log.observe(snap(1, done, 30))
+            log.emit(
+                "run_end",
+                outcome="succeeded",
+                exit_code=0,
+                wall_s=clock.now - T0,
+                restarts=1,
+                final_step=step,
+                summary={"samples_per_s": 512.5, "slowest_rank": 1},
+            )
+    if with_failure_json:
+        failure = {
+            "outcome": "failed",
+            "message": "rank 1 failed (exit code 1)",
+            "restarts": 1,
+            "root_cause": {
+                "rank": 1,
+                "node_rank": 0,
+                "hostname": "node-a",
+                "pid": 2011,
+                "generation": 1,
+                "step": 130,
+                "exit": "exit code 1",
+                "exception_type": "ValueError",
+                "traceback": 'Traceback (most recent call last):\n  File "train.py"\nValueError: x < y & <z>',
+            },
+            "consequences": [{"rank": 0, "exit": "signal SIGTERM"}],
+        }
+        (run_dir / "failure.json").write_text(json.dumps(failure))
+
+
+def report_data(page: str) -> dict:
+    match = re.search(r'<script type="application/json" id="report-data">(.*?)</script>', page, re.S)
+    assert match, "no report-data block"
+    return json.loads(match.group(1))
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    d = tmp_path / "runs" / "r1"
+    d.mkdir(parents=True)
+    write_fake_run(d)
+    return d
+
+
+def test_html_report_holds_the_charts_and_the_plotted_data(run_dir: Path) -> None:
+    out = render_html(run_dir)
+    assert out == run_dir / "report.html"
+    page = out.read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    assert page.count("<svg") == 3  # loss, step rate, step
+    assert "<polyline" in page
+
+    data = report_data(page)
+    assert data["outcome"] == "succeeded" and not data["running"]
+    assert data["run_id"] == RUN_ID
+    progress = [e for e in read_events(run_dir / "events.jsonl") if e["event"] == "progress"]
+    series = {s["rank"]: s for s in data["series"]}
+    assert sorted(series) == [0, 1]
+    for rank, s in series.items():
+        expected = sum(any(x["rank"] == rank for x in p["ranks"]) for p in progress)
+        assert expected > 40
+        for key in ("t", "generation", "step", "steps_per_s", "loss"):
+            assert len(s[key]) == expected, key
+        assert s["t"] == sorted(s["t"])
+        assert set(s["generation"]) == {0, 1}
+    assert series[1]["steps_per_s"][-1] == 9.0
+    assert data["aggregate"] is None
+
+    kinds = [m["kind"] for m in data["markers"]]
+    assert kinds == ["failure", "restart"]
+    failure, restart = data["markers"]
+    assert 20 < failure["t"] < restart["t"] < 22
+    rows = {r["rank"]: r for r in data["ranks"]}
+    assert rows[0]["final_step"] == series[0]["step"][-1] == 190
+    assert rows[1]["median_steps_per_s"] == 9.0
+    assert rows[0]["restarts"] == 1 and rows[1]["failures"] == 1
+    assert rows[0]["state"] == "done"
+    assert rows[0]["last_loss"] == pytest.approx(2.0 / (1 + 0.05 * 190))
+
+
+def test_html_report_needs_no_network(run_dir: Path) -> None:
+    page = render_html(run_dir).read_text(encoding="utf-8")
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""(src|href)\s*=""", page, re.I)  # no resource of any kind is loaded
+    assert "@import" not in page and "url(" not in page
+
+
+def test_html_report_escapes_all_text(run_dir: Path) -> None:
+    page = render_html(run_dir).read_text(encoding="utf-8")
+    assert RUN_ID not in page
+    assert html.escape(RUN_ID) in page
+    assert "<b>bold</b>" not in page and "&lt;b&gt;bold&lt;/b&gt;" in page
+    # the only script element is the JSON data block, which no text can close early
+    assert page.count("<script") == 1 and page.count("</script>") == 1
+    assert report_data(page)["run_start"]["config"]["script"] == "train.py & <b>bold</b>"
+
+
+def test_failure_json_gives_the_root_cause(tmp_path: Path) -> None:
+    write_fake_run(tmp_path, with_failure_json=True)
+    page = render_html(tmp_path, tmp_path / "elsewhere.html").read_text(encoding="utf-8")
+    assert "Root cause: rank 1 on node-a (node 0), pid 2011" in page
+    assert "ValueError: x &lt; y &amp; &lt;z&gt;" in page
+    assert "rank 0 then ended too (signal SIGTERM)" in page
+    assert not (tmp_path / "report.html").exists()
+
+
+def test_failure_event_is_the_root_cause_without_failure_json(run_dir: Path) -> None:
+    data = load_report_data(run_dir)
+    assert data["failure"] == {"outcome": "failed", "message": "rank 1 failed (exit code 1)", "root_rank": 1}
+    page = render_html(run_dir).read_text(encoding="utf-8")
+    assert "Failure (the run recovered from it)" in page
+
+
+def test_a_report_during_the_run_reads_what_is_there(tmp_path: Path) -> None:
+    write_fake_run(tmp_path, finished=False)
+    with open(tmp_path / "events.jsonl", "a") as f:
+        f.write('{"v":1,"t":1700000100.0,"event":"progre')  # being written right now
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    data = report_data(page)
+    assert data["outcome"] == "running" and data["running"]
+    assert data["duration_s"] > 50
+    assert "had not ended" in page
+    assert {r["state"] for r in data["ranks"]} == {"running"}
+
+
+def test_a_run_that_has_barely_started(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with EventLog(tmp_path / "events.jsonl", clock=clock) as log:
+        log.emit(
+            "run_start",
+            run_id="r",
+            config={},
+            world_size=2,
+            nnodes=1,
+            nproc_per_node=2,
+            versions={"python": "3"},
+            host="h",
+        )
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    assert "<svg" not in page
+    assert "no data yet" in page and "No rank has registered yet" in page
+    assert report_data(page)["series"] == []
+
+
+def test_no_events_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no events.jsonl"):
+        render_html(tmp_path)
+
+
+def test_only_the_last_run_in_an_appended_file_is_shown(tmp_path: Path) -> None:
+    write_fake_run(tmp_path)
+    first = load_report_data(tmp_path)
+    write_fake_run(tmp_path, world=3)
+    data = load_report_data(tmp_path)
+    assert [s["rank"] for s in data["series"]] == [0, 1, 2]
+    assert len(data["series"][0]["t"]) == len(first["series"][0]["t"])
+
+
+def test_a_large_world_is_plotted_as_an_aggregate(tmp_path: Path) -> None:
+    clock = FakeClock()
+    with EventLog(tmp_path / "events.jsonl", clock=clock, progress_interval_s=1.0, per_rank_limit=4) as log:
+        for tick in range(10):
+            ranks = [
+                view(i, 0, RankState.TRAINING, 10 * tick + i, 1.0 / (tick + 1), steps_per_s=5.0 + i) for i in range(6)
+            ]
+            log.observe(snap(0, ranks, tick))
+            clock.now += 1
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    data = report_data(page)
+    agg = data["aggregate"]
+    assert len(agg["t"]) == 10
+    assert agg["steps_per_s_min"][0] == 5.0 and agg["steps_per_s_max"][0] == 10.0
+    assert {s["rank"] for s in data["series"]} == set(range(6))  # the slowest 8 (here all)
+    assert "median over ranks" in page
+
+
+def test_a_large_world_plots_its_persistently_slow_ranks_not_the_noise(tmp_path: Path) -> None:
+    clock = FakeClock()
+    world, slow = 20, 7
+    with EventLog(tmp_path / "events.jsonl", clock=clock, progress_interval_s=1.0, per_rank_limit=4) as log:
+        for tick in range(40):
+            # every sample, a different set of ranks is a little slow; rank 7 always is
+            noise = {(tick * 3 + k) % world for k in range(2)}
+            ranks = [
+                view(i, 0, RankState.TRAINING, 10 * tick, 1.0, steps_per_s=1.0 if i == slow else 5.0 - (i in noise))
+                for i in range(world)
+            ]
+            log.observe(snap(0, ranks, tick))
+            clock.now += 1
+    data = load_report_data(tmp_path)
+    assert data["plotted_ranks"] == [slow]
+    assert len({s["rank"] for s in data["series"]}) > 8  # the noise is in the data, not in the charts
+    assert data["ranks"][0]["rank"] == slow and len(data["ranks"]) == 8
+    noisy = next(s for s in data["series"] if s["rank"] == world - 1)  # only sampled when noisy
+    assert noisy["points"] >= 2 and not any(noisy["follows"])  # not joined across the gaps
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    assert 'data-label="rank 7"' in page and 'data-label="rank 0"' not in page
+    assert "step min/median/max 390/390/390" in page
+
+
+def test_long_series_are_thinned(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_module, "MAX_POINTS", 50)
+    data = load_report_data(run_dir)
+    s = data["series"][0]
+    assert s["thinned"] and s["points"] > 50
+    assert len(s["t"]) == len(s["loss"]) == 50
+    assert s["t"][0] == 0.5 and s["t"][-1] == pytest.approx(data["duration_s"], abs=1.0)
+
+
+def test_nice_ticks() -> None:
+    assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
+    assert nice_ticks(0.13, 0.91) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+    assert nice_ticks(3, 3) == [3]
+    assert nice_ticks(0, 57.3) == [0, 20, 40, 60]
+    assert nice_ticks(-3, 2) == [-3, -2, -1, 0, 1, 2]
+
+
+def test_png_report(run_dir: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out_dir = tmp_path / "png"
+    paths = render_png(run_dir, out_dir)
+    assert [p.name for p in paths] == ["report-loss.png", "report-step-rate.png", "report-step.png"]
+    for p in paths:
+        assert p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert p.stat().st_size > 5000
+    assert [p.parent for p in render_png(run_dir)] == [run_dir] * 3
+
+
+def test_png_report_of_a_run_id_that_looks_like_mathtext(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    write_fake_run(tmp_path, run_id="cost $x^2$ {a_b} $", finished=False)
+    assert len(render_png(tmp_path)) == 3
+
+
+def test_png_without_matplotlib_is_a_clear_error(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name: str, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(ConfigError, match="pip install matplotlib"):
+        render_png(run_dir)
+
+
+def _chromium() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome", "/usr/bin/chromium"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+@pytest.mark.skipif(_chromium() is None, reason="no chromium for a headless render")
+@pytest.mark.timeout(120)
+def test_headless_browser_renders_the_page_offline(run_dir: Path, tmp_path: Path) -> None:
+    page = render_html(run_dir)
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            _chromium(),
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--host-resolver-rules=MAP * ~NOTFOUND",  # any network access would fail
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--window-size=1000,1600",
+            f"--screenshot={shot}",
+            page.as_uri(),
+        ],
+        check=True,
+        timeout=90,
+        capture_output=True,
+    )
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert shot.stat().st_size > 10_000  # a blank page compresses to much less
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 5) | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+_keys = st.sampled_from(
+    ["t", "generation", "rank", "ranks", "slowest", "aggregate", "report", "config", "state", "steps_per_s", "step"]
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    events=st.lists(
+        st.fixed_dictionaries({"event": st.sampled_from([*EVENT_KINDS, "other"])}, optional={"v": st.just(1)}).flatmap(
+            lambda base: st.dictionaries(_keys, _json_values, max_size=5).map(lambda d: {**d, **base})
+        ),
+        max_size=12,
+    )
+)
+def test_a_damaged_or_foreign_file_still_renders(tmp_path_factory, events) -> None:
+    d = tmp_path_factory.mktemp("run")
+    (d / "events.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + "not json\n")
+    page = render_html(d).read_text(encoding="utf-8")
+    data = report_data(page)
+    assert isinstance(data["series"], list)
+    block = re.search(r'id="report-data">(.*?)</script>', page, re.S)
+    assert block
+
+    def strict(name: str) -> None:  # what a browser's JSON.parse accepts: no NaN, no Infinity
+        raise AssertionError(f"{name} in the data block")
+
+    json.loads(block.group(1), parse_constant=strict)
