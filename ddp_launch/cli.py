@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ddp_launch import __version__
+from ddp_launch.cluster import detect as detect_cluster
 from ddp_launch.config import BACKENDS, RestartPolicy, RunConfig, Target
 from ddp_launch.errors import ConfigError
 
@@ -70,6 +71,24 @@ def parse_nproc(value: str) -> int:
     return n
 
 
+def _first(*values):
+    """Explicit option, else the cluster's variable, else the default."""
+    return next((v for v in values if v is not None), None)
+
+
+def read_token(token_file: Path | None) -> str:
+    """The run's shared secret: --token-file, else $DDP_LAUNCH_TOKEN, else none (single node)."""
+    if token_file is None:
+        return os.environ.get("DDP_LAUNCH_TOKEN", "").strip()
+    try:
+        token = token_file.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"cannot read --token-file {str(token_file)!r}: {e.strerror}") from None
+    if not token:
+        raise ConfigError(f"--token-file {str(token_file)!r} is empty")
+    return token
+
+
 def _gpu_count() -> int:
     # Only -n gpu/auto pays for importing torch in the launcher.
     import torch
@@ -114,8 +133,29 @@ def _gpu_count() -> int:
     default=None,
     help="Bound on the whole run in seconds; exit 124 when it passes.",
 )
-@click.option("--master-addr", default="127.0.0.1", show_default=True, help="Address the gRPC master binds.")
-@click.option("--master-port", type=int, default=None, help="Port of the gRPC master [default: a free port].")
+@click.option(
+    "--nnodes", type=int, default=None, help="Nodes in the run [default: 1, or from SLURM / PET_* variables]."
+)
+@click.option(
+    "--node-rank",
+    type=int,
+    default=None,
+    help="This node's rank; node 0 runs the master [default: 0, or from SLURM / PET_*].",
+)
+@click.option(
+    "--master-addr",
+    default=None,
+    help="The gRPC master's address: node 0 binds it, other nodes join it [default: 127.0.0.1].",
+)
+@click.option(
+    "--master-port", type=int, default=None, help="Port of the gRPC master [default: a free port on a single node]."
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="The run's shared secret (several nodes) [default: $DDP_LAUNCH_TOKEN].",
+)
 @click.option(
     "--ddp-port",
     type=int,
@@ -165,20 +205,25 @@ def _gpu_count() -> int:
 )
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, master_addr, master_port, ddp_port,
+def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, nnodes, node_rank, master_addr,
+                master_port, token_file, ddp_port,
                 backend, run_id, run_dir, heartbeat_interval, join_timeout, straggler_fraction, straggler_window,
                 metrics_port, quiet, standalone, script, script_args) -> None:  # fmt: skip
     # Imported late: `--help` and bad input stay fast, and the forkserver starts first.
     from ddp_launch.warm import forkserver_context
 
     extra = {"run_id": run_id} if run_id else {}
+    cluster = detect_cluster(os.environ)
     config = RunConfig(
         target=Target(script, tuple(script_args), is_module=is_module),
-        nproc_per_node=parse_nproc(nproc),
+        nproc_per_node=parse_nproc(_first(nproc, cluster.nproc_per_node, "1")),
+        nnodes=_first(nnodes, cluster.nnodes, 1),
+        node_rank=_first(node_rank, cluster.node_rank, 0),
+        token=read_token(token_file),
         run_dir=run_dir,
         restart=RestartPolicy(max_restarts=max_restarts, stop_grace_s=stop_grace, hang_timeout_s=hang_timeout),
-        master_addr=master_addr,
-        master_port=master_port,
+        master_addr=_first(master_addr, cluster.master_addr, "127.0.0.1"),
+        master_port=_first(master_port, cluster.master_port, None),
         ddp_port=ddp_port,
         backend=backend,
         heartbeat_interval_s=heartbeat_interval,

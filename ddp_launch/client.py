@@ -128,6 +128,13 @@ class MasterClient:
         )
         self._call(self._stub.ReportFailure, request)
 
+    def report_exit(self, rank: int, generation: int, exit_code: int) -> None:
+        self._call(self._stub.ReportExit, pb.ExitReport(rank=rank, generation=generation, exit_code=exit_code))
+
+    def watch_run(self, node_rank: int):
+        """The master's RunState messages as they come (a restart, the end); iterate it."""
+        return self._stub.WatchRun(pb.WatchRequest(node_rank=node_rank), metadata=self._metadata)
+
     def get_status(self, timeout_s: float = RPC_TIMEOUT_S) -> pb.RunStatus:
         return self._call(self._stub.GetStatus, pb.StatusRequest(), timeout_s)
 

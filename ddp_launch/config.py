@@ -105,6 +105,8 @@ class RunConfig:
     straggler_fraction: float = 0.7  # below this fraction of the median step rate ...
     straggler_window_s: float = 30.0  # ... for this long, a rank is flagged a straggler
     metrics_port: int | None = None  # Prometheus metrics on the master (off by default)
+    # The run's secret; a single node makes its own, several nodes share one. Never logged.
+    token: str = field(default="", repr=False)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -137,6 +139,13 @@ class RunConfig:
                 raise ConfigError(f"{name} must be in 1..65535, got {port}")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.nnodes > 1:
+            if self.master_port is None:
+                raise ConfigError("--master-port is required with --nnodes > 1 (every node must know it)")
+            if not self.token:
+                raise ConfigError("--nnodes > 1 needs the run's token: --token-file FILE or DDP_LAUNCH_TOKEN")
+            if self.metrics_port is not None and self.node_rank > 0:
+                raise ConfigError("--metrics-port is served by node 0's master only")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("--heartbeat-interval must be > 0")
         if self.timeout_s is not None and self.timeout_s <= 0:

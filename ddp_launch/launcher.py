@@ -30,10 +30,12 @@ from typing import TextIO
 import psutil
 
 from ddp_launch import __version__, env
+from ddp_launch.client import MasterClient
 from ddp_launch.config import RunConfig
 from ddp_launch.errors import ConfigError
 from ddp_launch.events import EventLog
 from ddp_launch.failure import build_report, format_report, write_json_atomic
+from ddp_launch.follower import Follower
 from ddp_launch.master import MasterServer
 from ddp_launch.output import OutputPump
 from ddp_launch.registry import Registry, RunSnapshot
@@ -53,7 +55,7 @@ _PR_SET_CHILD_SUBREAPER = 36
 @dataclass(frozen=True)
 class LaunchResult:
     exit_code: int
-    result: RunResult
+    result: RunResult | None  # None on a node other than node 0 (it only follows the run)
     summary: str
     report: str  # empty when the run succeeded
 
@@ -68,7 +70,9 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     config.validate()
-    token = secrets.token_urlsafe(24)
+    if config.node_rank > 0:
+        return _follow(config, stdout, stderr)
+    token = config.token or secrets.token_urlsafe(24)
     registry = Registry(
         run_id=config.run_id,
         nnodes=config.nnodes,
@@ -94,7 +98,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         events.emit(
             "run_start",
             run_id=config.run_id,
-            config=dataclasses.asdict(config),
+            config={k: v for k, v in dataclasses.asdict(config).items() if k != "token"},
             world_size=config.world_size,
             nnodes=config.nnodes,
             nproc_per_node=config.nproc_per_node,
@@ -125,38 +129,9 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         teardown.callback(pump.stop)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
-        context = forkserver_context()
-        bootstrap = dict(
-            control_addr=server.address,
-            token=token,
-            node_rank=config.node_rank,
-            generation=0,
-            backend=config.backend,
-            heartbeat_interval_s=config.heartbeat_interval_s,
-            master_lost_timeout_s=max(30.0, 10 * config.heartbeat_interval_s),
-            join_timeout_s=config.join_timeout_s,
-            run_dir=str(run_dir.resolve()),
-        )
+        bootstrap = _bootstrap(config, server.address, token, run_dir)
 
-        def start_worker(local_rank: int, generation: int):
-            worker_env = env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
-            out_r, out_w = os.pipe()
-            err_r, err_w = os.pipe()
-            out_conn = multiprocessing.connection.Connection(out_w, readable=False)
-            err_conn = multiprocessing.connection.Connection(err_w, readable=False)
-            rank = config.node_rank * config.nproc_per_node + local_rank
-            process = context.Process(
-                target=worker_main,
-                args=(worker_env, config.target, out_conn, err_conn),
-                name=f"ddp-launch-rank-{rank}",
-            )
-            try:
-                process.start()
-            finally:
-                out_conn.close()
-                err_conn.close()
-            pump.attach(rank, out_r, err_r, f"generation {generation}, pid {process.pid}, {time.strftime('%c')}")
-            return process
+        start_worker = _worker_starter(config, forkserver_context(), pump, bootstrap)
 
         with _signals_as_stop_requests() as (wakeup_fd, requests):
             supervisor = Supervisor(
@@ -193,6 +168,8 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                     root_rank=last.root_rank,
                 )
         exit_code = _exit_code(result)
+        # Other nodes' launchers follow the run: they stop their workers and exit too.
+        registry.end_run(result.outcome.value, result.last.message, exit_code)
         events.emit(
             "run_end",
             outcome=result.outcome.value,
@@ -203,6 +180,86 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             summary=_summary_fields(final, result),
         )
         return LaunchResult(exit_code, result, summary, report_text)
+
+
+def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
+    """Node R > 0: workers for the generations node 0's master names, until the run ends."""
+    address = f"[{config.master_addr}]" if ":" in config.master_addr else config.master_addr
+    address += f":{config.master_port}"
+    client = MasterClient(address, config.token)
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(client.close)
+        run_dir = config.resolved_run_dir
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
+
+        def sink(rank: int, line: str, is_stderr: bool) -> None:
+            print(f"[rank {rank}] {line}", file=stderr if is_stderr else stdout, flush=True)
+
+        def say(message: str) -> None:
+            print(f"[ddp-launch] node {config.node_rank}: {message}", file=stderr, flush=True)
+
+        pump = OutputPump(run_dir, sink)
+        teardown.callback(pump.stop)
+        teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
+        _become_subreaper()
+        start_worker = _worker_starter(
+            config, forkserver_context(), pump, _bootstrap(config, address, config.token, run_dir)
+        )
+        started = time.monotonic()
+        with _signals_as_stop_requests() as (wakeup_fd, requests):
+            follower = Follower(config, client, start_worker, wakeup_fd, say)
+            requests.append(follower.request_stop)
+            result = follower.run()
+        summary = (
+            f"ddp-launch node {config.node_rank}: {result.message} "
+            f"({time.monotonic() - started:.0f} s, {result.generations} generation(s))"
+        )
+        return LaunchResult(result.exit_code, None, summary, "")
+
+
+def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) -> dict:
+    """What every worker of this node needs to find the master (env.Bootstrap's fields)."""
+    return dict(
+        control_addr=control_addr,
+        token=token,
+        node_rank=config.node_rank,
+        generation=0,
+        backend=config.backend,
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        master_lost_timeout_s=max(30.0, 10 * config.heartbeat_interval_s),
+        join_timeout_s=config.join_timeout_s,
+        run_dir=str(run_dir.resolve()),
+    )
+
+
+def _worker_starter(config: RunConfig, context, pump: OutputPump, bootstrap: dict):
+    """start_worker(local_rank, generation): forks one worker from the warm forkserver, its
+    stdout and stderr on pipes that the output pump reads."""
+
+    def start_worker(local_rank: int, generation: int):
+        worker_env = env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        out_conn = multiprocessing.connection.Connection(out_w, readable=False)
+        err_conn = multiprocessing.connection.Connection(err_w, readable=False)
+        rank = config.node_rank * config.nproc_per_node + local_rank
+        process = context.Process(
+            target=worker_main,
+            args=(worker_env, config.target, out_conn, err_conn),
+            name=f"ddp-launch-rank-{rank}",
+        )
+        try:
+            process.start()
+        finally:
+            out_conn.close()
+            err_conn.close()
+        pump.attach(rank, out_r, err_r, f"generation {generation}, pid {process.pid}, {time.strftime('%c')}")
+        return process
+
+    return start_worker
 
 
 def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:

@@ -22,9 +22,10 @@ from ddp_launch.config import check_can_listen
 from ddp_launch.errors import ConfigError
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-from ddp_launch.registry import Registry, Rejected, RunSnapshot
+from ddp_launch.registry import RUNNING, Registry, Rejected, RunSnapshot
 
 MAX_BARRIER_WAIT_S = 10.0
+WATCH_WAKE_S = 1.0  # how often a WatchRun stream checks that its client is still there
 
 _CODES = {
     Rejected.INVALID: grpc.StatusCode.INVALID_ARGUMENT,
@@ -110,6 +111,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.RunStatus:
         return snapshot_to_proto(self.registry.snapshot())
+
+    def ReportExit(self, request: pb.ExitReport, context: Any) -> pb.Ack:
+        with self._rejections_as_errors(context):
+            self.registry.record_exit(request.rank, request.generation, request.exit_code)
+        return pb.Ack()
+
+    def WatchRun(self, request: pb.WatchRequest, context: Any) -> Iterator[pb.RunState]:
+        seen = None
+        while context.is_active():
+            state = self.registry.wait_run_change(seen, timeout_s=WATCH_WAKE_S)
+            if state != seen:
+                yield pb.RunState(
+                    generation=state.generation, state=state.state, message=state.message, exit_code=state.exit_code
+                )
+                seen = state
+            if state.state != RUNNING:
+                return
 
 
 def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:

@@ -147,6 +147,19 @@ class HangVerdict:
     last_sign_of_life: float  # clock time; the smallest stopped first
 
 
+RUNNING = "running"
+
+
+@dataclass(frozen=True)
+class RunState:
+    """What a node's launcher follows: the current generation, and how the run ended."""
+
+    generation: int
+    state: str  # RUNNING, or the outcome ("succeeded", "failed", ...)
+    message: str = ""
+    exit_code: int = 0
+
+
 @dataclass(frozen=True)
 class BarrierResult:
     open: bool
@@ -184,6 +197,7 @@ class Registry:
         self.ddp_port = 0
         self._slots: list[_Slot] = []
         self._registered = 0
+        self._end: RunState | None = None
         self.begin_generation(0)
 
     # -- generations and registration --------------------------------------------------
@@ -347,12 +361,48 @@ class Registry:
     # -- what the supervisor tells us ------------------------------------------------------
 
     def record_exit(self, rank: int, generation: int, exit_code: int) -> None:
+        """How a worker ended (reported by the launcher of its node); an old generation's
+        exit changes nothing.
+
+        Raises:
+            Rejected: a rank that does not exist.
+        """
+        if not 0 <= rank < self.world_size:
+            raise Rejected(Rejected.INVALID, f"rank {rank} outside [0, {self.world_size})")
         with self._cond:
             if generation != self.generation:
                 return
             slot = self._slots[rank]
             slot.exit_code = exit_code
             slot.state = RankState.DONE if exit_code == 0 else RankState.FAILED
+
+    def failed_ranks(self) -> list[tuple[int, int]]:
+        """(rank, exit code) of the current generation's failed ranks."""
+        with self._cond:
+            return [(s.rank, s.exit_code or 0) for s in self._slots if s.state is RankState.FAILED]
+
+    @property
+    def all_done(self) -> bool:
+        with self._cond:
+            return all(s.state is RankState.DONE for s in self._slots)
+
+    # -- the run as node launchers follow it -----------------------------------------------
+
+    def end_run(self, state: str, message: str, exit_code: int) -> None:
+        """The run is over: every node's launcher stops its workers and exits with exit_code."""
+        with self._cond:
+            self._end = RunState(self.generation, state, message, exit_code)
+            self._cond.notify_all()
+
+    def run_state(self) -> RunState:
+        with self._cond:
+            return self._end or RunState(self.generation, RUNNING)
+
+    def wait_run_change(self, seen: RunState | None, timeout_s: float) -> RunState:
+        """Block until the run's state differs from `seen` (a restart, the end), or timeout."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.run_state() != seen, timeout=max(0.0, timeout_s))
+            return self.run_state()
 
     def record_process_stats(self, rank: int, *, rss_bytes: int, cpu_percent: float) -> None:
         with self._cond:

@@ -118,21 +118,26 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
         kind = str(e.get("event"))
         counts[kind] = counts.get(kind, 0) + 1
         t = round(_num(e.get("t")) - t0, 3)
-        gen = e.get("generation")
+        gen: int | None = _get(e, "generation", int, None)
+        rank: int | None = _get(e, "rank", int, None)
         if kind == "progress":
             series.add(e, t)
-        elif kind == "register" and isinstance(e.get("rank"), int):
-            registered[e["rank"]] = e
-        elif kind == "state" and isinstance(e.get("rank"), int):
-            rank, state = e["rank"], str(e.get("state"))
-            states[rank] = (gen if isinstance(gen, int) else -1, state)
+        elif kind == "register" and rank is not None:
+            registered[rank] = {
+                "generation": -1 if gen is None else gen,
+                "node_rank": _get(e, "node_rank", int, None),
+                "hostname": str(e.get("hostname") or ""),
+                "pid": _get(e, "pid", int, None),
+            }
+        elif kind == "state" and rank is not None:
+            state = str(e.get("state"))
+            states[rank] = (-1 if gen is None else gen, state)
             if state in ("failed", "hung"):
                 failures_by_rank[rank] = failures_by_rank.get(rank, 0) + 1
-                if isinstance(gen, int) and gen not in rank_end_markers:
+                if gen is not None and gen not in rank_end_markers:
                     exit_text = f" (exit {e['exit_code']})" if e.get("exit_code") is not None else ""
                     rank_end_markers[gen] = _marker(t, "failure", gen, f"rank {rank} {state}{exit_text}")
-        elif kind == "straggler" and isinstance(e.get("rank"), int):
-            rank = e["rank"]
+        elif kind == "straggler" and rank is not None:
             stragglers_by_rank[rank] = stragglers_by_rank.get(rank, 0) + 1
             label = f"rank {rank} is a straggler: {_rate(e.get('steps_per_s'))}"
             if e.get("median_steps_per_s") is not None:
@@ -141,11 +146,11 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
         elif kind == "failure":
             failure_event = e
             report = _get(e, "report", dict, {})
-            message = e.get("message") or report.get("message") or "failure"
-            outcome = e.get("outcome") or report.get("outcome")
-            label = f"{outcome}: {message}" if outcome and outcome not in str(message) else str(message)
+            message = str(e.get("message") or report.get("message") or "failure")
+            outcome = str(e.get("outcome") or report.get("outcome") or "")
+            label = f"{outcome}: {message}" if outcome and outcome not in message else message
             markers.append(_marker(t, "failure", gen, label))
-            if isinstance(gen, int):
+            if gen is not None:
                 generations_failed.add(gen)
         elif kind == "restart":
             restarts += 1
@@ -249,32 +254,34 @@ class _Series:
     def add(self, e: dict[str, Any], t: float) -> None:
         gen: int = _get(e, "generation", int, 0)
         self._index += 1
-        samples: list = _get(e, "ranks", list, None)
+        samples: list | None = _get(e, "ranks", list, None)
+        large = samples is None
         if samples is None:
             samples = _get(e, "slowest", list, [])
+        # samples as the file has them; one without a proper rank is not plotted
+        samples = [x for x in samples if isinstance(x, dict) and _get(x, "rank", int, None) is not None]
+        if large:
             agg = _get(e, "aggregate", dict, None)
             median = None
             if agg is not None:
                 self._add_aggregate(agg, t, gen)
                 median = _opt_num(_get(agg, "steps_per_s", dict, {}).get("median"))
-            self.last_slowest = [s["rank"] for s in samples if isinstance(s, dict) and isinstance(s.get("rank"), int)]
-            for s in samples:
-                rate = _opt_num(s.get("steps_per_s")) if isinstance(s, dict) else None
-                if median and rate is not None and rate < SLOW_FRACTION * median and isinstance(s.get("rank"), int):
-                    self.slow_samples[s["rank"]] = self.slow_samples.get(s["rank"], 0) + 1
-        for s in samples:
-            if not isinstance(s, dict) or not isinstance(s.get("rank"), int):
-                continue
-            rank = s["rank"]
+            self.last_slowest = [x["rank"] for x in samples]
+            for x in samples:
+                rate = _opt_num(x.get("steps_per_s"))
+                if median and rate is not None and rate < SLOW_FRACTION * median:
+                    self.slow_samples[x["rank"]] = self.slow_samples.get(x["rank"], 0) + 1
+        for x in samples:
+            rank = x["rank"]
             r = self._ranks.setdefault(
                 rank, {"t": [], "generation": [], "follows": [], "step": [], "steps_per_s": [], "loss": []}
             )
             r["t"].append(t)
             r["generation"].append(gen)
             r["follows"].append(self._last_seen.get(rank) == (self._index - 1, gen))
-            r["step"].append(_opt_num(s.get("step")))
-            r["steps_per_s"].append(_opt_num(s.get("steps_per_s")))
-            r["loss"].append(_opt_num(s.get("loss")))
+            r["step"].append(_opt_num(x.get("step")))
+            r["steps_per_s"].append(_opt_num(x.get("steps_per_s")))
+            r["loss"].append(_opt_num(x.get("loss")))
             self._last_seen[rank] = (self._index, gen)
 
     def _add_aggregate(self, agg: dict[str, Any], t: float, gen: int) -> None:

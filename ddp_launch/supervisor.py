@@ -215,7 +215,7 @@ class Supervisor:
             waitables: list = [w.sentinel for w in alive.values()]
             if self._wakeup_fd is not None:
                 waitables.append(self._wakeup_fd)
-            ready = wait_for_sentinels(waitables, timeout=TICK_S) if waitables else []
+            ready = wait_for_sentinels(waitables, timeout=TICK_S)
             if self._wakeup_fd is not None and self._wakeup_fd in ready:
                 _drain(self._wakeup_fd)
             if self._pending_signal is not None:
@@ -232,6 +232,8 @@ class Supervisor:
                     self.registry.record_exit(rank, generation, code)
                     if code != 0:
                         failures.append(WorkerExit(rank, w.pid or 0, code, time.time()))
+            if not failures and self.config.nnodes > 1:
+                failures = self._failures_on_other_nodes()
             if failures:
                 first = failures[0]
                 return GenerationResult(
@@ -241,7 +243,7 @@ class Supervisor:
                     root_rank=first.rank,
                     message=f"rank {first.rank} failed ({first.description})",
                 )
-            if not alive:
+            if not alive and (self.config.nnodes == 1 or self.registry.all_done):
                 return GenerationResult(generation, Outcome.SUCCEEDED)
             now = self._clock()
             if run_deadline is not None and now >= run_deadline:
@@ -252,7 +254,8 @@ class Supervisor:
                 next_stats = now + STATS_INTERVAL_S
                 self._sample_stats(alive)
             verdicts = self.registry.find_hung(config.restart.hang_timeout_s)
-            local = [v for v in verdicts if v.rank in alive]
+            # Every node's hung ranks count here: this launcher leads the run.
+            local = [v for v in verdicts if v.rank in alive or v.rank not in self._workers]
             if local:
                 for v in local:
                     self.registry.mark_hung(v.rank)
@@ -264,7 +267,7 @@ class Supervisor:
                     message=f"rank {local[0].rank} hung: {local[0].reason}",
                 )
             if not self.registry.barrier_open and now >= join_deadline:
-                missing = [r for r in self.registry.unregistered_ranks() if r in alive]
+                missing = [r for r in self.registry.unregistered_ranks() if r in alive or r not in self._workers]
                 if missing:
                     return GenerationResult(
                         generation,
@@ -275,6 +278,14 @@ class Supervisor:
                     )
             self.registry.update_stragglers(config.straggler_fraction, config.straggler_window_s)
             self._on_tick(self.registry.snapshot())
+
+    def _failures_on_other_nodes(self) -> list[WorkerExit]:
+        views = {r.rank: r for r in self.registry.snapshot().ranks}
+        return [
+            WorkerExit(rank, views[rank].pid, code, time.time())
+            for rank, code in self.registry.failed_ranks()
+            if rank not in self._workers
+        ]
 
     def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
         for rank, w in alive.items():

@@ -6,6 +6,34 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ExitReport(_message.Message):
+    __slots__ = ("rank", "generation", "exit_code")
+    RANK_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    rank: int
+    generation: int
+    exit_code: int
+    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
+class WatchRequest(_message.Message):
+    __slots__ = ("node_rank",)
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    node_rank: int
+    def __init__(self, node_rank: _Optional[int] = ...) -> None: ...
+
+class RunState(_message.Message):
+    __slots__ = ("generation", "state", "message", "exit_code")
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    generation: int
+    state: str
+    message: str
+    exit_code: int
+    def __init__(self, generation: _Optional[int] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...
+
 class RegisterRequest(_message.Message):
     __slots__ = ("node_rank", "local_rank", "pid", "hostname", "generation")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]

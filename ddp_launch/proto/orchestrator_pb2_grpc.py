@@ -59,6 +59,16 @@ class OrchestratorStub:
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.StatusRequest.SerializeToString,
                 response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.RunStatus.FromString,
                 _registered_method=True)
+        self.ReportExit = channel.unary_unary(
+                '/ddp_launch.v1.Orchestrator/ReportExit',
+                request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.ExitReport.SerializeToString,
+                response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.FromString,
+                _registered_method=True)
+        self.WatchRun = channel.unary_stream(
+                '/ddp_launch.v1.Orchestrator/WatchRun',
+                request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.WatchRequest.SerializeToString,
+                response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.RunState.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServicer:
@@ -100,6 +110,21 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReportExit(self, request, context):
+        """A node's launcher reports how one of its workers ended.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRun(self, request, context):
+        """A node's launcher follows the run: one message now, then one whenever the generation
+        changes (a restart) or the run ends. The stream ends with the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -127,6 +152,16 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.StatusRequest.FromString,
                     response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.RunStatus.SerializeToString,
+            ),
+            'ReportExit': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportExit,
+                    request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.ExitReport.FromString,
+                    response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.SerializeToString,
+            ),
+            'WatchRun': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRun,
+                    request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.WatchRequest.FromString,
+                    response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.RunState.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -264,6 +299,60 @@ class Orchestrator:
             '/ddp_launch.v1.Orchestrator/GetStatus',
             ddp__launch_dot_proto_dot_orchestrator__pb2.StatusRequest.SerializeToString,
             ddp__launch_dot_proto_dot_orchestrator__pb2.RunStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportExit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ddp_launch.v1.Orchestrator/ReportExit',
+            ddp__launch_dot_proto_dot_orchestrator__pb2.ExitReport.SerializeToString,
+            ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ddp_launch.v1.Orchestrator/WatchRun',
+            ddp__launch_dot_proto_dot_orchestrator__pb2.WatchRequest.SerializeToString,
+            ddp__launch_dot_proto_dot_orchestrator__pb2.RunState.FromString,
             options,
             channel_credentials,
             insecure,

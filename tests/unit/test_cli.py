@@ -295,7 +295,22 @@ def valid_config(script: Path, **kw: object) -> RunConfig:
 
 def test_a_valid_config_validates(script: Path) -> None:
     valid_config(script).validate()
-    valid_config(script, nnodes=2, node_rank=1, ddp_port=29500, backend="nccl", timeout_s=1.0).validate()
+    valid_config(
+        script, nnodes=2, node_rank=1, master_port=29400, token="t", ddp_port=29500, backend="nccl", timeout_s=1.0
+    ).validate()
+
+
+@pytest.mark.parametrize(
+    ("kw", "fragment"),
+    [
+        ({"nnodes": 2, "token": "t"}, "--master-port is required"),
+        ({"nnodes": 2, "master_port": 29400}, "token"),
+        ({"nnodes": 2, "node_rank": 1, "master_port": 29400, "token": "t", "metrics_port": 9000}, "node 0"),
+    ],
+)
+def test_several_nodes_need_a_port_and_a_token(script: Path, kw: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment):
+        valid_config(script, **kw).validate()
 
 
 @pytest.mark.parametrize(

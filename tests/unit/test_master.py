@@ -361,3 +361,31 @@ def test_a_real_server_serves_a_client_refuses_a_wrong_token_and_owns_its_port(s
             other.start()
     finally:
         other.stop()
+
+
+class ActiveContext(FakeContext):
+    def is_active(self) -> bool:
+        return True
+
+
+def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servicer):
+    register_all(servicer)
+    servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-9), FakeContext())
+    assert servicer.registry.failed_ranks() == [(1, -9)]
+    servicer.ReportExit(pb.ExitReport(rank=1, generation=5, exit_code=0), FakeContext())  # stale: ignored
+    assert servicer.registry.failed_ranks() == [(1, -9)]
+    err = rejected(servicer.ReportExit, pb.ExitReport(rank=7, generation=0, exit_code=0))
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
+    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), ActiveContext())
+    first = next(stream)
+    assert (first.generation, first.state) == (0, "running")
+    servicer.registry.begin_generation(1)
+    second = next(stream)
+    assert (second.generation, second.state) == (1, "running")
+    servicer.registry.end_run("failed", "rank 3 failed (exit code 1)", 1)
+    last = next(stream)
+    assert (last.state, last.exit_code, last.message) == ("failed", 1, "rank 3 failed (exit code 1)")
+    assert next(stream, None) is None  # the stream ends with the run
