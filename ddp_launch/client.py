@@ -23,7 +23,10 @@ from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 
 TOKEN_METADATA_KEY = "x-ddp-launch-token"
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+# Requests are small (a heartbeat is ~100 bytes, a traceback at most 64 KiB); replies can be
+# larger (the status of a big world). The master refuses anything bigger.
+MAX_REQUEST_BYTES = 256 * 1024
+MAX_REPLY_BYTES = 16 * 1024 * 1024
 RPC_TIMEOUT_S = 5.0
 
 # Codes that mean "try again later" rather than "you are wrong".
@@ -32,8 +35,8 @@ _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 def channel_options() -> list[tuple[str, int]]:
     return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
+        ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
     ]
 
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from ddp_launch.client import MAX_MESSAGE_BYTES, TOKEN_METADATA_KEY
+from ddp_launch.client import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, TOKEN_METADATA_KEY
 from ddp_launch.config import check_can_listen
 from ddp_launch.errors import ConfigError
 from ddp_launch.proto import orchestrator_pb2 as pb
@@ -205,8 +205,8 @@ class MasterServer:
             futures.ThreadPoolExecutor(max_workers=max(max_workers, registry.world_size + 8)),
             interceptors=[self.interceptor],
             options=[
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
                 # Without this a second server could silently share a port already in use.
                 ("grpc.so_reuseport", 0),
             ],

@@ -31,6 +31,8 @@ from ddp_launch.errors import DdpLaunchError
 
 RATE_WINDOW_S = 10.0
 MAX_METRICS = 32
+MAX_NAME = 64
+MAX_HOSTNAME = 256
 MAX_TEXT = 64 * 1024
 
 
@@ -228,6 +230,8 @@ class Registry:
             raise Rejected(Rejected.INVALID, f"local rank {local_rank} outside [0, {self.local_world_size})")
         if pid <= 0:
             raise Rejected(Rejected.INVALID, f"pid must be positive, got {pid}")
+        if len(hostname) > MAX_HOSTNAME:
+            raise Rejected(Rejected.INVALID, f"hostname longer than {MAX_HOSTNAME} characters")
         rank = node_rank * self.local_world_size + local_rank
         with self._cond:
             self._check_generation(generation)
@@ -239,7 +243,7 @@ class Registry:
             now = self._clock()
             slot.state = RankState.WAITING
             slot.pid = pid
-            slot.hostname = hostname[:256]
+            slot.hostname = hostname
             slot.registered_at = now
             self._registered += 1
             if self._registered == self.world_size:
@@ -322,12 +326,14 @@ class Registry:
             raise Rejected(Rejected.INVALID, "step, samples and total_steps must be >= 0")
         if loss is not None and not math.isfinite(loss):
             loss = None  # a diverged loss is reported as missing, not allowed to poison means
-        clean_metrics = {}
-        for k, v in (metrics or {}).items():
-            if len(clean_metrics) >= MAX_METRICS:
-                break
-            if len(k) <= 64 and math.isfinite(v):
-                clean_metrics[k] = float(v)
+        metrics = dict(metrics or {})
+        if len(metrics) > MAX_METRICS:
+            raise Rejected(Rejected.INVALID, f"{len(metrics)} metrics in one heartbeat; at most {MAX_METRICS}")
+        for name, value in metrics.items():
+            if not name or len(name) > MAX_NAME:
+                raise Rejected(Rejected.INVALID, f"metric names must have 1..{MAX_NAME} characters")
+            if not math.isfinite(value):
+                raise Rejected(Rejected.INVALID, f"metric {name!r} is not a finite number ({value})")
         with self._cond:
             if generation < self.generation:
                 return True
@@ -343,7 +349,7 @@ class Registry:
             slot.samples = samples
             if loss is not None:
                 slot.loss = loss
-            slot.metrics.update(clean_metrics)
+            slot.metrics.update(metrics)
             if total_steps:
                 self._total_steps = total_steps
             window = slot.rate_window

@@ -389,3 +389,16 @@ def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
     last = next(stream)
     assert (last.state, last.exit_code, last.message) == ("failed", 1, "rank 3 failed (exit code 1)")
     assert next(stream, None) is None  # the stream ends with the run
+
+
+@pytest.mark.timeout(30)
+def test_an_oversized_request_is_refused_by_the_server(server):
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")  # no client-side limit
+    try:
+        stub = pb_grpc.OrchestratorStub(channel)
+        big = pb.FailureReport(rank=0, generation=0, pid=1, traceback="x" * (300 * 1024))
+        with pytest.raises(grpc.RpcError) as e:
+            stub.ReportFailure(big, timeout=10, metadata=((TOKEN_METADATA_KEY, "secret"),))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        channel.close()

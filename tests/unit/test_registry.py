@@ -418,11 +418,41 @@ def test_a_non_finite_loss_is_ignored(clock, bad):
     assert reg.snapshot().loss == 0.5
 
 
-def test_non_finite_metric_values_are_dropped(clock):
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"ok": 1.5, "nan": math.nan},
+        {"inf": math.inf},
+        {"x" * 65: 1.0},
+        {"": 1.0},
+        {f"m{i}": 1.0 for i in range(33)},
+    ],
+)
+def test_bad_metrics_are_invalid_and_change_nothing(clock, metrics):
     reg = make_registry(clock)
     register_all(reg)
-    beat(reg, 0, step=1, metrics={"ok": 1.5, "nan": math.nan, "inf": math.inf, "ninf": -math.inf})
-    assert reg.snapshot().ranks[0].metrics == {"ok": 1.5}
+    beat(reg, 0, step=1, metrics={"ok": 1.0})
+    before = reg.snapshot().ranks[0]
+    with pytest.raises(Rejected) as e:
+        beat(reg, 0, step=2, metrics=metrics)
+    assert e.value.reason == Rejected.INVALID
+    after = reg.snapshot().ranks[0]
+    assert (after.step, after.metrics) == (before.step, before.metrics)
+
+
+def test_a_diverged_loss_is_shown_as_missing_not_rejected(clock):
+    reg = make_registry(clock)
+    register_all(reg)
+    beat(reg, 0, step=1, loss=math.nan)
+    assert reg.snapshot().ranks[0].step == 1 and reg.snapshot().ranks[0].loss is None
+
+
+def test_an_oversized_hostname_is_invalid(clock):
+    reg = make_registry(clock)
+    with pytest.raises(Rejected) as e:
+        reg.register(node_rank=0, local_rank=0, pid=10, hostname="h" * 257, generation=0)
+    assert e.value.reason == Rejected.INVALID
+    assert reg.unregistered_ranks() == [0, 1]
 
 
 @pytest.mark.parametrize("field", ["step", "samples", "total_steps"])
