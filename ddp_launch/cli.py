@@ -14,7 +14,7 @@ import click
 
 from ddp_launch import __version__
 from ddp_launch.cluster import detect as detect_cluster
-from ddp_launch.config import BACKENDS, RestartPolicy, RunConfig, Target
+from ddp_launch.config import BACKENDS, RestartPolicy, RunConfig, Target, TlsFiles
 from ddp_launch.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -157,6 +157,21 @@ def _gpu_count() -> int:
     help="The run's shared secret (several nodes) [default: $DDP_LAUNCH_TOKEN].",
 )
 @click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM certificate the master serves TLS with (node 0).",
+)
+@click.option(
+    "--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None, help="PEM private key of --tls-cert."
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM CA that signed the master's certificate: turns on TLS for every client.",
+)
+@click.option(
     "--ddp-port",
     type=int,
     default=None,
@@ -206,7 +221,7 @@ def _gpu_count() -> int:
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, nnodes, node_rank, master_addr,
-                master_port, token_file, ddp_port,
+                master_port, token_file, tls_cert, tls_key, tls_ca, ddp_port,
                 backend, run_id, run_dir, heartbeat_interval, join_timeout, straggler_fraction, straggler_window,
                 metrics_port, quiet, standalone, script, script_args) -> None:  # fmt: skip
     # Imported late: `--help` and bad input stay fast, and the forkserver starts first.
@@ -220,6 +235,7 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
         nnodes=_first(nnodes, cluster.nnodes, 1),
         node_rank=_first(node_rank, cluster.node_rank, 0),
         token=read_token(token_file),
+        tls=TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca),
         run_dir=run_dir,
         restart=RestartPolicy(max_restarts=max_restarts, stop_grace_s=stop_grace, hang_timeout_s=hang_timeout),
         master_addr=_first(master_addr, cluster.master_addr, "127.0.0.1"),
@@ -261,8 +277,14 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
     default=None,
     help="The run's token [default: <run-dir>/token or $DDP_LAUNCH_TOKEN].",
 )
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="PEM CA of the master's certificate [default: the run's, from master.json].",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON: the run's fields and a `ranks` list.")
-def status_command(run_dir, master_addr, master_port, token_file, as_json) -> None:  # fmt: skip
+def status_command(run_dir, master_addr, master_port, token_file, tls_ca, as_json) -> None:  # fmt: skip
     """Show a running run's ranks: state, step, steps/s, loss, RSS, CPU, heartbeat age.
 
     \b
@@ -275,8 +297,8 @@ def status_command(run_dir, master_addr, master_port, token_file, as_json) -> No
     from ddp_launch.status import StatusUnavailable, fetch_status, format_table, resolve_endpoint
 
     try:
-        address, token = resolve_endpoint(run_dir, master_addr, master_port, token_file)
-        status = fetch_status(address, token)
+        address, token, ca = resolve_endpoint(run_dir, master_addr, master_port, token_file, tls_ca)
+        status = fetch_status(address, token, ca)
     except StatusUnavailable as e:
         print(f"ddp-launch: error: {e}", file=sys.stderr)
         sys.exit(1)

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 
@@ -41,12 +42,17 @@ def channel_options() -> list[tuple[str, int]]:
 
 
 class MasterClient:
-    """A connection to the master, authenticated with the run's token."""
+    """A connection to the master, authenticated with the run's token; over TLS when
+    `tls_ca` (a PEM file of the CA that signed the master's certificate) is given."""
 
-    def __init__(self, address: str, token: str) -> None:
+    def __init__(self, address: str, token: str, *, tls_ca: str | None = None) -> None:
         self.address = address
         self._metadata = ((TOKEN_METADATA_KEY, token),)
-        self._channel = grpc.insecure_channel(address, options=channel_options())
+        if tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
+            self._channel = grpc.secure_channel(address, credentials, options=channel_options())
+        else:
+            self._channel = grpc.insecure_channel(address, options=channel_options())
         self._stub = pb_grpc.OrchestratorStub(self._channel)
 
     def close(self) -> None:

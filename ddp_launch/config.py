@@ -67,6 +67,29 @@ class RestartPolicy:
             raise ConfigError(f"--hang-timeout must be >= 0 (0 disables), got {self.hang_timeout_s}")
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """PEM files for TLS on the control connection (off when none is given).
+
+    Node 0's master serves with cert+key; every client (workers, other nodes, `status`)
+    checks the master's certificate against the CA. Clients prove who they are with the
+    run's token, which TLS keeps private on the wire.
+    """
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+
+    def validate(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("--tls-cert and --tls-key go together")
+        if self.cert is not None and self.ca is None:
+            raise ConfigError("--tls-cert needs --tls-ca: the workers check the master's certificate with it")
+        for name, path in (("--tls-cert", self.cert), ("--tls-key", self.key), ("--tls-ca", self.ca)):
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name} {str(path)!r} is not a readable file")
+
+
 def check_can_listen(host: str, port: int) -> None:
     """Raise ConfigError when nothing could listen on host:port (e.g. it is in use)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -107,6 +130,7 @@ class RunConfig:
     metrics_port: int | None = None  # Prometheus metrics on the master (off by default)
     # The run's secret; a single node makes its own, several nodes share one. Never logged.
     token: str = field(default="", repr=False)
+    tls: TlsFiles = field(default_factory=TlsFiles)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -157,6 +181,7 @@ class RunConfig:
         if self.straggler_window_s < 0:
             raise ConfigError(f"--straggler-window must be >= 0, got {self.straggler_window_s}")
         self.restart.validate()
+        self.tls.validate()
         self.target.validate()
         if self.metrics_port is not None:
             try:

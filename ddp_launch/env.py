@@ -48,6 +48,7 @@ HEARTBEAT_INTERVAL = "DDP_LAUNCH_HEARTBEAT_INTERVAL_S"
 MASTER_LOST_TIMEOUT = "DDP_LAUNCH_MASTER_LOST_TIMEOUT_S"
 JOIN_TIMEOUT = "DDP_LAUNCH_JOIN_TIMEOUT_S"
 RUN_DIR = "DDP_LAUNCH_RUN_DIR"
+TLS_CA = "DDP_LAUNCH_TLS_CA"  # the CA that signed the master's certificate, when TLS is on
 
 
 @dataclass(frozen=True)
@@ -64,9 +65,11 @@ class Bootstrap:
     master_lost_timeout_s: float
     join_timeout_s: float
     run_dir: str = ""
+    tls_ca: str = ""
 
     def to_env(self) -> dict[str, str]:
         return {
+            TLS_CA: self.tls_ca,
             CONTROL_ADDR: self.control_addr,
             TOKEN: self.token,
             NODE_RANK: str(self.node_rank),
@@ -93,6 +96,7 @@ class Bootstrap:
             master_lost_timeout_s=float(e.get(MASTER_LOST_TIMEOUT, "30")),
             join_timeout_s=float(e.get(JOIN_TIMEOUT, "300")),
             run_dir=e.get(RUN_DIR, ""),
+            tls_ca=e.get(TLS_CA, ""),
         )
 
 

@@ -81,7 +81,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         ddp_addr=config.master_addr,
         ddp_port=config.ddp_port,
     )
-    server = MasterServer(registry, token, host=config.master_addr, port=config.master_port or 0)
+    server = MasterServer(registry, token, host=config.master_addr, port=config.master_port or 0, tls=config.tls)
     server.start()
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
@@ -186,7 +186,7 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
     """Node R > 0: workers for the generations node 0's master names, until the run ends."""
     address = f"[{config.master_addr}]" if ":" in config.master_addr else config.master_addr
     address += f":{config.master_port}"
-    client = MasterClient(address, config.token)
+    client = MasterClient(address, config.token, tls_ca=str(config.tls.ca) if config.tls.ca else None)
     with contextlib.ExitStack() as teardown:
         teardown.callback(client.close)
         run_dir = config.resolved_run_dir
@@ -232,6 +232,7 @@ def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) 
         master_lost_timeout_s=max(30.0, 10 * config.heartbeat_interval_s),
         join_timeout_s=config.join_timeout_s,
         run_dir=str(run_dir.resolve()),
+        tls_ca=str(config.tls.ca.resolve()) if config.tls.ca else "",
     )
 
 
@@ -310,6 +311,8 @@ def _make_run_dir(config: RunConfig, server: MasterServer, token: str) -> Path:
     master = {"host": server.host, "port": server.port, "pid": os.getpid(), "run_id": config.run_id}
     if config.metrics_port is not None:
         master["metrics_port"] = config.metrics_port
+    if config.tls.ca is not None:
+        master["tls_ca"] = str(config.tls.ca.resolve())
     write_token(run_dir, token)
     write_json_atomic(run_dir / MASTER_FILE, master)
     return run_dir

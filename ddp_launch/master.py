@@ -18,7 +18,7 @@ from typing import Any
 import grpc
 
 from ddp_launch.client import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, TOKEN_METADATA_KEY
-from ddp_launch.config import check_can_listen
+from ddp_launch.config import TlsFiles, check_can_listen
 from ddp_launch.errors import ConfigError
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
@@ -193,14 +193,24 @@ class MasterServer:
         host: the address to bind (127.0.0.1 for a single node).
         port: the port, or 0 for a free one (the chosen port is `self.port` after start()).
         max_workers: server threads; barrier waits hold one each, so at least the world size.
+        tls: certificate and key to serve TLS with (plain TCP when none).
     """
 
-    def __init__(self, registry: Registry, token: str, host: str, port: int = 0, max_workers: int = 16) -> None:
+    def __init__(
+        self,
+        registry: Registry,
+        token: str,
+        host: str,
+        port: int = 0,
+        max_workers: int = 16,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.registry = registry
         self.servicer = OrchestratorServicer(registry)
         self.interceptor = _TokenInterceptor(token)
         self.host = host
         self.port = port
+        self.tls = tls or TlsFiles()
         self._server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=max(max_workers, registry.world_size + 8)),
             interceptors=[self.interceptor],
@@ -227,7 +237,16 @@ class MasterServer:
         if self.port:
             check_can_listen(self.host, self.port)  # a clear error instead of gRPC's C-core log
         try:
-            bound = self._server.add_insecure_port(self.address)
+            if self.tls.cert is not None and self.tls.key is not None:
+                credentials = grpc.ssl_server_credentials(
+                    [(self.tls.key.read_bytes(), self.tls.cert.read_bytes())],
+                    # Clients prove themselves with the run's token; TLS keeps it (and the
+                    # traffic) private and lets them check they talk to the real master.
+                    require_client_auth=False,
+                )
+                bound = self._server.add_secure_port(self.address, credentials)
+            else:
+                bound = self._server.add_insecure_port(self.address)
         except RuntimeError:
             bound = 0
         if not bound:

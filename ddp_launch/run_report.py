@@ -424,10 +424,9 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
     first = math.floor(lo / step) * step
-    ticks = [round(first, 12)]
-    while ticks[-1] < hi - step * 1e-9:
-        ticks.append(round(first + len(ticks) * step, 12))
-    return ticks
+    # Counted, not looped until past `hi`: at 1e20, adding a small step changes nothing.
+    n = min(math.ceil((hi - first) / step - 1e-9), 4 * max(1, count))
+    return [round(first + k * step, 12) for k in range(max(n, 0) + 1)]
 
 
 def _time_text(seconds: float) -> str:

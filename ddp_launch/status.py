@@ -41,14 +41,19 @@ def write_token(run_dir: Path, token: str) -> None:
 
 
 def resolve_endpoint(
-    run_dir: Path | None, master_addr: str | None, master_port: int | None, token_file: Path | None
-) -> tuple[str, str]:
-    """(host:port, token) from explicit options, else from the run directory."""
+    run_dir: Path | None,
+    master_addr: str | None,
+    master_port: int | None,
+    token_file: Path | None,
+    tls_ca: Path | None = None,
+) -> tuple[str, str, str | None]:
+    """(host:port, token, CA file or None) from explicit options, else from the run directory."""
     token = os.environ.get(env.TOKEN, "")
     if token_file is not None:
         token = token_file.read_text().strip()
+    ca = str(tls_ca) if tls_ca else None
     if master_addr and master_port:
-        return f"{master_addr}:{master_port}", token
+        return f"{master_addr}:{master_port}", token, ca
     directory = find_run_dir(run_dir or Path.cwd())
     try:
         master = json.loads((directory / MASTER_FILE).read_text())
@@ -56,16 +61,17 @@ def resolve_endpoint(
         raise StatusUnavailable(f"cannot read {directory / MASTER_FILE}: {e}") from None
     if not token and (directory / TOKEN_FILE).is_file():
         token = (directory / TOKEN_FILE).read_text().strip()
-    return f"{master_addr or master['host']}:{master_port or master['port']}", token
+    address = f"{master_addr or master['host']}:{master_port or master['port']}"
+    return address, token, ca or master.get("tls_ca")
 
 
-def fetch_status(address: str, token: str, timeout_s: float = 5.0) -> dict[str, Any]:
+def fetch_status(address: str, token: str, tls_ca: str | None = None, timeout_s: float = 5.0) -> dict[str, Any]:
     """The master's status as plain data (the shape `--json` prints)."""
     import grpc
 
     from ddp_launch.client import MasterClient
 
-    client = MasterClient(address, token)
+    client = MasterClient(address, token, tls_ca=tls_ca)
     try:
         reply = client.get_status(timeout_s=timeout_s)
     except grpc.RpcError as e:

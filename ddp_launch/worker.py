@@ -116,7 +116,7 @@ def _run(target: Target) -> int:
 
     boot = env.Bootstrap.from_env()
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
-    client = MasterClient(boot.control_addr, boot.token)
+    client = MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
     try:
         assignment = client.register(
             node_rank=boot.node_rank,

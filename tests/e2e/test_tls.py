@@ -1,0 +1,85 @@
+"""TLS on the control connection, with a throwaway CA made for the test (needs openssl)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.e2e.launch import SCRIPTS, run_launcher
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command"),
+]
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
+
+
+@pytest.fixture
+def pki(tmp_path) -> Path:
+    """ca.pem, and server.pem / server.key for 127.0.0.1 signed by it."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "1", "-subj", "/CN=ddp-launch test CA", cwd=d)  # fmt: skip
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr",
+             "-subj", "/CN=127.0.0.1", cwd=d)  # fmt: skip
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    _openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-out", "server.pem", "-days", "1", "-extfile", "san.ext", cwd=d)  # fmt: skip
+    return d
+
+
+@pytest.mark.timeout(120)
+def test_a_run_over_tls_registers_and_finishes(tmp_path, pki):
+    out = tmp_path / "env"
+    out.mkdir()
+    tls = ["--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"), "--tls-ca", str(pki / "ca.pem")]
+    run = run_launcher(["-n", "2", *tls, str(SCRIPTS / "env_dump.py"), str(out)], tmp_path)
+    assert run.returncode == 0, run.output
+    assert sorted(p.name for p in out.iterdir()) == ["env-0.json", "env-1.json"]
+    master = json.loads((run.run_dir / "master.json").read_text())
+    assert master["tls_ca"] == str((pki / "ca.pem").resolve())
+
+
+@pytest.mark.timeout(60)
+def test_the_master_speaks_only_tls_when_asked_to(pki):
+    from ddp_launch.client import MasterClient
+    from ddp_launch.config import TlsFiles
+    from ddp_launch.master import MasterServer
+    from ddp_launch.registry import Registry
+
+    registry = Registry(run_id="r", nnodes=1, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
+    server = MasterServer(
+        registry, "tok", "127.0.0.1", 0, tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    )
+    server.start()
+    try:
+        secure = MasterClient(server.address, "tok", tls_ca=str(pki / "ca.pem"))
+        try:
+            assert secure.get_status().world_size == 1  # a TLS round trip
+        finally:
+            secure.close()
+        plain = MasterClient(server.address, "tok")
+        try:
+            with pytest.raises(grpc.RpcError) as e:
+                plain.get_status(timeout_s=3)
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+        finally:
+            plain.close()
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_a_cert_without_its_key_is_bad_input(tmp_path, pki):
+    (tmp_path / "x.py").write_text("print('should not run')\n")
+    run = run_launcher(["--tls-cert", str(pki / "server.pem"), "x.py"], tmp_path)
+    assert run.returncode == 2 and "--tls-cert and --tls-key go together" in run.stderr
