@@ -330,6 +330,87 @@ def report_command(run_dir, out, png) -> None:  # fmt: skip
             print(path)
 
 
+@cli.command("master", context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--world-size", type=int, required=True, help="How many workers will join.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=50051, show_default=True, help="Port to listen on.")
+@click.option(
+    "--run-dir", type=click.Path(path_type=Path), default=None, help="master.json and token [default: ./runs/<run-id>]."
+)
+@click.option(
+    "--hang-timeout",
+    default=300.0,
+    show_default=True,
+    type=float,
+    help="Seconds before a silent or stalled rank ends the run (0: off).",
+)
+@click.option("-q", "--quiet", is_flag=True, help="No live view.")
+def master_command(world_size, host, port, run_dir, hang_timeout, quiet) -> None:  # fmt: skip
+    """Manual mode: a master alone, waiting for workers started by hand (`ddp-launch worker`).
+
+    \b
+    Example (terminal 1, then one worker per terminal 2-5):
+        ddp-launch master --world-size 4
+        ddp-launch worker examples/train_mlp.py --epochs 3
+    """
+    from ddp_launch.config import check_can_listen
+    from ddp_launch.manual import run_master
+
+    check_can_listen(host, port)
+    sys.exit(
+        run_master(
+            world_size=world_size, host=host, port=port, run_dir=run_dir, hang_timeout_s=hang_timeout, quiet=quiet
+        )
+    )
+
+
+@cli.command(
+    "worker",
+    context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
+)
+@click.option(
+    "--master",
+    "master",
+    default=None,
+    help="HOST:PORT of the master [default: the newest run's here, else localhost:50051].",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="The run's token [default: $DDP_LAUNCH_TOKEN, else the run directory's].",
+)
+@click.option(
+    "--tls-ca",
+    type=click.Path(path_type=Path, exists=True, dir_okay=False),
+    default=None,
+    help="PEM CA of the master's certificate.",
+)
+@click.option("-m", "--module", "is_module", is_flag=True, help="SCRIPT names a module.")
+@click.argument("script")
+@click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
+def worker_command(master, token_file, tls_ca, is_module, script, script_args) -> None:  # fmt: skip
+    """Manual mode: run SCRIPT as one worker of a `ddp-launch master`.
+
+    \b
+    Example:
+        ddp-launch worker examples/train_mlp.py --epochs 3
+        ddp-launch worker --master 10.0.0.5:50051 train.py
+    """
+    from ddp_launch.manual import DEFAULT_PORT, run_worker
+    from ddp_launch.status import StatusUnavailable, resolve_endpoint
+
+    token = read_token(token_file)
+    if master is None or not token:
+        try:
+            found, found_token, _ = resolve_endpoint(None, None, None, None)
+        except StatusUnavailable:
+            found, found_token = f"localhost:{DEFAULT_PORT}", ""
+        master = master or found
+        token = token or found_token
+    run_worker(Target(script, tuple(script_args), is_module=is_module), master, token, str(tls_ca) if tls_ca else None)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: click in non-standalone mode, so every error is one line."""
     args = sys.argv[1:] if argv is None else list(argv)

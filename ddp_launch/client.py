@@ -62,7 +62,14 @@ class MasterClient:
         return method(request, timeout=timeout_s, metadata=self._metadata)
 
     def register(
-        self, *, node_rank: int, local_rank: int, generation: int, deadline_s: float, pid: int | None = None
+        self,
+        *,
+        node_rank: int,
+        local_rank: int,
+        generation: int,
+        deadline_s: float,
+        pid: int | None = None,
+        any_slot: bool = False,
     ) -> Assignment:
         """Register, retrying while the master is unreachable, until `deadline_s` from now.
 
@@ -76,14 +83,15 @@ class MasterClient:
             pid=pid or os.getpid(),
             hostname=os.uname().nodename,
             generation=generation,
+            any_slot=any_slot,
         )
         r = self._retry_transient(lambda: self._call(self._stub.Register, request), deadline_s, "register")
         return Assignment(
             rank=r.rank,
-            local_rank=local_rank,
+            local_rank=r.local_rank,
             world_size=r.world_size,
             local_world_size=r.local_world_size,
-            node_rank=node_rank,
+            node_rank=r.node_rank,
             nnodes=r.nnodes,
             ddp_addr=r.ddp_addr,
             ddp_port=r.ddp_port,

@@ -62,6 +62,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 pid=request.pid,
                 hostname=request.hostname,
                 generation=request.generation,
+                any_slot=request.any_slot,
             )
         return pb.RegisterReply(
             rank=a.rank,
@@ -73,6 +74,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             ddp_port=a.ddp_port,
             run_id=a.run_id,
             max_restarts=a.max_restarts,
+            node_rank=a.node_rank,
+            local_rank=a.local_rank,
         )
 
     def CanStartTraining(self, request: pb.BarrierRequest, context: Any) -> pb.BarrierReply:

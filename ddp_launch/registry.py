@@ -218,23 +218,34 @@ class Registry:
             self._registered = 0
             self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
 
-    def register(self, *, node_rank: int, local_rank: int, pid: int, hostname: str, generation: int) -> Assignment:
+    def register(
+        self, *, node_rank: int, local_rank: int, pid: int, hostname: str, generation: int, any_slot: bool = False
+    ) -> Assignment:
         """Give the worker at (node_rank, local_rank) its rank; ranks are contiguous per node.
 
+        With `any_slot` (a worker started by hand), the worker gets the lowest free rank.
+
         Raises:
-            Rejected: bad slot, stale generation, or a slot already held by another pid.
+            Rejected: bad slot, stale generation, a slot already held by another pid, or
+                (any_slot) no free slot left.
         """
-        if not 0 <= node_rank < self.nnodes:
-            raise Rejected(Rejected.INVALID, f"node rank {node_rank} outside [0, {self.nnodes})")
-        if not 0 <= local_rank < self.local_world_size:
-            raise Rejected(Rejected.INVALID, f"local rank {local_rank} outside [0, {self.local_world_size})")
         if pid <= 0:
             raise Rejected(Rejected.INVALID, f"pid must be positive, got {pid}")
         if len(hostname) > MAX_HOSTNAME:
             raise Rejected(Rejected.INVALID, f"hostname longer than {MAX_HOSTNAME} characters")
-        rank = node_rank * self.local_world_size + local_rank
         with self._cond:
             self._check_generation(generation)
+            if any_slot:
+                held = next((s for s in self._slots if s.pid == pid and s.state is not RankState.STARTING), None)
+                free = held or next((s for s in self._slots if s.state is RankState.STARTING), None)
+                if free is None:
+                    raise Rejected(Rejected.DUPLICATE, f"all {self.world_size} ranks are taken")
+                node_rank, local_rank = free.node_rank, free.local_rank
+            if not 0 <= node_rank < self.nnodes:
+                raise Rejected(Rejected.INVALID, f"node rank {node_rank} outside [0, {self.nnodes})")
+            if not 0 <= local_rank < self.local_world_size:
+                raise Rejected(Rejected.INVALID, f"local rank {local_rank} outside [0, {self.local_world_size})")
+            rank = node_rank * self.local_world_size + local_rank
             slot = self._slots[rank]
             if slot.state is not RankState.STARTING:
                 if slot.pid == pid:  # a retried RPC whose first reply was lost

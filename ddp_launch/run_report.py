@@ -23,7 +23,9 @@ from __future__ import annotations
 import html
 import json
 import math
+import os
 import statistics
+import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -561,9 +563,17 @@ def render_html(run_dir: Path, out: Path | None = None) -> Path:
     data = load_report_data(run_dir)
     out = Path(out) if out is not None else run_dir / REPORT_FILE
     page = _page(data, run_dir)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(out)  # a browser reloading the page never sees half of it
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written aside and renamed: a browser reloading the page never sees half of it.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(page)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the report from the run's other readers
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
     return out
 
 

@@ -118,11 +118,13 @@ def _run(target: Target) -> int:
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     client = MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
     try:
+        # A negative node rank: a worker started by hand, which takes any free rank.
         assignment = client.register(
-            node_rank=boot.node_rank,
+            node_rank=max(boot.node_rank, 0),
             local_rank=boot.local_rank,
             generation=boot.generation,
             deadline_s=boot.join_timeout_s,
+            any_slot=boot.node_rank < 0,
         )
         os.environ.update(env.torchrun_env(assignment, os.environ, boot.run_dir))
         _configure_torch(assignment, boot.backend)
@@ -159,8 +161,27 @@ def _run(target: Target) -> int:
         atexit._run_exitfuncs()
     except BaseException:  # an atexit handler failing must not turn success into a crash
         traceback.print_exc()
+    if boot.node_rank < 0:  # no launcher watches this process: tell the master how it ended
+        try:
+            client.report_exit(assignment.rank, assignment.generation, code)
+        except Exception as e:
+            _say(f"could not tell the master how this worker ended: {e!r}")
     client.close()
     return code
+
+
+def run_by_hand(environ: dict[str, str], target: Target) -> None:
+    """`ddp-launch worker`: this process is the worker (no launcher, no fork); never returns."""
+    os.environ.update(environ)
+    code = EXIT_BOOTSTRAP_FAILED
+    try:
+        code = _run(target)
+    except BaseException:
+        _say("the worker's bootstrap failed:")
+        traceback.print_exc()
+    finally:
+        _flush_stdio()
+        os._exit(code)
 
 
 def _report(client, assignment, e: BaseException, tb_text: str) -> None:

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#ddp_launch/proto/orchestrator.proto\x12\rddp_launch.v1\"A\n\nExitReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\"!\n\x0cWatchRequest\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\"Q\n\x08RunState\x12\x12\n\ngeneration\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\texit_code\x18\x04 \x01(\x05\"k\n\x0fRegisterRequest\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x05\"\xb9\x01\n\rRegisterReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x18\n\x10local_world_size\x18\x03 \x01(\x05\x12\x0e\n\x06nnodes\x18\x04 \x01(\x05\x12\x12\n\ngeneration\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x64p_addr\x18\x06 \x01(\t\x12\x10\n\x08\x64\x64p_port\x18\x07 \x01(\x05\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x14\n\x0cmax_restarts\x18\t \x01(\x05\"B\n\x0e\x42\x61rrierRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"0\n\x0c\x42\x61rrierReply\x12\x0c\n\x04open\x18\x01 \x01(\x08\x12\x12\n\nsuperseded\x18\x02 \x01(\x08\"\xf6\x01\n\tHeartbeat\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x10\n\x08has_loss\x18\x06 \x01(\x08\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.ddp_launch.v1.Heartbeat.MetricsEntry\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x0eHeartbeatReply\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\"i\n\rFailureReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0e\x65xception_type\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\"\x05\n\x03\x41\x63k\"\x0f\n\rStatusRequest\"\x94\x03\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnode_rank\x18\x02 \x01(\x05\x12\x12\n\nlocal_rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x05\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x0f\n\x07samples\x18\t \x01(\x03\x12\x13\n\x0bsteps_per_s\x18\n \x01(\x01\x12\x10\n\x08has_loss\x18\x0b \x01(\x08\x12\x0c\n\x04loss\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x0e \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x0f \x01(\x01\x12\x37\n\x07metrics\x18\x10 \x03(\x0b\x32&.ddp_launch.v1.RankStatus.MetricsEntry\x12\x11\n\tstraggler\x18\x11 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbd\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x05 \x01(\x05\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x03\x12(\n\x05ranks\x18\x08 \x03(\x0b\x32\x19.ddp_launch.v1.RankStatus2\xfb\x03\n\x0cOrchestrator\x12H\n\x08Register\x12\x1e.ddp_launch.v1.RegisterRequest\x1a\x1c.ddp_launch.v1.RegisterReply\x12N\n\x10\x43\x61nStartTraining\x12\x1d.ddp_launch.v1.BarrierRequest\x1a\x1b.ddp_launch.v1.BarrierReply\x12H\n\rSendHeartbeat\x12\x18.ddp_launch.v1.Heartbeat\x1a\x1d.ddp_launch.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ddp_launch.v1.FailureReport\x1a\x12.ddp_launch.v1.Ack\x12\x43\n\tGetStatus\x12\x1c.ddp_launch.v1.StatusRequest\x1a\x18.ddp_launch.v1.RunStatus\x12;\n\nReportExit\x12\x19.ddp_launch.v1.ExitReport\x1a\x12.ddp_launch.v1.Ack\x12\x42\n\x08WatchRun\x12\x1b.ddp_launch.v1.WatchRequest\x1a\x17.ddp_launch.v1.RunState0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#ddp_launch/proto/orchestrator.proto\x12\rddp_launch.v1\"A\n\nExitReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x11\n\texit_code\x18\x03 \x01(\x05\"!\n\x0cWatchRequest\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\"Q\n\x08RunState\x12\x12\n\ngeneration\x18\x01 \x01(\x05\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x11\n\texit_code\x18\x04 \x01(\x05\"}\n\x0fRegisterRequest\x12\x11\n\tnode_rank\x18\x01 \x01(\x05\x12\x12\n\nlocal_rank\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x10\n\x08hostname\x18\x04 \x01(\t\x12\x12\n\ngeneration\x18\x05 \x01(\x05\x12\x10\n\x08\x61ny_slot\x18\x06 \x01(\x08\"\xe0\x01\n\rRegisterReply\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x18\n\x10local_world_size\x18\x03 \x01(\x05\x12\x0e\n\x06nnodes\x18\x04 \x01(\x05\x12\x12\n\ngeneration\x18\x05 \x01(\x05\x12\x10\n\x08\x64\x64p_addr\x18\x06 \x01(\t\x12\x10\n\x08\x64\x64p_port\x18\x07 \x01(\x05\x12\x0e\n\x06run_id\x18\x08 \x01(\t\x12\x14\n\x0cmax_restarts\x18\t \x01(\x05\x12\x11\n\tnode_rank\x18\n \x01(\x05\x12\x12\n\nlocal_rank\x18\x0b \x01(\x05\"B\n\x0e\x42\x61rrierRequest\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0e\n\x06wait_s\x18\x03 \x01(\x01\"0\n\x0c\x42\x61rrierReply\x12\x0c\n\x04open\x18\x01 \x01(\x08\x12\x12\n\nsuperseded\x18\x02 \x01(\x08\"\xf6\x01\n\tHeartbeat\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x0f\n\x07samples\x18\x05 \x01(\x03\x12\x10\n\x08has_loss\x18\x06 \x01(\x08\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x36\n\x07metrics\x18\x08 \x03(\x0b\x32%.ddp_launch.v1.Heartbeat.MetricsEntry\x12\x13\n\x0btotal_steps\x18\t \x01(\x03\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"$\n\x0eHeartbeatReply\x12\x12\n\nsuperseded\x18\x01 \x01(\x08\"i\n\rFailureReport\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x12\n\ngeneration\x18\x02 \x01(\x05\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0e\x65xception_type\x18\x04 \x01(\t\x12\x11\n\ttraceback\x18\x05 \x01(\t\"\x05\n\x03\x41\x63k\"\x0f\n\rStatusRequest\"\x94\x03\n\nRankStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tnode_rank\x18\x02 \x01(\x05\x12\x12\n\nlocal_rank\x18\x03 \x01(\x05\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x10\n\x08hostname\x18\x05 \x01(\t\x12\r\n\x05state\x18\x06 \x01(\t\x12\x12\n\ngeneration\x18\x07 \x01(\x05\x12\x0c\n\x04step\x18\x08 \x01(\x03\x12\x0f\n\x07samples\x18\t \x01(\x03\x12\x13\n\x0bsteps_per_s\x18\n \x01(\x01\x12\x10\n\x08has_loss\x18\x0b \x01(\x08\x12\x0c\n\x04loss\x18\x0c \x01(\x01\x12\x11\n\trss_bytes\x18\r \x01(\x03\x12\x13\n\x0b\x63pu_percent\x18\x0e \x01(\x01\x12\x17\n\x0fheartbeat_age_s\x18\x0f \x01(\x01\x12\x37\n\x07metrics\x18\x10 \x03(\x0b\x32&.ddp_launch.v1.RankStatus.MetricsEntry\x12\x11\n\tstraggler\x18\x11 \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xbd\x01\n\tRunStatus\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x12\n\nworld_size\x18\x02 \x01(\x05\x12\x12\n\ngeneration\x18\x03 \x01(\x05\x12\x10\n\x08restarts\x18\x04 \x01(\x05\x12\x14\n\x0cmax_restarts\x18\x05 \x01(\x05\x12\x11\n\telapsed_s\x18\x06 \x01(\x01\x12\x13\n\x0btotal_steps\x18\x07 \x01(\x03\x12(\n\x05ranks\x18\x08 \x03(\x0b\x32\x19.ddp_launch.v1.RankStatus2\xfb\x03\n\x0cOrchestrator\x12H\n\x08Register\x12\x1e.ddp_launch.v1.RegisterRequest\x1a\x1c.ddp_launch.v1.RegisterReply\x12N\n\x10\x43\x61nStartTraining\x12\x1d.ddp_launch.v1.BarrierRequest\x1a\x1b.ddp_launch.v1.BarrierReply\x12H\n\rSendHeartbeat\x12\x18.ddp_launch.v1.Heartbeat\x1a\x1d.ddp_launch.v1.HeartbeatReply\x12\x41\n\rReportFailure\x12\x1c.ddp_launch.v1.FailureReport\x1a\x12.ddp_launch.v1.Ack\x12\x43\n\tGetStatus\x12\x1c.ddp_launch.v1.StatusRequest\x1a\x18.ddp_launch.v1.RunStatus\x12;\n\nReportExit\x12\x19.ddp_launch.v1.ExitReport\x1a\x12.ddp_launch.v1.Ack\x12\x42\n\x08WatchRun\x12\x1b.ddp_launch.v1.WatchRequest\x1a\x17.ddp_launch.v1.RunState0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,31 +42,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RUNSTATE']._serialized_start=156
   _globals['_RUNSTATE']._serialized_end=237
   _globals['_REGISTERREQUEST']._serialized_start=239
-  _globals['_REGISTERREQUEST']._serialized_end=346
-  _globals['_REGISTERREPLY']._serialized_start=349
-  _globals['_REGISTERREPLY']._serialized_end=534
-  _globals['_BARRIERREQUEST']._serialized_start=536
-  _globals['_BARRIERREQUEST']._serialized_end=602
-  _globals['_BARRIERREPLY']._serialized_start=604
-  _globals['_BARRIERREPLY']._serialized_end=652
-  _globals['_HEARTBEAT']._serialized_start=655
-  _globals['_HEARTBEAT']._serialized_end=901
-  _globals['_HEARTBEAT_METRICSENTRY']._serialized_start=855
-  _globals['_HEARTBEAT_METRICSENTRY']._serialized_end=901
-  _globals['_HEARTBEATREPLY']._serialized_start=903
-  _globals['_HEARTBEATREPLY']._serialized_end=939
-  _globals['_FAILUREREPORT']._serialized_start=941
-  _globals['_FAILUREREPORT']._serialized_end=1046
-  _globals['_ACK']._serialized_start=1048
-  _globals['_ACK']._serialized_end=1053
-  _globals['_STATUSREQUEST']._serialized_start=1055
-  _globals['_STATUSREQUEST']._serialized_end=1070
-  _globals['_RANKSTATUS']._serialized_start=1073
-  _globals['_RANKSTATUS']._serialized_end=1477
-  _globals['_RANKSTATUS_METRICSENTRY']._serialized_start=855
-  _globals['_RANKSTATUS_METRICSENTRY']._serialized_end=901
-  _globals['_RUNSTATUS']._serialized_start=1480
-  _globals['_RUNSTATUS']._serialized_end=1669
-  _globals['_ORCHESTRATOR']._serialized_start=1672
-  _globals['_ORCHESTRATOR']._serialized_end=2179
+  _globals['_REGISTERREQUEST']._serialized_end=364
+  _globals['_REGISTERREPLY']._serialized_start=367
+  _globals['_REGISTERREPLY']._serialized_end=591
+  _globals['_BARRIERREQUEST']._serialized_start=593
+  _globals['_BARRIERREQUEST']._serialized_end=659
+  _globals['_BARRIERREPLY']._serialized_start=661
+  _globals['_BARRIERREPLY']._serialized_end=709
+  _globals['_HEARTBEAT']._serialized_start=712
+  _globals['_HEARTBEAT']._serialized_end=958
+  _globals['_HEARTBEAT_METRICSENTRY']._serialized_start=912
+  _globals['_HEARTBEAT_METRICSENTRY']._serialized_end=958
+  _globals['_HEARTBEATREPLY']._serialized_start=960
+  _globals['_HEARTBEATREPLY']._serialized_end=996
+  _globals['_FAILUREREPORT']._serialized_start=998
+  _globals['_FAILUREREPORT']._serialized_end=1103
+  _globals['_ACK']._serialized_start=1105
+  _globals['_ACK']._serialized_end=1110
+  _globals['_STATUSREQUEST']._serialized_start=1112
+  _globals['_STATUSREQUEST']._serialized_end=1127
+  _globals['_RANKSTATUS']._serialized_start=1130
+  _globals['_RANKSTATUS']._serialized_end=1534
+  _globals['_RANKSTATUS_METRICSENTRY']._serialized_start=912
+  _globals['_RANKSTATUS_METRICSENTRY']._serialized_end=958
+  _globals['_RUNSTATUS']._serialized_start=1537
+  _globals['_RUNSTATUS']._serialized_end=1726
+  _globals['_ORCHESTRATOR']._serialized_start=1729
+  _globals['_ORCHESTRATOR']._serialized_end=2236
 # @@protoc_insertion_point(module_scope)

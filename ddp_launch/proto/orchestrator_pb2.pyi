@@ -35,21 +35,23 @@ class RunState(_message.Message):
     def __init__(self, generation: _Optional[int] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("node_rank", "local_rank", "pid", "hostname", "generation")
+    __slots__ = ("node_rank", "local_rank", "pid", "hostname", "generation", "any_slot")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    ANY_SLOT_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
     local_rank: int
     pid: int
     hostname: str
     generation: int
-    def __init__(self, node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., generation: _Optional[int] = ...) -> None: ...
+    any_slot: bool
+    def __init__(self, node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., generation: _Optional[int] = ..., any_slot: _Optional[bool] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
-    __slots__ = ("rank", "world_size", "local_world_size", "nnodes", "generation", "ddp_addr", "ddp_port", "run_id", "max_restarts")
+    __slots__ = ("rank", "world_size", "local_world_size", "nnodes", "generation", "ddp_addr", "ddp_port", "run_id", "max_restarts", "node_rank", "local_rank")
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     LOCAL_WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +61,8 @@ class RegisterReply(_message.Message):
     DDP_PORT_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_RESTARTS_FIELD_NUMBER: _ClassVar[int]
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_RANK_FIELD_NUMBER: _ClassVar[int]
     rank: int
     world_size: int
     local_world_size: int
@@ -68,7 +72,9 @@ class RegisterReply(_message.Message):
     ddp_port: int
     run_id: str
     max_restarts: int
-    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_world_size: _Optional[int] = ..., nnodes: _Optional[int] = ..., generation: _Optional[int] = ..., ddp_addr: _Optional[str] = ..., ddp_port: _Optional[int] = ..., run_id: _Optional[str] = ..., max_restarts: _Optional[int] = ...) -> None: ...
+    node_rank: int
+    local_rank: int
+    def __init__(self, rank: _Optional[int] = ..., world_size: _Optional[int] = ..., local_world_size: _Optional[int] = ..., nnodes: _Optional[int] = ..., generation: _Optional[int] = ..., ddp_addr: _Optional[str] = ..., ddp_port: _Optional[int] = ..., run_id: _Optional[str] = ..., max_restarts: _Optional[int] = ..., node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ...) -> None: ...
 
 class BarrierRequest(_message.Message):
     __slots__ = ("rank", "generation", "wait_s")

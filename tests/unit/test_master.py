@@ -100,6 +100,8 @@ def test_register_reply_carries_the_assignment(clock):
         ddp_port=DDP_PORT,
         run_id="run-7",
         max_restarts=2,
+        node_rank=1,
+        local_rank=1,
     )
     assert s.rejections == Counter()
 
@@ -402,3 +404,19 @@ def test_an_oversized_request_is_refused_by_the_server(server):
         assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     finally:
         channel.close()
+
+
+def test_a_worker_started_by_hand_gets_the_lowest_free_rank(clock):
+    servicer = OrchestratorServicer(make_registry(clock, nnodes=2))
+    ranks = []
+    for pid in (101, 102, 103, 104):
+        request = pb.RegisterRequest(node_rank=0, local_rank=0, pid=pid, hostname="h", generation=0, any_slot=True)
+        reply = servicer.Register(request, FakeContext())
+        ranks.append((reply.rank, reply.node_rank, reply.local_rank))
+    assert ranks == [(0, 0, 0), (1, 0, 1), (2, 1, 0), (3, 1, 1)]
+    again = servicer.Register(
+        pb.RegisterRequest(pid=102, hostname="h", generation=0, any_slot=True), FakeContext()
+    )  # a retried RPC: the same rank again
+    assert again.rank == 1
+    err = rejected(servicer.Register, pb.RegisterRequest(pid=105, hostname="h", generation=0, any_slot=True))
+    assert err.code == grpc.StatusCode.ALREADY_EXISTS and "taken" in err.details
