@@ -189,7 +189,12 @@ class EventLog:
         rank becomes hung, failed or done, ``straggler`` / ``straggler_cleared`` when a
         rank's straggler flag changes, and a ``progress`` sample every
         ``progress_interval_s`` (and on the first call after a rank ended, so the final
-        steps are recorded). A new generation starts with a clean slate.
+        steps are recorded). A new generation starts with a clean slate; a snapshot of an
+        older generation than one already observed is ignored.
+
+        Observe the registry once more when a generation ends, before the next one begins:
+        that is where the failed ranks' ``state`` events come from when the supervisor stops
+        the group before its next tick.
 
         Args:
             snap: the registry's snapshot.
@@ -197,6 +202,8 @@ class EventLog:
         with self._lock:
             if self._file is None:
                 return
+            if self._generation is not None and snap.generation < self._generation:
+                return  # a stale snapshot (taken before a restart): its news is old
             if snap.generation != self._generation:
                 self._generation = snap.generation
                 self._states = {}

@@ -18,6 +18,9 @@ import math
 import threading
 from dataclasses import dataclass, field
 
+MAX_METRICS = 32  # the master's bounds (registry.MAX_METRICS, MAX_NAME)
+MAX_METRIC_NAME = 64
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -63,9 +66,11 @@ class _Tracker:
             if total_steps is not None:
                 self._total_steps = int(total_steps)
             for k, v in metrics.items():
-                v = float(v)
-                if math.isfinite(v):
-                    self._metrics[str(k)] = v
+                name, v = str(k)[:MAX_METRIC_NAME], float(v)
+                # The master refuses heartbeats beyond these bounds; extra names are dropped
+                # here rather than letting every heartbeat bounce.
+                if math.isfinite(v) and (name in self._metrics or len(self._metrics) < MAX_METRICS):
+                    self._metrics[name] = v
 
     def snapshot(self) -> Progress:
         with self._lock:

@@ -289,7 +289,9 @@ class Registry:
             raise Rejected(Rejected.INVALID, f"rank {rank} outside [0, {self.world_size})")
         self._check_generation(generation)
         slot = self._slots[rank]
-        if slot.state is RankState.STARTING:
+        # registered_at, not the state: a rank that died before registering is FAILED
+        # but still unknown (and its pid 0 must not match a request's).
+        if slot.registered_at is None:
             raise Rejected(Rejected.UNKNOWN, f"rank {rank} has not registered in generation {generation}")
         if pid is not None and pid != slot.pid:
             raise Rejected(Rejected.DUPLICATE, f"rank {rank} is registered by pid {slot.pid}, not {pid}")
@@ -360,7 +362,7 @@ class Registry:
             slot.samples = samples
             if loss is not None:
                 slot.loss = loss
-            slot.metrics.update(metrics)
+            slot.metrics = metrics  # each heartbeat carries the worker's whole set
             if total_steps:
                 self._total_steps = total_steps
             window = slot.rate_window

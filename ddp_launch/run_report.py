@@ -161,14 +161,16 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
     markers += [m for g, m in rank_end_markers.items() if g not in generations_failed]
     markers.sort(key=lambda m: m["t"])
 
-    failure = _read_failure_json(run_dir)
+    failure = _read_failure_json(run_dir, not_before=t0)
     if failure is None and failure_event is not None and isinstance(failure_event.get("report"), dict):
         failure = failure_event["report"]
 
     per_rank, aggregate = series.per_rank(), series.aggregate()
     # A large world's table: the slowest ranks of the last sample, slowest first.
     table_ranks = series.last_slowest if aggregate else sorted({s["rank"] for s in per_rank} | set(registered))
-    rows = _summary_rows(per_rank, table_ranks, registered, states, failures_by_rank, stragglers_by_rank, restarts)
+    rows = _summary_rows(
+        per_rank, table_ranks, registered, states, failures_by_rank, stragglers_by_rank, restarts, running=end is None
+    )
     outcome = str(end.get("outcome", "ended")) if end is not None else "running"
     return {
         "version": DATA_VERSION,
@@ -227,9 +229,12 @@ def _without(d: dict, keys: Iterable[str]) -> dict:
     return {k: v for k, v in d.items() if k not in keys}
 
 
-def _read_failure_json(run_dir: Path) -> dict | None:
+def _read_failure_json(run_dir: Path, *, not_before: float) -> dict | None:
+    path = run_dir / FAILURE_FILE
     try:
-        data = json.loads((run_dir / FAILURE_FILE).read_text(encoding="utf-8"))
+        if path.stat().st_mtime < not_before - 1.0:
+            return None  # left by an earlier run in the same directory
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None
@@ -339,6 +344,8 @@ def _summary_rows(
     failures: dict[int, int],
     stragglers: dict[int, int],
     restarts: int,
+    *,
+    running: bool,
 ) -> list[dict[str, Any]]:
     rows = []
     sampled = {s["rank"]: s for s in series}
@@ -351,7 +358,7 @@ def _summary_rows(
         state = "-"
         if rank in states and states[rank][0] >= reg.get("generation", -1):
             state = states[rank][1]
-        elif reg:
+        elif reg and running:
             state = "running"
         rows.append(
             {

@@ -339,3 +339,14 @@ def test_a_local_error_is_not_a_lost_master(heartbeats) -> None:
     hb.stop()
 
     assert not lost.messages
+
+
+def test_report_keeps_metrics_within_what_the_master_accepts():
+    from ddp_launch.progress import MAX_METRIC_NAME, MAX_METRICS, _Tracker
+
+    t = _Tracker()
+    t.report(None, None, None, None, {f"m{i}": float(i) for i in range(MAX_METRICS + 10)})
+    t.report(None, None, None, None, {"m0": 5.0, "x" * 100: 1.0})
+    metrics = t.snapshot().metrics
+    assert len(metrics) == MAX_METRICS and metrics["m0"] == 5.0
+    assert all(len(name) <= MAX_METRIC_NAME for name in metrics)

@@ -209,6 +209,17 @@ def test_a_new_generation_registers_and_opens_its_barrier_again(log_path: Path, 
     ]
 
 
+def test_a_snapshot_of_an_older_generation_is_ignored(log_path: Path, clock: FakeClock) -> None:
+    with EventLog(log_path, clock=clock) as log:
+        log.observe(snapshot([rank(0, generation=1)], generation=1))
+        log.observe(snapshot([rank(0, state=RankState.FAILED, exit_code=1)], generation=0))
+    assert [(e["event"], e["generation"]) for e in read_events(log_path)] == [
+        ("register", 1),
+        ("barrier_open", 1),
+        ("progress", 1),
+    ]
+
+
 def test_straggler_flag_is_written_when_it_is_raised_and_when_it_clears(log_path: Path, clock: FakeClock) -> None:
     rates = [10.0, 10.0, 4.0, 12.0]
     normal = [rank(i, steps_per_s=rates[i], straggler=False) for i in range(4)]
@@ -611,3 +622,48 @@ def test_the_documented_examples_validate_and_every_kind_is_documented() -> None
     for kind in EVENT_KINDS:
         assert f"| `{kind}` |" in doc
         assert re.search(rf"^{kind} ", events_module.__doc__ or "", re.M), kind
+
+
+def test_events_from_a_real_registry_through_a_restart(log_path: Path) -> None:
+    from ddp_launch.registry import Registry
+
+    wall = FakeClock()
+    mono = FakeClock(50.0)
+    registry = Registry(
+        run_id="r", nnodes=1, local_world_size=2, max_restarts=1, ddp_addr="127.0.0.1", ddp_port=29500, clock=mono
+    )
+    with EventLog(log_path, clock=wall, progress_interval_s=5.0) as log:
+        for generation in (0, 1):
+            if generation:
+                log.emit("restart", generation=1, reason="rank 1 failed (exit code 1)")
+                registry.begin_generation(1)
+            log.observe(registry.snapshot())
+            for r in (0, 1):
+                registry.register(node_rank=0, local_rank=r, pid=100 + r, hostname="h", generation=generation)
+            for step in range(1, 41):
+                mono.now += 0.25
+                wall.now += 0.25
+                for r in (0, 1):
+                    registry.heartbeat(rank=r, generation=generation, pid=100 + r, step=step, loss=1.0 / step)
+                log.observe(registry.snapshot())
+            registry.record_exit(1, generation, 1 if generation == 0 else 0)
+            registry.record_exit(0, generation, 0)
+            log.observe(registry.snapshot())
+    events = check_all_valid(log_path)
+    assert [(e["event"], e.get("generation")) for e in events if e["event"] != "progress"] == [
+        ("register", 0),
+        ("register", 0),
+        ("barrier_open", 0),
+        ("state", 0),
+        ("state", 0),
+        ("restart", 1),
+        ("register", 1),
+        ("register", 1),
+        ("barrier_open", 1),
+        ("state", 1),
+        ("state", 1),
+    ]
+    progress = [e for e in events if e["event"] == "progress"]
+    assert 4 <= len(progress) <= 8
+    assert progress[-1]["ranks"][0]["step"] == 40
+    assert progress[-1]["ranks"][0]["steps_per_s"] == pytest.approx(4.0)

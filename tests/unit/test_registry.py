@@ -374,8 +374,9 @@ def test_heartbeat_is_recorded_and_shown_in_the_snapshot(clock):
     assert snap.total_steps == 100
     assert snap.ranks[1].step == 0
     assert snap.ranks[1].heartbeat_age_s == pytest.approx(3.0)  # the heartbeat clock starts at the barrier
-    # A later heartbeat without loss keeps the last loss; metrics merge.
-    beat(reg, 0, step=6, samples=192, metrics={"acc": 0.75})
+    # A later heartbeat without loss keeps the last loss; it carries the worker's whole set
+    # of metrics, which replaces the last one (so a rank's metrics stay bounded).
+    beat(reg, 0, step=6, samples=192, metrics={"lr": 0.1, "acc": 0.75})
     r0 = reg.snapshot().ranks[0]
     assert (r0.step, r0.loss, r0.metrics) == (6, 0.25, {"lr": 0.1, "acc": 0.75})
 

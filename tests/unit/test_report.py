@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import html
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -212,11 +213,15 @@ def test_html_report_escapes_all_text(run_dir: Path) -> None:
 
 def test_failure_json_gives_the_root_cause(tmp_path: Path) -> None:
     write_fake_run(tmp_path, with_failure_json=True)
-    page = render_html(tmp_path, tmp_path / "elsewhere.html").read_text(encoding="utf-8")
+    page = render_html(tmp_path, tmp_path / "new" / "elsewhere.html").read_text(encoding="utf-8")
     assert "Root cause: rank 1 on node-a (node 0), pid 2011" in page
     assert "ValueError: x &lt; y &amp; &lt;z&gt;" in page
     assert "rank 0 then ended too (signal SIGTERM)" in page
     assert not (tmp_path / "report.html").exists()
+    # a failure.json older than the run's start was left by an earlier run: not this one's
+    os.utime(tmp_path / "failure.json", (T0 - 3600, T0 - 3600))
+    assert load_report_data(tmp_path)["failure"]["root_rank"] == 1
+    assert "root_cause" not in load_report_data(tmp_path)["failure"]
 
 
 def test_failure_event_is_the_root_cause_without_failure_json(run_dir: Path) -> None:
@@ -328,6 +333,7 @@ def test_nice_ticks() -> None:
     assert nice_ticks(3, 3) == [3]
     assert nice_ticks(0, 57.3) == [0, 20, 40, 60]
     assert nice_ticks(-3, 2) == [-3, -2, -1, 0, 1, 2]
+    assert len(nice_ticks(1e20, 1e20 + 1e4)) <= 21  # float steps that do not move: still ends
 
 
 def test_png_report(run_dir: Path, tmp_path: Path) -> None:
