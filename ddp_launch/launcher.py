@@ -93,7 +93,9 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             teardown.callback(metrics.stop)
         view = LiveView(stderr, enabled=not config.quiet)
         teardown.callback(view.close)
-        events = EventLog(run_dir / EVENTS_FILE)
+        # A progress sample every 2 s: short runs get usable curves; the file grows with time,
+        # never with the heartbeat rate.
+        events = EventLog(run_dir / EVENTS_FILE, progress_interval_s=2.0)
         teardown.callback(events.close)
         events.emit(
             "run_start",
@@ -111,6 +113,8 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             events.observe(snap)
 
         def on_generation_end(result: GenerationResult, restarting: bool) -> None:
+            # The generation ended between two ticks: record what it looked like at the end.
+            events.observe(registry.snapshot())
             # The last generation's failure is logged with the full report, further below.
             if restarting:
                 if result.outcome in (Outcome.FAILED, Outcome.HUNG):

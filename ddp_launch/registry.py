@@ -236,7 +236,10 @@ class Registry:
         with self._cond:
             self._check_generation(generation)
             if any_slot:
-                held = next((s for s in self._slots if s.pid == pid and s.state is not RankState.STARTING), None)
+                held = next(
+                    (s for s in self._slots if s.registered_at is not None and s.pid == pid and s.hostname == hostname),
+                    None,
+                )
                 free = held or next((s for s in self._slots if s.state is RankState.STARTING), None)
                 if free is None:
                     raise Rejected(Rejected.DUPLICATE, f"all {self.world_size} ranks are taken")
@@ -248,7 +251,7 @@ class Registry:
             rank = node_rank * self.local_world_size + local_rank
             slot = self._slots[rank]
             if slot.state is not RankState.STARTING:
-                if slot.pid == pid:  # a retried RPC whose first reply was lost
+                if (slot.pid, slot.hostname) == (pid, hostname):  # a retried RPC whose reply was lost
                     return self._assignment(slot)
                 raise Rejected(Rejected.DUPLICATE, f"rank {rank} is already registered by pid {slot.pid}")
             now = self._clock()

@@ -675,7 +675,8 @@ def _outcome_table(data: dict[str, Any], end: dict[str, Any] | None) -> str:
         rows.append(("restarts", str(end.get("restarts", data["restarts"]))))
         summary = end.get("summary")
         if isinstance(summary, dict):
-            rows += [(str(k), _value_text(v)) for k, v in summary.items()]
+            shown = {"wall_s", "exit_code", "final_step", "restarts"}
+            rows += [(str(k), _value_text(v)) for k, v in summary.items() if k not in shown]
     else:
         rows.append(("elapsed", format_duration(data["duration_s"])))
         rows.append(("restarts so far", str(data["restarts"])))
@@ -766,6 +767,10 @@ def _value_text(value: Any) -> str:
         return value
     if isinstance(value, float):
         return f"{value:.6g}"
+    if isinstance(value, dict) and value and all(isinstance(v, (str, int, float, type(None))) for v in value.values()):
+        return ", ".join(
+            f"{k} {_value_text(v)}" for k, v in value.items()
+        )  # {"min": 1.5, "max": 2} -> "min 1.5, max 2"
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
