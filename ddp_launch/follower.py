@@ -85,11 +85,11 @@ class Follower:
 
     def _watch_master(self) -> None:
         """Reconnects until the master answers (up to --join-timeout), then follows its stream."""
-        deadline = time.monotonic() + self.config.join_timeout_s
+        deadline: float | None = time.monotonic() + self.config.join_timeout_s
         while True:
             try:
-                self._stream = self._client.watch_run(self.config.node_rank)
-                for state in self._stream:
+                stream = self._stream = self._client.watch_run(self.config.node_rank)
+                for state in stream:
                     self._push(state)
                     deadline = None  # connected once: a later break means the master is gone
                     if state.state != RUNNING:

@@ -15,6 +15,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 TAIL_LINES = 200
 _READ_BYTES = 65536
@@ -33,7 +34,7 @@ class _Stream:
 @dataclass
 class _RankOutput:
     log_path: Path
-    log: object
+    log: TextIO
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
     lines_seen: int = 0
     open_streams: int = 0

@@ -356,7 +356,7 @@ class LiveView:
         self._layout: tuple[int, bool] | None = None  # (world size, one line per rank?)
         # non-interactive state
         self._last_plain_at: float | None = None
-        self._last_states: tuple[int, int, tuple[int, ...]] | None = None
+        self._last_states: tuple[int, int, tuple[int, ...], str] | None = None
 
     def update(self, snap: RunSnapshot) -> None:
         """Show `snap`. Cheap enough to call a few times a second.

@@ -73,13 +73,14 @@ def _release_forkserver() -> None:
     """
     from multiprocessing import forkserver
 
-    fd = getattr(forkserver._forkserver, "_forkserver_alive_fd", None)
+    server = forkserver._forkserver  # a private attribute: the module keeps no public handle
+    fd = getattr(server, "_forkserver_alive_fd", None)
     if fd is not None:
         try:
             os.close(fd)
         except OSError:
             pass
-        forkserver._forkserver._forkserver_alive_fd = None
+        setattr(server, "_forkserver_alive_fd", None)  # noqa: B010
 
 
 def _die_with_parent() -> None:
