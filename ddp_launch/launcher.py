@@ -14,6 +14,8 @@ import ctypes
 import dataclasses
 import importlib.metadata
 import multiprocessing.connection
+import multiprocessing.forkserver
+import multiprocessing.resource_tracker
 import os
 import platform
 import secrets
@@ -331,13 +333,26 @@ def _become_subreaper() -> None:
 
 
 def _stop_all_descendants(grace_s: float) -> None:
-    """The last line of defence: nothing this launcher started outlives it (the forkserver
-    and multiprocessing's resource tracker included)."""
+    """The last line of defence: nothing this launcher started outlives it.
+
+    multiprocessing's own helpers (the forkserver and the resource tracker, which ignores
+    SIGTERM) hold no user state and are killed at once; anything else still here (orphaned
+    grandchildren of workers) gets the usual SIGTERM and grace.
+    """
+    helpers = {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
+    }
     try:
         children = psutil.Process().children(recursive=False)
     except psutil.Error:
         return
-    stop_process_trees([c.pid for c in children], grace_s)
+    for child in children:
+        if child.pid in helpers:
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    stop_process_trees([c.pid for c in children if c.pid not in helpers], grace_s)
+    psutil.wait_procs([c for c in children if c.pid in helpers], timeout=2.0)
 
 
 @contextlib.contextmanager

@@ -21,6 +21,11 @@ PRELOAD = [
     "torch.distributed",
     "torch.nn.parallel",
     "torch._dynamo",  # the first optimizer.step() imports it: about 1 s of CPU per worker
+    "ddp_launch.cli",  # every child re-imports the launcher's __main__ (multiprocessing does)
+    "ddp_launch.worker",
+    # grpc's import starts no thread and opens nothing (checked); its core starts with the
+    # first channel, which each worker makes after the fork.
+    "ddp_launch.client",
 ]
 
 
