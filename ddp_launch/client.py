@@ -136,6 +136,7 @@ class MasterClient:
             loss=progress.loss if progress.loss is not None else 0.0,
             metrics=progress.metrics,
             total_steps=progress.total_steps,
+            step_age_s=progress.step_age_s,
         )
         return self._call(self._stub.SendHeartbeat, request).superseded
 

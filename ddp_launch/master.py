@@ -98,6 +98,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 loss=request.loss if request.has_loss else None,
                 metrics=request.metrics,
                 total_steps=request.total_steps,
+                step_age_s=request.step_age_s,
             )
         return pb.HeartbeatReply(superseded=superseded)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, field
 
 MAX_METRICS = 32  # the master's bounds (registry.MAX_METRICS, MAX_NAME)
@@ -29,6 +30,7 @@ class Progress:
     loss: float | None = None
     total_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    step_age_s: float = 0.0  # seconds since the step last changed
 
 
 class _Tracker:
@@ -42,6 +44,7 @@ class _Tracker:
         self._loss: float | None = None
         self._total_steps = 0
         self._metrics: dict[str, float] = {}
+        self._last_step_at = time.monotonic()
 
     def on_optimizer_step(self, optimizer: object, args: object, kwargs: object) -> None:
         # A training step ends when an optimizer steps a second time: so several optimizers
@@ -54,10 +57,13 @@ class _Tracker:
         else:
             self._stepped_this_step.add(key)
         self._auto_step = self._completed_steps + 1
+        self._last_step_at = time.monotonic()
 
     def report(self, step, loss, samples, total_steps, metrics) -> None:
         with self._lock:
             if step is not None:
+                if step != self._explicit_step:
+                    self._last_step_at = time.monotonic()
                 self._explicit_step = int(step)
             if loss is not None:
                 self._loss = float(loss)
@@ -75,7 +81,8 @@ class _Tracker:
     def snapshot(self) -> Progress:
         with self._lock:
             step = self._explicit_step if self._explicit_step is not None else self._auto_step
-            return Progress(step, self._samples, self._loss, self._total_steps, dict(self._metrics))
+            age = time.monotonic() - self._last_step_at
+            return Progress(step, self._samples, self._loss, self._total_steps, dict(self._metrics), age)
 
 
 tracker = _Tracker()

@@ -332,6 +332,7 @@ class Registry:
         loss: float | None = None,
         metrics: Mapping[str, float] | None = None,
         total_steps: int = 0,
+        step_age_s: float = 0.0,
     ) -> bool:
         """Record a worker's progress. Returns True when its generation is over (superseded).
 
@@ -358,7 +359,11 @@ class Registry:
             # The first heartbeat sets the baseline (a resumed run may start at any step);
             # the step rule of find_hung applies once the step has moved from it.
             if slot.heartbeats and step != slot.step:
-                slot.last_step_change_at = now
+                # Dated by the worker's own clock where it can be: a stall then counts from the
+                # step itself, not from the heartbeat that saw it (up to an interval later),
+                # but never from before the previous heartbeat.
+                age = step_age_s if math.isfinite(step_age_s) and step_age_s > 0 else 0.0
+                slot.last_step_change_at = max(now - age, slot.last_heartbeat_at or now)
             slot.heartbeats += 1
             slot.last_heartbeat_at = now
             slot.step = step

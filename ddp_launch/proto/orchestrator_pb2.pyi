@@ -95,7 +95,7 @@ class BarrierReply(_message.Message):
     def __init__(self, open: _Optional[bool] = ..., superseded: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps")
+    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps", "step_age_s")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class Heartbeat(_message.Message):
     LOSS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_AGE_S_FIELD_NUMBER: _ClassVar[int]
     rank: int
     generation: int
     pid: int
@@ -121,7 +122,8 @@ class Heartbeat(_message.Message):
     loss: float
     metrics: _containers.ScalarMap[str, float]
     total_steps: int
-    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ...) -> None: ...
+    step_age_s: float
+    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("superseded",)

@@ -6,6 +6,7 @@ The heartbeat thread talks to a fake client; its waits are real but tiny (interv
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import threading
 from collections.abc import Callable
@@ -35,7 +36,19 @@ def step(t: _Tracker, optimizer: object) -> None:
 
 
 def test_a_fresh_tracker_is_at_step_zero() -> None:
-    assert _Tracker().snapshot() == Progress(step=0, samples=0, loss=None, total_steps=0, metrics={})
+    snap = _Tracker().snapshot()
+    assert dataclasses.replace(snap, step_age_s=0.0) == Progress(
+        step=0, samples=0, loss=None, total_steps=0, metrics={}
+    )
+    assert 0 <= snap.step_age_s < 5
+
+
+def test_the_step_age_restarts_when_the_step_moves() -> None:
+    t, opt = _Tracker(), Optimizer()
+    t._last_step_at -= 100  # as if the tracker had been idle for a long time
+    assert t.snapshot().step_age_s >= 100
+    t.on_optimizer_step(opt, (), {})
+    assert t.snapshot().step_age_s < 5
 
 
 def test_steps_are_counted_from_the_optimizer_hook() -> None:

@@ -686,3 +686,31 @@ def test_concurrent_registrations_give_every_rank_once(clock):
         t.join(10)
     assert sorted(ranks) == list(range(8))
     assert reg.barrier_open
+
+
+def test_a_stall_is_dated_from_the_step_the_worker_saw_not_from_the_heartbeat(clock):
+    reg = make_registry(clock)
+    register_all(reg)
+    beat(reg, 0, step=0)
+    beat(reg, 1, step=0)
+    clock.advance(1.0)
+    beat(reg, 0, step=7, step_age_s=0.8)  # the step moved 0.8 s before this heartbeat
+    beat(reg, 1, step=7, step_age_s=0.0)
+    for _ in range(10):
+        clock.advance(1.0)
+        beat(reg, 0, step=7, step_age_s=99.0)
+        beat(reg, 1, step=7, step_age_s=99.0)
+    clock.advance(0.1)  # rank 0 stalled 10.9 s ago by its own clock, rank 1 10.1 s ago
+    (v,) = [v for v in reg.find_hung(10.5)]
+    assert v.rank == 0 and v.stalled_for_s == pytest.approx(10.9)
+
+
+def test_a_step_age_never_dates_a_step_before_the_previous_heartbeat(clock):
+    reg = make_registry(clock)
+    register_all(reg)
+    beat(reg, 0, step=0)
+    clock.advance(1.0)
+    beat(reg, 0, step=3, step_age_s=1e9)  # a bogus age is clamped to the previous heartbeat (t=0)
+    clock.advance(5.0)
+    beat(reg, 0, step=3)
+    assert [v.stalled_for_s for v in reg.find_hung(4) if v.rank == 0] == [pytest.approx(6.0)]

@@ -113,7 +113,8 @@ def index_in(n: int) -> st.SearchStrategy[int]:
 
 @functools.cache
 def generation_near(g: int) -> st.SearchStrategy[int]:
-    return st.one_of(st.just(g), st.just(g), st.integers(g - 2, g + 2), st.sampled_from([INT32_MIN, INT32_MAX]))
+    """Mostly the current generation (so that requests get through), else an older or a future one."""
+    return st.one_of(*[st.just(g)] * 4, st.integers(g - 2, g + 2), st.sampled_from([INT32_MIN, INT32_MAX]))
 
 
 PIDS = st.one_of(st.integers(1, 6), st.integers(1, 6), st.integers(-3, 0), st.sampled_from([INT32_MIN, INT32_MAX]))
@@ -122,8 +123,9 @@ HOSTNAMES = st.one_of(
     st.integers(HOSTNAME_LIMIT - 2, HOSTNAME_LIMIT + 2).map(lambda n: "h" * n),
     st.integers(1_000, 100_000).map(lambda n: "x" * n),  # huge
 )
-COUNTS = st.one_of(st.integers(0, 10**6), st.integers(-3, -1), st.sampled_from([INT64_MIN, INT64_MAX]))
-FLOATS = st.floats(allow_nan=True, allow_infinity=True)  # NaN, +-inf, subnormals, huge
+COUNTS = st.one_of(*[st.integers(0, 10**6)] * 4, st.integers(-3, -1), st.sampled_from([INT64_MIN, INT64_MAX]))
+NON_FINITE = st.sampled_from([math.nan, math.inf, -math.inf])
+FLOATS = st.one_of(st.floats(-1e3, 1e3), NON_FINITE, st.floats())  # also subnormals, huge, NaN
 METRIC_NAMES = st.one_of(
     st.sampled_from(["loss", "lr", "acc", "grad_norm"]),
     st.text(alphabet=string.ascii_lowercase, max_size=8),  # "" included
@@ -131,12 +133,14 @@ METRIC_NAMES = st.one_of(
     st.integers(1_000, 10_000).map(lambda n: "k" * n),
 )
 METRICS = st.one_of(
+    st.dictionaries(st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=8), st.floats(-1e6, 1e6), max_size=6),
     st.dictionaries(METRIC_NAMES, FLOATS, max_size=6),
-    st.dictionaries(METRIC_NAMES, st.floats(-1e6, 1e6), max_size=6),
-    # many metrics: around the per-heartbeat limit, distinct names so that they add up
-    st.tuples(st.integers(MAX_METRICS - 2, MAX_METRICS + 3), st.integers(0, 3)).map(
+    # many metrics: around the per-heartbeat limit, names that differ from one heartbeat to
+    # the next (a rank must not pile them up)
+    st.tuples(st.integers(MAX_METRICS - 6, MAX_METRICS + 2), st.integers(0, 9)).map(
         lambda t: {f"g{t[1]}_{i}": float(i) for i in range(t[0])}
     ),
+    st.builds(dict),
 )
 EXIT_CODES = st.sampled_from([0, 0, 1, 2, -9, -15, 137, INT32_MIN, INT32_MAX])
 WAITS = st.sampled_from([0.0, -1.0, -math.inf, math.nan])  # never blocks: the wait is clamped at 0
