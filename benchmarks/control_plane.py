@@ -1,0 +1,377 @@
+"""The control plane under load: many simulated workers heartbeating against one master.
+
+Three kinds of process:
+
+* the master (``python -m benchmarks.control_plane serve``): a `ddp_launch.registry.Registry`
+  served by a `ddp_launch.master.MasterServer`, exactly as the launcher builds them, alone in
+  its process so that its CPU time and RSS can be read with psutil. The target is "on one
+  core": besides its CPU %, the figure reports its CPU time per heartbeat and the rate that
+  would fill one core. With BENCH_PIN=1 it is pinned to one CPU and the load to the others
+  (off by default: on a shared machine a pinned master can sit on the busy CPU).
+* load processes (``python -m benchmarks.control_plane load``): each simulates a few hundred
+  workers with asyncio gRPC clients (no torch), one channel per worker as real workers
+  have. Each worker registers, then sends a heartbeat every 1/rate seconds on a fixed
+  schedule (one RPC in flight per worker, like the worker's heartbeat thread; a late one
+  is sent at once, never in a burst) and times each RPC.
+* this harness: starts them, opens the measured window at the same wall-clock time in every
+  load process, reads the master's CPU time at both ends of the window, and kills them all
+  by pid at the end.
+
+There is no torchrun counterpart: torchrun's agent has no per-worker control channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import random
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import psutil
+
+from benchmarks.stats import percentile
+
+TOKEN_ENV = "BENCH_CONTROL_TOKEN"
+WORKERS_PER_NODE = 64  # simulated nodes of 64 workers: registry slots (node_rank, local_rank)
+FAKE_PID_BASE = 1_000_000  # a distinct positive pid per simulated worker
+STARTUP_TIMEOUT_S = 60.0
+RPC_TIMEOUT_S = 5.0
+MB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    workers: int
+    rate_hz: float
+    warmup_s: float
+    duration_s: float
+    load_procs: int
+
+
+def layout(workers: int) -> tuple[int, int]:
+    """(simulated nodes, workers per node) for `workers` registry slots."""
+    if workers > WORKERS_PER_NODE and workers % WORKERS_PER_NODE == 0:
+        return workers // WORKERS_PER_NODE, WORKERS_PER_NODE
+    return 1, workers
+
+
+# -- the master process ------------------------------------------------------------------
+
+
+def serve(world_size: int) -> None:
+    """Serve a registry for `world_size` workers until stdin closes; print {"port": ...} first."""
+    from ddp_launch.master import MasterServer
+    from ddp_launch.registry import Registry
+
+    nnodes, local_world_size = layout(world_size)
+    registry = Registry(
+        run_id="bench-control-plane",
+        nnodes=nnodes,
+        local_world_size=local_world_size,
+        max_restarts=0,
+        ddp_addr="127.0.0.1",
+    )
+    server = MasterServer(registry, os.environ[TOKEN_ENV], host="127.0.0.1", port=0)
+    port = server.start()
+    try:
+        print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+        sys.stdin.read()  # the harness closes our stdin (or dies) to stop us
+    finally:
+        server.stop(0.2)
+
+
+# -- a load process ----------------------------------------------------------------------
+
+
+async def _load(args: argparse.Namespace) -> dict:
+    import grpc
+
+    from ddp_launch.client import TOKEN_METADATA_KEY, channel_options
+    from ddp_launch.proto import orchestrator_pb2 as pb
+    from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+
+    metadata = ((TOKEN_METADATA_KEY, os.environ[TOKEN_ENV]),)
+    local_world_size = args.local_world_size
+    ranks = list(range(args.first, args.first + args.count))
+    channels = [grpc.aio.insecure_channel(args.address, options=channel_options()) for _ in ranks]
+    stubs = [pb_grpc.OrchestratorStub(c) for c in channels]
+    try:
+        # Register, a few dozen at a time (as workers starting on many nodes would).
+        register_latencies: list[float] = []
+        gate = asyncio.Semaphore(64)
+
+        async def register(stub, rank: int) -> None:
+            request = pb.RegisterRequest(
+                node_rank=rank // local_world_size,
+                local_rank=rank % local_world_size,
+                pid=FAKE_PID_BASE + rank,
+                hostname=f"sim-{rank // local_world_size}",
+                generation=0,
+            )
+            async with gate:
+                t0 = time.perf_counter()
+                await stub.Register(request, timeout=30.0, metadata=metadata, wait_for_ready=True)
+                register_latencies.append(time.perf_counter() - t0)
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(register(s, r) for s, r in zip(stubs, ranks)))
+        register_s = time.perf_counter() - t0
+        print(json.dumps({"ready": True}), flush=True)
+        line = await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        start_at = float(line)
+        window = (start_at + args.warmup_s, start_at + args.warmup_s + args.duration_s)
+        interval = 1.0 / args.rate_hz
+        latencies: list[float] = []
+        errors: dict[str, int] = {}
+        sent = 0
+
+        async def beat(stub, rank: int) -> None:
+            nonlocal sent
+            rng = random.Random(rank)
+            next_t = start_at + rng.random() * interval  # spread over the interval
+            step = 0
+            while True:
+                now = time.time()
+                if now >= window[1]:
+                    return
+                if next_t > now:
+                    await asyncio.sleep(next_t - now)
+                step += 1
+                request = pb.Heartbeat(
+                    rank=rank,
+                    generation=0,
+                    pid=FAKE_PID_BASE + rank,
+                    step=step,
+                    samples=step * 64,
+                    has_loss=True,
+                    loss=1.0 / step,
+                    total_steps=1_000_000,
+                )
+                begin_wall, begin = time.time(), time.perf_counter()
+                try:
+                    await stub.SendHeartbeat(request, timeout=RPC_TIMEOUT_S, metadata=metadata)
+                    ok = True
+                except grpc.aio.AioRpcError as e:
+                    ok = False
+                    if window[0] <= begin_wall < window[1]:
+                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                if ok and window[0] <= begin_wall < window[1]:
+                    latencies.append(time.perf_counter() - begin)
+                    sent += 1
+                next_t = max(next_t + interval, time.time())
+
+        cpu0 = psutil.Process().cpu_times()
+        await asyncio.gather(*(beat(s, r) for s, r in zip(stubs, ranks)))
+        cpu1 = psutil.Process().cpu_times()
+        return {
+            "ok": sent,
+            "errors": errors,
+            "latencies_us": [round(x * 1e6) for x in latencies],
+            "register_s": register_s,
+            "register_latencies_us": [round(x * 1e6) for x in register_latencies],
+            "cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
+        }
+    finally:
+        for c in channels:
+            await c.close()
+
+
+# -- the harness -------------------------------------------------------------------------
+
+
+def _read_json_line(proc: subprocess.Popen, timeout_s: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise RuntimeError(f"{what}: no answer within {timeout_s:.0f} s")
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            line = proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"{what}: exited with code {proc.wait()}")
+            with contextlib.suppress(json.JSONDecodeError):
+                return json.loads(line)
+
+
+def _kill(procs: list[subprocess.Popen]) -> None:
+    victims = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            root = psutil.Process(proc.pid)
+            victims += [root, *root.children(recursive=True)]
+    for p in victims:
+        with contextlib.suppress(psutil.Error):
+            p.send_signal(signal.SIGKILL)
+    psutil.wait_procs(victims, timeout=5)
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.wait(timeout=5)
+        for stream in (proc.stdin, proc.stdout):
+            with contextlib.suppress(Exception):
+                if stream:
+                    stream.close()
+
+
+def _cpus() -> tuple[set[int] | None, set[int] | None]:
+    """(master CPUs, load CPUs): one CPU for the master and the rest for the load, when there
+    are at least two; else no pinning."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None, None
+    if len(cpus) < 2:
+        return None, None
+    return {cpus[0]}, set(cpus[1:])
+
+
+def measure(load: LoadSettings) -> dict:
+    """Run the master and the load for one heartbeat rate; return the figure."""
+    token = secrets.token_urlsafe(24)
+    env = dict(os.environ, **{TOKEN_ENV: token})
+    env.pop("OMP_NUM_THREADS", None)
+    # GRPC_* variables of the caller (e.g. verbosity) would change what is measured.
+    master_cpus, load_cpus = _cpus() if os.environ.get("BENCH_PIN") == "1" else (None, None)
+    py = [sys.executable, "-m", "benchmarks.control_plane"]
+    started: list[subprocess.Popen] = []
+    try:
+        master = subprocess.Popen(
+            [*py, "serve", "--world-size", str(load.workers)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+            start_new_session=True,
+        )
+        started.append(master)
+        if master_cpus:
+            os.sched_setaffinity(master.pid, master_cpus)
+        port = _read_json_line(master, STARTUP_TIMEOUT_S, "the master")["port"]
+        _, local_world_size = layout(load.workers)
+        per_proc = -(-load.workers // load.load_procs)
+        loaders = []
+        for first in range(0, load.workers, per_proc):
+            count = min(per_proc, load.workers - first)
+            loader = subprocess.Popen(
+                [*py, "load", "--address", f"127.0.0.1:{port}", "--first", str(first), "--count", str(count),
+                 "--local-world-size", str(local_world_size), "--rate-hz", str(load.rate_hz),
+                 "--warmup-s", str(load.warmup_s), "--duration-s", str(load.duration_s)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
+            )  # fmt: skip
+            started.append(loader)
+            loaders.append(loader)
+            if load_cpus:
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(loader.pid, load_cpus)
+        register_start = time.monotonic()
+        for loader in loaders:
+            _read_json_line(loader, STARTUP_TIMEOUT_S, "a load process")
+        register_all_s = time.monotonic() - register_start
+        start_at = time.time() + 0.3
+        for loader in loaders:
+            loader.stdin.write(f"{start_at!r}\n")
+            loader.stdin.flush()
+        mproc = psutil.Process(master.pid)
+        window = (start_at + load.warmup_s, start_at + load.warmup_s + load.duration_s)
+        time.sleep(max(0.0, window[0] - time.time()))
+        t0, c0 = time.time(), mproc.cpu_times()
+        peak_rss = mproc.memory_info().rss
+        while time.time() < window[1]:
+            time.sleep(min(0.25, max(0.0, window[1] - time.time())))
+            peak_rss = max(peak_rss, mproc.memory_info().rss)
+        t1, c1 = time.time(), mproc.cpu_times()
+        threads = mproc.num_threads()
+        results = [
+            _read_json_line(loader, load.duration_s + load.warmup_s + 30, "a load process") for loader in loaders
+        ]
+    finally:
+        _kill(started)
+    master_cpu_s = (c1.user + c1.system) - (c0.user + c0.system)
+    latencies = sorted(x for r in results for x in r["latencies_us"])
+    reg_latencies = sorted(x for r in results for x in r["register_latencies_us"])
+    ok = sum(r["ok"] for r in results)
+    errors: dict[str, int] = {}
+    for r in results:
+        for k, v in r["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    per_s = ok / load.duration_s
+    us_per_heartbeat = master_cpu_s * 1e6 / ok if ok else None
+    return {
+        "workers": load.workers,
+        "rate_hz": load.rate_hz,
+        "offered_per_s": load.workers * load.rate_hz,
+        "heartbeats_per_s": per_s,
+        "p50_ms": (percentile(latencies, 50) or 0) / 1000 if latencies else None,
+        "p99_ms": (percentile(latencies, 99) or 0) / 1000 if latencies else None,
+        "max_ms": latencies[-1] / 1000 if latencies else None,
+        "errors": errors,
+        "master_cpu_percent": 100 * master_cpu_s / (t1 - t0),
+        "master_rss_mb": peak_rss / MB,
+        "master_threads": threads,
+        "master_cpu_us_per_heartbeat": us_per_heartbeat,
+        "one_core_capacity_per_s": 1e6 / us_per_heartbeat if us_per_heartbeat else None,
+        "load_cpu_percent": 100 * sum(r["cpu_s"] for r in results) / (load.warmup_s + load.duration_s),
+        "register_all_s": register_all_s,
+        "register_p99_ms": (percentile(reg_latencies, 99) or 0) / 1000 if reg_latencies else None,
+        "window_s": load.duration_s,
+        "load_procs": len(results),
+        "master_pinned_to_cpus": sorted(master_cpus) if master_cpus else None,
+    }
+
+
+def control_plane_figures(workers: int, rates: tuple[float, ...], warmup_s: float, duration_s: float,
+                          load_procs: int, say) -> list[dict]:  # fmt: skip
+    figures = []
+    for rate in rates:
+        say(f"control plane: {workers} simulated workers at {rate:g} Hz")
+        key = f"control_plane_{rate:g}hz"
+        figure = {
+            "kind": "control_plane",
+            "key": key,
+            "title": f"control plane: {workers} simulated workers heartbeating at {rate:g} Hz against one master",
+            "target": ">= 10,000 heartbeats/s on one core, p99 RPC latency <= 50 ms",
+            "note": "no torchrun counterpart (torchrun's agent has no per-worker control channel)",
+            "torchrun": None,
+        }
+        try:
+            figure["ddp_launch"] = measure(LoadSettings(workers, rate, warmup_s, duration_s, load_procs))
+            figure["error"] = None
+        except Exception as e:  # a figure that could not be measured is reported, not fatal
+            figure["ddp_launch"] = None
+            figure["error"] = f"{type(e).__name__}: {e}"
+        figures.append(figure)
+    return figures
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.control_plane")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--world-size", type=int, required=True)
+    lp = sub.add_parser("load")
+    lp.add_argument("--address", required=True)
+    lp.add_argument("--first", type=int, required=True)
+    lp.add_argument("--count", type=int, required=True)
+    lp.add_argument("--local-world-size", type=int, required=True)
+    lp.add_argument("--rate-hz", type=float, required=True)
+    lp.add_argument("--warmup-s", type=float, required=True)
+    lp.add_argument("--duration-s", type=float, required=True)
+    args = p.parse_args(argv)
+    if args.command == "serve":
+        serve(args.world_size)
+    else:
+        result = asyncio.run(_load(args))
+        print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

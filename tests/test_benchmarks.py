@@ -1,0 +1,120 @@
+"""The benchmark suite: its bookkeeping as plain objects, and one tiny real run (smoke test).
+
+No timing thresholds here: a slow machine must not fail CI. The smoke test only checks that
+the suite runs both launchers, measures every figure it was asked for as a positive number,
+and writes the JSON the README's table is made from.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from benchmarks.procs import DDP_LAUNCH, TORCHRUN
+from benchmarks.stats import Figure, percentile
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ratios_pair_values_and_skip_failed_pairs():
+    fig = Figure("x", "x", "s", "lower", "<= 0.5x torchrun", target_ratio=0.5)
+    fig.add(DDP_LAUNCH, 0, 1.0)
+    fig.add(TORCHRUN, 0, 4.0)
+    fig.add(TORCHRUN, 1, 3.0)  # pairs may be recorded in either order
+    fig.add(DDP_LAUNCH, 1, None, "no first step")
+    fig.add(TORCHRUN, 2, 2.0)
+    fig.add(DDP_LAUNCH, 2, 2.0)
+    assert fig.ratios() == [0.25, 1.0]
+    data = fig.to_json()
+    assert data["ratio_median"] == 0.625
+    assert data["met"] is False
+    assert data["launchers"][DDP_LAUNCH]["values"] == [1.0, None, 2.0]
+    assert data["launchers"][DDP_LAUNCH]["failed"] == 1
+    assert data["launchers"][TORCHRUN]["median"] == 3.0
+
+
+def test_higher_is_better_and_absolute_targets():
+    fig = Figure("t", "t", "steps/s", "higher", ">= 0.98x", target_ratio=0.98)
+    fig.add(DDP_LAUNCH, 0, 99.0)
+    fig.add(TORCHRUN, 0, 100.0)
+    assert fig.met() is True
+    hang = Figure("h", "h", "s", "lower", "<= 12 s", target_abs=12.0)
+    hang.bound_s = 60
+    hang.add(DDP_LAUNCH, 0, 11.0)
+    hang.add_not_detected(TORCHRUN, 0, None)
+    assert hang.met() is True
+    assert hang.to_json()["launchers"][TORCHRUN]["not_detected"] == 1
+    assert Figure("e", "e", "s", "lower", "", target_ratio=1.0).met() is None
+
+
+def test_percentile_nearest_rank():
+    values = sorted(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7], 99) == 7
+    assert percentile([], 50) is None
+
+
+def _kill_tree(pid: int) -> None:
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=5)
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(240)
+def test_quick_suite_measures_every_figure(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, "-m", "benchmarks", "--quick", "--pairs", "1", "--nproc", "2",
+           "--figures", "startup,recovery,control", "--control-workers", "32", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=220)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        stdout, stderr = proc.communicate()
+        pytest.fail(f"the quick suite did not finish in 220 s\n{stdout}\n{stderr}")
+    assert proc.returncode == 0, stdout + stderr
+    assert "startup_n2" in stdout and "recovery_n2" in stdout and "control_plane_10hz" in stdout
+
+    result = json.loads(out.read_text())
+    assert {"suite", "date", "machine", "settings", "figures", "runs"} <= set(result)
+    assert _positive(result["machine"]["cpus"])
+    figures = result["figures"]
+    assert {"startup_n2", "wall_n2", "recovery_n2", "control_plane_1hz", "control_plane_10hz"} <= set(figures)
+    for key, fig in figures.items():
+        if fig["kind"] == "pairs":
+            for launcher in (DDP_LAUNCH, TORCHRUN):
+                stats = fig["launchers"][launcher]
+                assert stats["n"] == 1, (key, launcher, stats["errors"])
+                for name in ("min", "median", "max"):
+                    assert _positive(stats[name]), (key, launcher, name, stats)
+            assert _positive(fig["ratio_median"]), key
+        else:
+            assert fig["kind"] == "control_plane"
+            assert fig["torchrun"] is None and "torchrun" in fig["note"]
+            data = fig["ddp_launch"]
+            assert data is not None, fig["error"]
+            for name in ("heartbeats_per_s", "p50_ms", "p99_ms", "master_cpu_percent", "master_rss_mb"):
+                assert _positive(data[name]), (key, name, data)
+    # Both launchers ran, in alternating order, and every run was accounted for.
+    assert {r["launcher"] for r in result["runs"]} == {DDP_LAUNCH, TORCHRUN}
+    assert all(not r["leftover_pids"] for r in result["runs"])
