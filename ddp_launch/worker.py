@@ -43,16 +43,7 @@ def worker_main(environ: dict[str, str], target: Target, stdout: Connection, std
     stderr.close()
     _release_forkserver()
     _die_with_parent()
-    os.environ.update(environ)
-    code = EXIT_BOOTSTRAP_FAILED
-    try:
-        code = _run(target)
-    except BaseException:
-        _say("the worker's bootstrap failed:")
-        traceback.print_exc()
-    finally:
-        _flush_stdio()
-        os._exit(code)
+    _run_and_exit(environ, target)
 
 
 def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
@@ -173,6 +164,10 @@ def _run(target: Target) -> int:
 
 def run_by_hand(environ: dict[str, str], target: Target) -> None:
     """`ddp-launch worker`: this process is the worker (no launcher, no fork); never returns."""
+    _run_and_exit(environ, target)
+
+
+def _run_and_exit(environ: dict[str, str], target: Target) -> None:
     os.environ.update(environ)
     code = EXIT_BOOTSTRAP_FAILED
     try:
