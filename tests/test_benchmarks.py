@@ -8,16 +8,15 @@ and writes the JSON the README's table is made from.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 from pathlib import Path
 
-import psutil
 import pytest
 
 from benchmarks.procs import DDP_LAUNCH, TORCHRUN
 from benchmarks.stats import Figure, percentile
+from tests.e2e.launch import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,20 +60,6 @@ def test_percentile_nearest_rank():
     assert percentile([], 50) is None
 
 
-def _kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return
-    for p in procs:
-        try:
-            p.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=5)
-
-
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
@@ -89,7 +74,7 @@ def test_quick_suite_measures_every_figure(tmp_path):
     try:
         stdout, stderr = proc.communicate(timeout=220)
     except subprocess.TimeoutExpired:
-        _kill_tree(proc.pid)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         pytest.fail(f"the quick suite did not finish in 220 s\n{stdout}\n{stderr}")
     assert proc.returncode == 0, stdout + stderr

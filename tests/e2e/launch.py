@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -58,6 +59,13 @@ def run_launcher(args: list[str], cwd: Path, timeout_s: float = 120, env: dict |
         out, err = proc.communicate()
         raise AssertionError(f"launcher did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}") from None
     return Run(proc.returncode, out, err, run_dir)
+
+
+def free_port() -> int:
+    """A port nobody listens on right now on 127.0.0.1 (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def kill_tree(pid: int) -> None:

@@ -3,21 +3,14 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 
 import pytest
 
-from tests.e2e.launch import SCRIPTS, kill_tree, launcher_command, launcher_env
+from tests.e2e.launch import SCRIPTS, free_port, kill_tree, launcher_command, launcher_env
 
 pytestmark = [pytest.mark.e2e]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _spawn(args: list[str], cwd) -> subprocess.Popen:
@@ -31,7 +24,7 @@ def _spawn(args: list[str], cwd) -> subprocess.Popen:
 def test_a_master_and_four_hand_started_workers(tmp_path):
     out = tmp_path / "env"
     out.mkdir()
-    port = _free_port()
+    port = free_port()
     master = _spawn(["master", "--world-size", "4", "--port", str(port)], tmp_path)
     workers = []
     try:
@@ -57,7 +50,7 @@ def test_a_master_and_four_hand_started_workers(tmp_path):
 
 @pytest.mark.timeout(120)
 def test_a_hand_started_worker_that_fails_ends_the_run_with_its_traceback(tmp_path):
-    port = _free_port()
+    port = free_port()
     master = _spawn(["master", "--world-size", "2", "--port", str(port)], tmp_path)
     workers = []
     try:

@@ -3,26 +3,28 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 
 import pytest
 
-from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, kill_tree, launcher_command, launcher_env, run_launcher
+from tests.e2e.launch import (
+    EXAMPLE,
+    SCRIPTS,
+    digests,
+    free_port,
+    kill_tree,
+    launcher_command,
+    launcher_env,
+    run_launcher,
+)
 
 pytestmark = [pytest.mark.e2e]
 TOKEN = "test-token-not-secret"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_nodes(tmp_path, script_args: list[str], extra: list[str] = (), timeout_s: float = 150):
     """Starts node 1 in the background, runs node 0, returns both (code, stdout, stderr)."""
-    port = _free_port()
+    port = free_port()
     env = {**launcher_env(), "DDP_LAUNCH_TOKEN": TOKEN}
     common = ["--nnodes", "2", "--master-port", str(port), "-n", "2", "--stop-grace", "1", *extra]
     node1 = subprocess.Popen(
@@ -70,7 +72,7 @@ def test_a_crash_on_node_1_restarts_both_nodes_and_the_run_finishes(tmp_path):
 
 @pytest.mark.timeout(60)
 def test_a_node_that_cannot_reach_the_master_says_where_it_looked(tmp_path):
-    port = _free_port()
+    port = free_port()
     run = run_launcher(
         ["--nnodes", "2", "--node-rank", "1", "--master-port", str(port), "--join-timeout", "2", "-n", "1",
          str(EXAMPLE)],

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
 
 import pytest
 
-from tests.e2e.launch import SCRIPTS, kill_tree, launcher_command, launcher_env, run_launcher
+from tests.e2e.launch import SCRIPTS, free_port, kill_tree, launcher_command, launcher_env, run_launcher
 
 pytestmark = [pytest.mark.e2e]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _status(*args: str) -> subprocess.CompletedProcess:
@@ -31,7 +24,7 @@ def test_status_metrics_and_straggler_flag_on_a_live_run(tmp_path):
     from prometheus_client.parser import text_string_to_metric_families
 
     run_dir = tmp_path / "run"
-    metrics_port = _free_port()
+    metrics_port = free_port()
     proc = subprocess.Popen(
         launcher_command("--run-dir", str(run_dir), "-n", "3", "--heartbeat-interval", "0.25",
                          "--straggler-window", "2", "--metrics-port", str(metrics_port),
