@@ -10,9 +10,12 @@ Three kinds of process:
   (off by default: on a shared machine a pinned master can sit on the busy CPU).
 * load processes (``python -m benchmarks.control_plane load``): each simulates a few hundred
   workers with asyncio gRPC clients (no torch), one channel per worker as real workers
-  have. Each worker registers, then sends a heartbeat every 1/rate seconds on a fixed
-  schedule (one RPC in flight per worker, like the worker's heartbeat thread; a late one
-  is sent at once, never in a burst) and times each RPC.
+  have. Each worker registers, then does what a worker's heartbeat thread does: it opens
+  one heartbeat stream and sends a heartbeat every 1/rate seconds on a fixed schedule (a
+  late one is sent at once, never in a burst), one in every `ACK_EVERY_S` asking for an
+  answer. The latency is the round trip of those answered heartbeats, from the write to the
+  answer: it includes any queue in front of the master. One ticker per load process sends
+  what is due every few milliseconds, so that the load, not the master, costs the least it can.
 * this harness: starts them, opens the measured window at the same wall-clock time in every
   load process, reads the master's CPU time at both ends of the window, and kills them all
   by pid at the end.
@@ -44,8 +47,8 @@ TOKEN_ENV = "BENCH_CONTROL_TOKEN"
 WORKERS_PER_NODE = 64  # simulated nodes of 64 workers: registry slots (node_rank, local_rank)
 FAKE_PID_BASE = 1_000_000  # a distinct positive pid per simulated worker
 STARTUP_TIMEOUT_S = 60.0
-RPC_TIMEOUT_S = 5.0
 MB = 1024 * 1024
+TICK_S = 0.002  # how often a load process sends what is due
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def serve(world_size: int) -> None:
 async def _load(args: argparse.Namespace) -> dict:
     import grpc
 
-    from ddp_launch.client import TOKEN_METADATA_KEY, channel_options
+    from ddp_launch.client import ACK_EVERY_S, TOKEN_METADATA_KEY, channel_options
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 
@@ -130,22 +133,47 @@ async def _load(args: argparse.Namespace) -> dict:
         start_at = float(line)
         window = (start_at + args.warmup_s, start_at + args.warmup_s + args.duration_s)
         interval = 1.0 / args.rate_hz
+        ack_every = max(1, round(ACK_EVERY_S * args.rate_hz))  # what a real worker asks for
         latencies: list[float] = []
         errors: dict[str, int] = {}
         sent = 0
+        asked: list[dict[int, tuple[float, float]]] = [{} for _ in ranks]  # ack_id -> (wall, perf)
 
-        async def beat(stub, rank: int) -> None:
-            nonlocal sent
-            rng = random.Random(rank)
-            next_t = start_at + rng.random() * interval  # spread over the interval
-            step = 0
-            while True:
-                now = time.time()
-                if now >= window[1]:
-                    return
-                if next_t > now:
-                    await asyncio.sleep(next_t - now)
-                step += 1
+        calls = [stub.StreamHeartbeats(metadata=metadata) for stub in stubs]
+
+        async def answers(i: int) -> None:
+            try:
+                while True:
+                    reply = await calls[i].read()
+                    if reply is grpc.aio.EOF:
+                        return
+                    begin_wall, begin = asked[i].pop(reply.ack_id, (0.0, 0.0))
+                    if window[0] <= begin_wall < window[1]:
+                        latencies.append(time.perf_counter() - begin)
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
+        readers = [asyncio.create_task(answers(i)) for i in range(len(ranks))]
+        rng = random.Random(args.first)
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+        t0 = time.perf_counter()
+        due = [t0 + rng.random() * interval for _ in ranks]  # spread over the interval
+        steps = [0] * len(ranks)
+        cpu0 = psutil.Process().cpu_times()
+        while time.time() < window[1]:
+            now = time.perf_counter()
+            now_wall = time.time()
+            writes = []
+            for i, rank in enumerate(ranks):
+                if due[i] > now:
+                    continue
+                steps[i] += 1
+                step = steps[i]
+                # One in ack_every asks, at a phase of its own per worker (real workers start
+                # at different times), so that every second has answers to time.
+                ack_id = step if (step + rank) % ack_every == 0 else 0
+                if ack_id:
+                    asked[i][ack_id] = (now_wall, now)
                 request = pb.Heartbeat(
                     rank=rank,
                     generation=0,
@@ -155,23 +183,22 @@ async def _load(args: argparse.Namespace) -> dict:
                     has_loss=True,
                     loss=1.0 / step,
                     total_steps=1_000_000,
+                    ack_id=ack_id,
                 )
-                begin_wall, begin = time.time(), time.perf_counter()
-                try:
-                    await stub.SendHeartbeat(request, timeout=RPC_TIMEOUT_S, metadata=metadata)
-                    ok = True
-                except grpc.aio.AioRpcError as e:
-                    ok = False
-                    if window[0] <= begin_wall < window[1]:
-                        errors[e.code().name] = errors.get(e.code().name, 0) + 1
-                if ok and window[0] <= begin_wall < window[1]:
-                    latencies.append(time.perf_counter() - begin)
+                writes.append(calls[i].write(request))
+                if window[0] <= now_wall < window[1]:
                     sent += 1
-                next_t = max(next_t + interval, time.time())
-
-        cpu0 = psutil.Process().cpu_times()
-        await asyncio.gather(*(beat(s, r) for s, r in zip(stubs, ranks)))
+                due[i] = max(due[i] + interval, now)
+            results = await asyncio.gather(*writes, return_exceptions=True)
+            for r in results:
+                if isinstance(r, Exception):
+                    name = r.code().name if isinstance(r, grpc.aio.AioRpcError) else type(r).__name__
+                    errors[name] = errors.get(name, 0) + 1
+            await asyncio.sleep(TICK_S)
         cpu1 = psutil.Process().cpu_times()
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
         return {
             "ok": sent,
             "errors": errors,
@@ -234,6 +261,21 @@ def _cpus() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
+def _heartbeats_seen(port: int, token: str) -> tuple[float, int]:
+    """(when, how many heartbeats the master has recorded): every simulated heartbeat advances
+    its rank's step by one, so the sum of the steps in the master's status counts them. `when`
+    is the middle of the call's round trip."""
+    from ddp_launch.client import MasterClient
+
+    client = MasterClient(f"127.0.0.1:{port}", token)
+    try:
+        before = time.time()
+        seen = sum(r.step for r in client.get_status(timeout_s=30.0).ranks)
+        return (before + time.time()) / 2, seen
+    finally:
+        client.close()
+
+
 def measure(load: LoadSettings) -> dict:
     """Run the master and the load for one heartbeat rate; return the figure."""
     token = secrets.token_urlsafe(24)
@@ -283,12 +325,14 @@ def measure(load: LoadSettings) -> dict:
         mproc = psutil.Process(master.pid)
         window = (start_at + load.warmup_s, start_at + load.warmup_s + load.duration_s)
         time.sleep(max(0.0, window[0] - time.time()))
-        t0, c0 = time.time(), mproc.cpu_times()
+        c0 = mproc.cpu_times()
+        t0, seen0 = _heartbeats_seen(port, token)
         peak_rss = mproc.memory_info().rss
         while time.time() < window[1]:
             time.sleep(min(0.25, max(0.0, window[1] - time.time())))
             peak_rss = max(peak_rss, mproc.memory_info().rss)
-        t1, c1 = time.time(), mproc.cpu_times()
+        c1 = mproc.cpu_times()
+        t1, seen1 = _heartbeats_seen(port, token)
         threads = mproc.num_threads()
         results = [
             _read_json_line(loader, load.duration_s + load.warmup_s + 30, "a load process") for loader in loaders
@@ -303,13 +347,14 @@ def measure(load: LoadSettings) -> dict:
     for r in results:
         for k, v in r["errors"].items():
             errors[k] = errors.get(k, 0) + v
-    per_s = ok / load.duration_s
-    us_per_heartbeat = master_cpu_s * 1e6 / ok if ok else None
+    per_s = (seen1 - seen0) / (t1 - t0)
+    us_per_heartbeat = master_cpu_s * 1e6 / (seen1 - seen0) if seen1 > seen0 else None
     return {
         "workers": load.workers,
         "rate_hz": load.rate_hz,
         "offered_per_s": load.workers * load.rate_hz,
         "heartbeats_per_s": per_s,
+        "sent_per_s": ok / load.duration_s,
         "p50_ms": (percentile(latencies, 50) or 0) / 1000 if latencies else None,
         "p99_ms": (percentile(latencies, 99) or 0) / 1000 if latencies else None,
         "max_ms": latencies[-1] / 1000 if latencies else None,

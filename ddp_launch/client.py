@@ -1,19 +1,22 @@
 """The worker's side of the control protocol: a gRPC client and the heartbeat thread.
 
 Created only after the worker is forked (a gRPC channel made before a fork breaks the
-child). Every RPC has a deadline; a failed heartbeat warns and retries, it never stops
-training, but a master gone for longer than `master_lost_timeout_s` ends the worker with a
-clear message instead of leaving it to hang.
+child). Every unary RPC has a deadline. Heartbeats go on one long-lived stream; every
+`ACK_EVERY_S` one of them asks the master to answer. A failed stream warns and is opened
+again, it never stops training, but a master that has not answered for longer than
+`master_lost_timeout_s` ends the worker with a clear message instead of leaving it to hang.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -29,6 +32,9 @@ TOKEN_METADATA_KEY = "x-ddp-launch-token"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 RPC_TIMEOUT_S = 5.0
+# How often a worker asks for an answer to a heartbeat: often enough to notice a lost master
+# well within its timeout, rarely enough that answers cost the master next to nothing.
+ACK_EVERY_S = 5.0
 
 # Codes that mean "try again later" rather than "you are wrong".
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -125,20 +131,16 @@ class MasterClient:
                 return
 
     def heartbeat(self, a: Assignment, progress: Progress) -> bool:
-        """Send one heartbeat; True when the master says this generation is over."""
-        request = pb.Heartbeat(
-            rank=a.rank,
-            generation=a.generation,
-            pid=os.getpid(),
-            step=progress.step,
-            samples=progress.samples,
-            has_loss=progress.loss is not None,
-            loss=progress.loss if progress.loss is not None else 0.0,
-            metrics=progress.metrics,
-            total_steps=progress.total_steps,
-            step_age_s=progress.step_age_s,
-        )
-        return self._call(self._stub.SendHeartbeat, request).superseded
+        """Send one heartbeat and wait for the answer; True when this generation is over."""
+        return self._call(self._stub.SendHeartbeat, heartbeat_request(a, progress)).superseded
+
+    def stream_heartbeats(self, requests: Iterator[pb.Heartbeat]) -> Any:
+        """Send `requests` on one stream (gRPC reads them from a thread of its own).
+
+        Returns the master's answers to iterate (those that asked for one, and any for a
+        superseded generation); it has cancel(). A refused heartbeat ends it with the error.
+        """
+        return self._stub.StreamHeartbeats(requests, metadata=self._metadata)
 
     def report_failure(self, a: Assignment, exception_type: str, traceback: str) -> None:
         request = pb.FailureReport(
@@ -174,11 +176,29 @@ class MasterClient:
             delay_s = min(delay_s * 2, 1.0)
 
 
-class HeartbeatThread:
-    """Sends the worker's progress every `interval_s`, off the training thread.
+def heartbeat_request(a: Assignment, progress: Progress, ack_id: int = 0) -> pb.Heartbeat:
+    return pb.Heartbeat(
+        rank=a.rank,
+        generation=a.generation,
+        pid=os.getpid(),
+        step=progress.step,
+        samples=progress.samples,
+        has_loss=progress.loss is not None,
+        loss=progress.loss if progress.loss is not None else 0.0,
+        metrics=progress.metrics,
+        total_steps=progress.total_steps,
+        step_age_s=progress.step_age_s,
+        ack_id=ack_id,
+    )
 
-    When the master has not answered for `master_lost_timeout_s`, the worker cannot be
-    supervised any more: it says so on stderr and ends itself (`on_master_lost`).
+
+class HeartbeatThread:
+    """Sends the worker's progress every `interval_s` on a heartbeat stream, off the training
+    thread.
+
+    When the master has not answered for `master_lost_timeout_s` (no answer to the heartbeats
+    that ask for one, or no stream at all), the worker cannot be supervised any more: it says
+    so on stderr and ends itself (`on_master_lost`).
     """
 
     def __init__(
@@ -190,6 +210,7 @@ class HeartbeatThread:
         interval_s: float,
         master_lost_timeout_s: float,
         on_master_lost: Callable[[str], None],
+        ack_every_s: float = ACK_EVERY_S,
     ) -> None:
         self._client = client
         self._assignment = assignment
@@ -197,8 +218,12 @@ class HeartbeatThread:
         self._interval_s = interval_s
         self._lost_timeout_s = master_lost_timeout_s
         self._on_master_lost = on_master_lost
+        self._ack_every_s = ack_every_s
+        self._ack_ids = itertools.count(1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ddp-launch-heartbeat", daemon=True)
+        self._call_lock = threading.Lock()
+        self._call: Any = None
         self._last_ok = time.monotonic()
         self._local_error_reported = False
 
@@ -206,7 +231,7 @@ class HeartbeatThread:
         self._thread.start()
 
     def send_now(self) -> bool:
-        """One heartbeat from the calling thread; False when it did not get through."""
+        """One answered heartbeat from the calling thread; False when it did not get through."""
         try:
             self._client.heartbeat(self._assignment, self._read_progress())
         except grpc.RpcError as e:
@@ -215,28 +240,67 @@ class HeartbeatThread:
                 self._last_ok = time.monotonic()
             return False
         except Exception as e:  # never let progress reporting kill training
-            # The master was not even asked: this says nothing about losing it.
-            self._last_ok = time.monotonic()
-            if not self._local_error_reported:
-                print(f"[ddp-launch] heartbeat failed (not retried loudly): {e!r}", file=sys.stderr, flush=True)
-                self._local_error_reported = True
+            self._local_error(e)
             return False
         self._last_ok = time.monotonic()
         return True
 
     def stop(self) -> None:
         self._stop.set()
+        self._cancel_call()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join(timeout=RPC_TIMEOUT_S + 1)
 
+    def _local_error(self, e: Exception) -> None:
+        # The master was not even asked: this says nothing about losing it.
+        self._last_ok = time.monotonic()
+        if not self._local_error_reported:
+            print(f"[ddp-launch] heartbeat failed (not retried loudly): {e!r}", file=sys.stderr, flush=True)
+            self._local_error_reported = True
+
+    def _cancel_call(self) -> None:
+        with self._call_lock:
+            if self._call is not None:
+                self._call.cancel()
+
+    def _beats(self) -> Iterator[pb.Heartbeat]:
+        """The stream's requests, read by gRPC's own thread: one per interval until stopped,
+        one in every `ack_every_s` asking for an answer (the first does)."""
+        next_ack_at = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            if now - self._last_ok > self._lost_timeout_s:
+                self._cancel_call()  # answers stopped on an open stream: the master hangs
+                return
+            ack_id = 0
+            if now >= next_ack_at:
+                ack_id, next_ack_at = next(self._ack_ids), now + self._ack_every_s
+            try:
+                request = heartbeat_request(self._assignment, self._read_progress(), ack_id)
+            except Exception as e:  # never let progress reporting kill training
+                self._local_error(e)
+            else:
+                yield request
+            self._stop.wait(self._interval_s)
+
     def _loop(self) -> None:
         warned = False
-        self.send_now()
-        while not self._stop.wait(self._interval_s):
-            ok = self.send_now()
-            if ok:
-                warned = False
-                continue
+        while not self._stop.is_set():
+            with self._call_lock:
+                self._call = self._client.stream_heartbeats(self._beats())
+                replies = self._call
+            try:
+                for _ in replies:
+                    self._last_ok = time.monotonic()
+                    warned = False
+            except grpc.RpcError as e:
+                if e.code() not in _TRANSIENT and e.code() is not grpc.StatusCode.CANCELLED:
+                    # The master answered no (e.g. a restart began): it is there, not "lost".
+                    self._last_ok = time.monotonic()
+            except Exception as e:  # never let progress reporting kill training
+                self._local_error(e)
+            if self._stop.is_set():
+                return
             silent_s = time.monotonic() - self._last_ok
             if silent_s > self._lost_timeout_s:
                 self._on_master_lost(
@@ -251,3 +315,4 @@ class HeartbeatThread:
                     flush=True,
                 )
                 warned = True
+            self._stop.wait(self._interval_s)

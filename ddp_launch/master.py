@@ -3,15 +3,21 @@
 The servicer holds no state of its own beyond counters; the registry is the run's state.
 Every RPC must carry the run's token (checked by an interceptor before any handler runs);
 anything the registry refuses becomes a clear gRPC error and changes nothing.
+
+The server is gRPC's asyncio server, run on an event loop in a thread of its own. The
+heartbeat stream is served on that loop (one message read per heartbeat, no thread per
+worker); every other RPC is a plain function run in a thread pool, because some of them wait
+(the start barrier, WatchRun) and all of them are rare.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hmac
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent import futures
 from typing import Any
 
@@ -43,14 +49,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self.rejections: Counter[str] = Counter()
         self._lock = threading.Lock()
 
+    def _count(self, e: Rejected) -> None:
+        with self._lock:
+            self.rejections[e.reason] += 1
+
     @contextlib.contextmanager
     def _rejections_as_errors(self, context: Any) -> Iterator[None]:
         """A request the registry refuses becomes a gRPC error with a matching code."""
         try:
             yield
         except Rejected as e:
-            with self._lock:
-                self.rejections[e.reason] += 1
+            self._count(e)
             context.abort(_CODES[e.reason], str(e))
             raise  # unreachable with a real context: abort() raises
 
@@ -87,20 +96,37 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             )
         return pb.BarrierReply(open=r.open, superseded=r.superseded)
 
+    def _record_heartbeat(self, request: pb.Heartbeat) -> bool:
+        return self.registry.heartbeat(
+            rank=request.rank,
+            generation=request.generation,
+            pid=request.pid,
+            step=request.step,
+            samples=request.samples,
+            loss=request.loss if request.has_loss else None,
+            metrics=request.metrics,
+            total_steps=request.total_steps,
+            step_age_s=request.step_age_s,
+        )
+
     def SendHeartbeat(self, request: pb.Heartbeat, context: Any) -> pb.HeartbeatReply:
         with self._rejections_as_errors(context):
-            superseded = self.registry.heartbeat(
-                rank=request.rank,
-                generation=request.generation,
-                pid=request.pid,
-                step=request.step,
-                samples=request.samples,
-                loss=request.loss if request.has_loss else None,
-                metrics=request.metrics,
-                total_steps=request.total_steps,
-                step_age_s=request.step_age_s,
-            )
-        return pb.HeartbeatReply(superseded=superseded)
+            superseded = self._record_heartbeat(request)
+        return pb.HeartbeatReply(superseded=superseded, ack_id=request.ack_id)
+
+    async def StreamHeartbeats(
+        self, request_iterator: AsyncIterator[pb.Heartbeat], context: Any
+    ) -> AsyncIterator[pb.HeartbeatReply]:
+        """Runs on the server's event loop: the registry call is short and never waits."""
+        async for request in request_iterator:
+            try:
+                superseded = self._record_heartbeat(request)
+            except Rejected as e:
+                self._count(e)
+                await context.abort(_CODES[e.reason], str(e))
+                return
+            if request.ack_id or superseded:
+                yield pb.HeartbeatReply(superseded=superseded, ack_id=request.ack_id)
 
     def ReportFailure(self, request: pb.FailureReport, context: Any) -> pb.Ack:
         with self._rejections_as_errors(context):
@@ -122,8 +148,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.Ack()
 
     def WatchRun(self, request: pb.WatchRequest, context: Any) -> Iterator[pb.RunState]:
+        ended = threading.Event()
+        context.add_callback(ended.set)  # the client went away, or the server stops
         seen = None
-        while context.is_active():
+        while not ended.is_set():
             state = self.registry.wait_run_change(seen, timeout_s=WATCH_WAKE_S)
             if state != seen:
                 yield pb.RunState(
@@ -168,35 +196,36 @@ def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
     )
 
 
-class _TokenInterceptor(grpc.ServerInterceptor):
+class _TokenInterceptor(grpc.aio.ServerInterceptor):
     """Rejects any call without the run's token before a handler sees it."""
 
     def __init__(self, token: str) -> None:
         self._token = token.encode()
 
-        def deny(request: Any, context: grpc.ServicerContext) -> None:
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
+        async def deny(request: Any, context: Any) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong run token")
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self.denied = 0
 
-    def intercept_service(self, continuation, handler_call_details):
+    async def intercept_service(self, continuation, handler_call_details):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == TOKEN_METADATA_KEY and hmac.compare_digest(str(value).encode(), self._token):
-                return continuation(handler_call_details)
+                return await continuation(handler_call_details)
         self.denied += 1
         return self._deny
 
 
 class MasterServer:
-    """The gRPC server of one run, serving a registry from a thread pool of this process.
+    """The gRPC server of one run, on an event loop in a thread of this process.
 
     Args:
         registry: the run's state.
         token: the secret every RPC must carry.
         host: the address to bind (127.0.0.1 for a single node).
         port: the port, or 0 for a free one (the chosen port is `self.port` after start()).
-        max_workers: server threads; barrier waits hold one each, so at least the world size.
+        max_workers: threads for the plain RPCs; barrier waits hold one each, so at least the
+            world size.
         tls: certificate and key to serve TLS with (plain TCP when none).
     """
 
@@ -215,17 +244,12 @@ class MasterServer:
         self.host = host
         self.port = port
         self.tls = tls or TlsFiles()
-        self._server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=max(max_workers, registry.world_size + 8)),
-            interceptors=[self.interceptor],
-            options=[
-                ("grpc.max_send_message_length", MAX_REPLY_BYTES),
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                # Without this a second server could silently share a port already in use.
-                ("grpc.so_reuseport", 0),
-            ],
+        self._pool = futures.ThreadPoolExecutor(
+            max_workers=max(max_workers, registry.world_size + 8), thread_name_prefix="ddp-launch-rpc"
         )
-        pb_grpc.add_OrchestratorServicer_to_server(self.servicer, self._server)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: Any = None
 
     @property
     def address(self) -> str:
@@ -240,6 +264,45 @@ class MasterServer:
         """
         if self.port:
             check_can_listen(self.host, self.port)  # a clear error instead of gRPC's C-core log
+        started: futures.Future[int] = futures.Future()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._serve, args=(started,), name="ddp-launch-master", daemon=True)
+        self._thread.start()
+        try:
+            self.port = started.result()
+        except ConfigError:
+            self._thread.join()
+            raise
+        return self.port
+
+    def _serve(self, started: futures.Future[int]) -> None:
+        loop = self._loop
+        assert loop is not None
+        asyncio.set_event_loop(loop)
+        try:
+            bound = loop.run_until_complete(self._bind_and_start())
+        except BaseException as e:  # hand the failure to start(), never leave it waiting
+            started.set_exception(e)
+            loop.close()
+            return
+        started.set_result(bound)
+        try:
+            loop.run_forever()
+        finally:
+            loop.close()
+
+    async def _bind_and_start(self) -> int:
+        self._server = grpc.aio.server(
+            migration_thread_pool=self._pool,
+            interceptors=[self.interceptor],
+            options=[
+                ("grpc.max_send_message_length", MAX_REPLY_BYTES),
+                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                # Without this a second server could silently share a port already in use.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_OrchestratorServicer_to_server(self.servicer, self._server)
         try:
             if self.tls.cert is not None and self.tls.key is not None:
                 credentials = grpc.ssl_server_credentials(
@@ -255,9 +318,17 @@ class MasterServer:
             bound = 0
         if not bound:
             raise ConfigError(f"cannot listen on {self.address}: address in use or unavailable")
-        self.port = bound
-        self._server.start()
+        await self._server.start()
         return bound
 
     def stop(self, grace_s: float = 0.5) -> None:
-        self._server.stop(grace_s).wait(grace_s + 1.0)
+        """Stop serving (calls in flight get `grace_s` to finish) and end the loop's thread."""
+        loop, thread = self._loop, self._thread
+        if loop is None or thread is None or not thread.is_alive():
+            return
+        stopping = asyncio.run_coroutine_threadsafe(self._server.stop(grace_s), loop)
+        with contextlib.suppress(Exception):
+            stopping.result(grace_s + 1.0)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(grace_s + 1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -49,6 +49,11 @@ class OrchestratorStub:
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
                 response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.StreamHeartbeats = channel.stream_stream(
+                '/ddp_launch.v1.Orchestrator/StreamHeartbeats',
+                request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
+                response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
+                _registered_method=True)
         self.ReportFailure = channel.unary_unary(
                 '/ddp_launch.v1.Orchestrator/ReportFailure',
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.FailureReport.SerializeToString,
@@ -90,7 +95,17 @@ class OrchestratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendHeartbeat(self, request, context):
-        """Progress from a worker's background thread, at a fixed interval.
+        """One heartbeat, answered. For simple clients and a worker's last word before it exits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamHeartbeats(self, request_iterator, context):
+        """What workers use: progress from a worker's background thread at a fixed interval, on one
+        long-lived stream. The master answers only a heartbeat that asks for it (ack_id) or one of
+        a superseded generation, so a heartbeat costs it one message read, not a whole RPC. A
+        refused heartbeat ends the stream with the error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -140,6 +155,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
             ),
             'SendHeartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.SendHeartbeat,
+                    request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.FromString,
+                    response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'StreamHeartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.StreamHeartbeats,
                     request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.FromString,
                     response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.SerializeToString,
             ),
@@ -243,6 +263,33 @@ class Orchestrator:
             request,
             target,
             '/ddp_launch.v1.Orchestrator/SendHeartbeat',
+            ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
+            ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamHeartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/ddp_launch.v1.Orchestrator/StreamHeartbeats',
             ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
             ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
             options,

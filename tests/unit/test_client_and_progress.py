@@ -9,16 +9,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
 import ddp_launch
 from ddp_launch import progress
-from ddp_launch.client import HeartbeatThread
+from ddp_launch.client import HeartbeatThread, heartbeat_request
 from ddp_launch.env import CONTROL_ADDR, Assignment
 from ddp_launch.progress import Progress, _Tracker
+from ddp_launch.proto import orchestrator_pb2 as pb
 
 DEADLINE_S = 5.0
 ADDRESS = "127.0.0.1:41234"
@@ -179,25 +180,61 @@ class FakeRpcError(grpc.RpcError):
         return f"fake {self._code.name}"
 
 
+class FakeStream:
+    """What stream_heartbeats() returns: the answers to iterate, and cancel()."""
+
+    def __init__(self, client: FakeClient, requests: Iterator[pb.Heartbeat]) -> None:
+        self._client = client
+        self._requests = requests
+        self.cancelled = False
+
+    def __iter__(self) -> Iterator[pb.HeartbeatReply]:
+        for request in self._requests:  # read where gRPC would read it: good enough here
+            if self.cancelled:
+                break
+            error = self._client.record(request)
+            if error is not None:
+                raise error
+            if request.ack_id and self._client.answers:
+                yield pb.HeartbeatReply(ack_id=request.ack_id)
+        if self.cancelled:
+            raise FakeRpcError(grpc.StatusCode.CANCELLED)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClient:
-    """heartbeat() and address, as HeartbeatThread uses them; `fail(n)` scripts call n (1-based)."""
+    """The client as HeartbeatThread uses it; `fail(n)` scripts heartbeat n (1-based): an error
+    to raise (which ends a stream), or None to accept it. With answers=False the master takes
+    heartbeats but never answers one (it hangs)."""
 
     address = ADDRESS
 
-    def __init__(self, fail: Callable[[int], BaseException | None] = lambda n: None) -> None:
+    def __init__(self, fail: Callable[[int], BaseException | None] = lambda n: None, answers: bool = True) -> None:
         self._fail = fail
+        self.answers = answers
         self._cond = threading.Condition()
-        self.sent: list[tuple[Assignment, Progress]] = []
+        self.sent: list[pb.Heartbeat] = []
+        self.streams = 0
 
-    def heartbeat(self, a: Assignment, p: Progress) -> bool:
+    def record(self, request: pb.Heartbeat) -> BaseException | None:
         with self._cond:
-            self.sent.append((a, p))
+            self.sent.append(request)
             n = len(self.sent)
             self._cond.notify_all()
-        error = self._fail(n)
+        return self._fail(n)
+
+    def heartbeat(self, a: Assignment, p: Progress) -> bool:
+        error = self.record(heartbeat_request(a, p))
         if error is not None:
             raise error
         return False
+
+    def stream_heartbeats(self, requests: Iterator[pb.Heartbeat]) -> FakeStream:
+        with self._cond:
+            self.streams += 1
+        return FakeStream(self, requests)
 
     @property
     def calls(self) -> int:
@@ -265,9 +302,33 @@ def test_heartbeats_are_sent_periodically_with_the_current_progress(heartbeats) 
     hb.stop()
 
     assert not hb._thread.is_alive()
-    assert all(a == ASSIGNMENT for a, _ in client.sent)
-    assert client.sent[-1][1].step == 3
+    assert all((h.rank, h.generation) == (ASSIGNMENT.rank, ASSIGNMENT.generation) for h in client.sent)
+    assert client.sent[-1].step == 3
+    assert client.streams == 1  # one stream carries them all
+    assert client.sent[0].ack_id == 1  # the first asks for an answer, the next ones not yet
+    assert all(h.ack_id == 0 for h in client.sent[1:])
     assert not lost.messages
+
+
+def test_every_ack_interval_one_heartbeat_asks_for_an_answer(heartbeats) -> None:
+    client = FakeClient()
+    hb, _ = heartbeats(client, ack_every_s=0.0)
+
+    assert client.wait_calls(3)
+    hb.stop()
+
+    assert [h.ack_id for h in client.sent[:3]] == [1, 2, 3]
+
+
+def test_a_master_that_stops_answering_on_an_open_stream_is_lost(heartbeats) -> None:
+    # Heartbeats are accepted (the stream stays open) but never answered: a hung master.
+    client = FakeClient(answers=False)
+    hb, lost = heartbeats(client, master_lost_timeout_s=0.05)
+
+    assert lost.event.wait(DEADLINE_S)
+    hb._thread.join(DEADLINE_S)
+    assert not hb._thread.is_alive()
+    assert lost.messages[0].startswith("lost the ddp-launch master at")
 
 
 def test_transient_errors_warn_once_and_keep_going(heartbeats, capsys: pytest.CaptureFixture[str]) -> None:
@@ -340,18 +401,25 @@ def test_send_now_reports_whether_it_got_through() -> None:
     assert failing.send_now() is False
 
 
-def test_a_local_error_is_not_a_lost_master(heartbeats) -> None:
-    # What protobuf raises building the request for report(total_steps=2**63): the master is
-    # never asked, so it cannot be "lost".
-    overflow = ValueError("Value out of range: 9223372036854775808")
-    client = FakeClient(lambda n: overflow)
-    hb, lost = heartbeats(client, master_lost_timeout_s=0.05)
+def test_a_local_error_is_not_a_lost_master(heartbeats, capsys: pytest.CaptureFixture[str]) -> None:
+    # protobuf refuses to build the request for report(total_steps=2**63): the master is never
+    # asked, so it cannot be "lost". Every 4th heartbeat can be built, to count attempts by.
+    reads = 0
 
-    # 30 attempts at 10 ms apart last well past the 50 ms lost timeout.
-    client.wait_calls(30, also=lost.event.is_set)
+    def progress() -> Progress:
+        nonlocal reads
+        reads += 1
+        return Progress(step=reads, total_steps=0 if reads % 4 == 0 else 2**63)
+
+    client = FakeClient()
+    hb, lost = heartbeats(client, progress, master_lost_timeout_s=0.05)
+
+    # 8 sent of 32 attempts at 10 ms apart last well past the 50 ms lost timeout.
+    client.wait_calls(8, also=lost.event.is_set)
     hb.stop()
 
     assert not lost.messages
+    assert capsys.readouterr().err.count("heartbeat failed (not retried loudly)") == 1
 
 
 def test_report_keeps_metrics_within_what_the_master_accepts():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections import Counter
 
 import grpc
@@ -365,9 +366,19 @@ def test_a_real_server_serves_a_client_refuses_a_wrong_token_and_owns_its_port(s
         other.stop()
 
 
-class ActiveContext(FakeContext):
-    def is_active(self) -> bool:
+class CallContext(FakeContext):
+    """Runs what a handler registered with add_callback when the call ends."""
+
+    def __init__(self) -> None:
+        self.callbacks: list = []
+
+    def add_callback(self, callback) -> bool:
+        self.callbacks.append(callback)
         return True
+
+    def end(self) -> None:
+        for callback in self.callbacks:
+            callback()
 
 
 def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servicer):
@@ -381,7 +392,7 @@ def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servic
 
 
 def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
-    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), ActiveContext())
+    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), CallContext())
     first = next(stream)
     assert (first.generation, first.state) == (0, "running")
     servicer.registry.begin_generation(1)
@@ -391,6 +402,90 @@ def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
     last = next(stream)
     assert (last.state, last.exit_code, last.message) == ("failed", 1, "rank 3 failed (exit code 1)")
     assert next(stream, None) is None  # the stream ends with the run
+
+
+def test_watch_run_ends_when_its_client_goes_away(servicer):
+    context = CallContext()
+    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), context)
+    assert next(stream).state == "running"
+    context.end()
+    assert next(stream, None) is None
+
+
+def _beats(*requests: pb.Heartbeat):
+    yield from requests
+
+
+@pytest.mark.timeout(30)
+def test_the_heartbeat_stream_answers_only_what_asks_and_ends_on_a_refusal(server):
+    address = f"127.0.0.1:{server.port}"
+    metadata = ((TOKEN_METADATA_KEY, "secret"),)
+    registry = server.registry
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = pb_grpc.OrchestratorStub(channel)
+        for rank in range(2):
+            stub.Register(register_req(rank), metadata=metadata, timeout=5)
+        beats = [pb.Heartbeat(rank=0, pid=100, step=s, ack_id=7 if s == 3 else 0) for s in range(1, 6)]
+        beats.append(pb.Heartbeat(rank=1, pid=101, step=9, ack_id=8))
+        replies = list(stub.StreamHeartbeats(_beats(*beats), metadata=metadata, timeout=10))
+        assert [(r.ack_id, r.superseded) for r in replies] == [(7, False), (8, False)]
+        assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 5), (1, 9)]
+
+        # A heartbeat from a pid that does not hold the slot ends the stream with the error;
+        # what came after it is not read.
+        bad = [pb.Heartbeat(rank=0, pid=100, step=6), pb.Heartbeat(rank=1, pid=999, step=10)]
+        bad.append(pb.Heartbeat(rank=0, pid=100, step=50))
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.StreamHeartbeats(_beats(*bad), metadata=metadata, timeout=10))
+        assert e.value.code() is grpc.StatusCode.ALREADY_EXISTS
+        assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 6), (1, 9)]
+        assert server.servicer.rejections == Counter({"duplicate": 1})
+
+        # A heartbeat of a superseded generation is answered as such, asked or not.
+        registry.begin_generation(1)
+        replies = list(stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100)), metadata=metadata, timeout=10))
+        assert [(r.ack_id, r.superseded) for r in replies] == [(0, True)]
+
+        # No token, no stream.
+        before = registry.snapshot()
+        with pytest.raises(grpc.RpcError) as e:
+            list(stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100, step=99)), timeout=10))
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert registry.snapshot() == before
+    finally:
+        channel.close()
+
+
+@pytest.mark.timeout(30)
+def test_a_worker_heartbeat_thread_streams_to_a_real_master(server):
+    from ddp_launch.client import HeartbeatThread
+
+    registry = server.registry
+    client = MasterClient(f"127.0.0.1:{server.port}", token="secret")
+    lost: list[str] = []
+    try:
+        a = client.register(node_rank=0, local_rank=0, generation=0, deadline_s=10)
+        step = 0
+
+        def progress() -> Progress:
+            nonlocal step
+            step += 1
+            return Progress(step=step, samples=step * 8)
+
+        hb = HeartbeatThread(
+            client, a, progress, interval_s=0.01, master_lost_timeout_s=5.0, on_master_lost=lost.append
+        )
+        hb.start()
+        deadline = time.monotonic() + 10
+        while registry.snapshot().ranks[0].step < 20 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        hb.stop()
+        assert not hb._thread.is_alive()
+        assert registry.snapshot().ranks[0].step >= 20
+        assert lost == []
+    finally:
+        client.close()
 
 
 @pytest.mark.timeout(30)
