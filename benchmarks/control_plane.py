@@ -12,10 +12,10 @@ Three kinds of process:
   workers with asyncio gRPC clients (no torch), one channel per worker as real workers
   have. Each worker registers, then does what a worker's heartbeat thread does: it opens
   one heartbeat stream and sends a heartbeat every 1/rate seconds on a fixed schedule (a
-  late one is sent at once, never in a burst), one in every `ACK_EVERY_S` asking for an
-  answer. The latency is the round trip of those answered heartbeats, from the write to the
-  answer: it includes any queue in front of the master. One ticker per load process sends
-  what is due every few milliseconds, so that the load, not the master, costs the least it can.
+  late one is sent at once, never in a burst); one in every `ACK_EVERY_S` goes as an answered
+  SendHeartbeat RPC instead. The latency is the round trip of those RPCs, measured while the
+  streams load the master. One ticker per load process sends what is due every few
+  milliseconds, so that the load, not the master, costs the least it can.
 * this harness: starts them, opens the measured window at the same wall-clock time in every
   load process, reads the master's CPU time at both ends of the window, and kills them all
   by pid at the end.
@@ -47,6 +47,7 @@ TOKEN_ENV = "BENCH_CONTROL_TOKEN"
 WORKERS_PER_NODE = 64  # simulated nodes of 64 workers: registry slots (node_rank, local_rank)
 FAKE_PID_BASE = 1_000_000  # a distinct positive pid per simulated worker
 STARTUP_TIMEOUT_S = 60.0
+RPC_TIMEOUT_S = 5.0
 MB = 1024 * 1024
 TICK_S = 0.002  # how often a load process sends what is due
 
@@ -137,23 +138,19 @@ async def _load(args: argparse.Namespace) -> dict:
         latencies: list[float] = []
         errors: dict[str, int] = {}
         sent = 0
-        asked: list[dict[int, tuple[float, float]]] = [{} for _ in ranks]  # ack_id -> (wall, perf)
-
         calls = [stub.StreamHeartbeats(metadata=metadata) for stub in stubs]
+        answered: set[asyncio.Task] = set()
 
-        async def answers(i: int) -> None:
+        async def answered_heartbeat(stub, request: pb.Heartbeat, begin_wall: float) -> None:
+            begin = time.perf_counter()
             try:
-                while True:
-                    reply = await calls[i].read()
-                    if reply is grpc.aio.EOF:
-                        return
-                    begin_wall, begin = asked[i].pop(reply.ack_id, (0.0, 0.0))
-                    if window[0] <= begin_wall < window[1]:
-                        latencies.append(time.perf_counter() - begin)
+                await stub.SendHeartbeat(request, timeout=RPC_TIMEOUT_S, metadata=metadata)
             except grpc.aio.AioRpcError as e:
                 errors[e.code().name] = errors.get(e.code().name, 0) + 1
+                return
+            if window[0] <= begin_wall < window[1]:
+                latencies.append(time.perf_counter() - begin)
 
-        readers = [asyncio.create_task(answers(i)) for i in range(len(ranks))]
         rng = random.Random(args.first)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         t0 = time.perf_counter()
@@ -169,11 +166,6 @@ async def _load(args: argparse.Namespace) -> dict:
                     continue
                 steps[i] += 1
                 step = steps[i]
-                # One in ack_every asks, at a phase of its own per worker (real workers start
-                # at different times), so that every second has answers to time.
-                ack_id = step if (step + rank) % ack_every == 0 else 0
-                if ack_id:
-                    asked[i][ack_id] = (now_wall, now)
                 request = pb.Heartbeat(
                     rank=rank,
                     generation=0,
@@ -183,9 +175,15 @@ async def _load(args: argparse.Namespace) -> dict:
                     has_loss=True,
                     loss=1.0 / step,
                     total_steps=1_000_000,
-                    ack_id=ack_id,
                 )
-                writes.append(calls[i].write(request))
+                # One in ack_every is an answered RPC, at a phase of its own per worker (real
+                # workers start at different times), so that every second has some to time.
+                if (step + rank) % ack_every == 0:
+                    task = asyncio.create_task(answered_heartbeat(stubs[i], request, now_wall))
+                    answered.add(task)
+                    task.add_done_callback(answered.discard)
+                else:
+                    writes.append(calls[i].write(request))
                 if window[0] <= now_wall < window[1]:
                     sent += 1
                 due[i] = max(due[i] + interval, now)
@@ -196,9 +194,9 @@ async def _load(args: argparse.Namespace) -> dict:
                     errors[name] = errors.get(name, 0) + 1
             await asyncio.sleep(TICK_S)
         cpu1 = psutil.Process().cpu_times()
+        await asyncio.gather(*answered, return_exceptions=True)
         for call in calls:
             call.cancel()
-        await asyncio.gather(*readers, return_exceptions=True)
         return {
             "ok": sent,
             "errors": errors,

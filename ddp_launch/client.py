@@ -1,15 +1,21 @@
 """The worker's side of the control protocol: a gRPC client and the heartbeat thread.
 
 Created only after the worker is forked (a gRPC channel made before a fork breaks the
-child). Every unary RPC has a deadline. Heartbeats go on one long-lived stream; every
-`ACK_EVERY_S` one of them asks the master to answer. A failed stream warns and is opened
+child). Every unary RPC has a deadline. Heartbeats go on one long-lived stream, except one
+every `ACK_EVERY_S`, which is sent as an answered RPC. A failed stream warns and is opened
 again, it never stops training, but a master that has not answered for longer than
 `master_lost_timeout_s` ends the worker with a clear message instead of leaving it to hang.
+
+No thread of ours ever waits for a reply on the stream: a thread blocked in a gRPC stream
+read wakes every 100 ms to take the GIL, and with that running, a script whose gloo process
+group is destroyed as its DDP model goes out of scope deadlocked at exit in about a third of
+the runs (torch's gloo worker thread needs the GIL to free its last work while the main
+thread holds it joining that thread). The stream is client-streaming and only its end is
+watched, through a done-callback.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 import threading
@@ -32,8 +38,9 @@ TOKEN_METADATA_KEY = "x-ddp-launch-token"
 MAX_REQUEST_BYTES = 256 * 1024
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 RPC_TIMEOUT_S = 5.0
-# How often a worker asks for an answer to a heartbeat: often enough to notice a lost master
-# well within its timeout, rarely enough that answers cost the master next to nothing.
+# How often a worker's heartbeat is an answered RPC instead of a stream message: often enough
+# to notice a lost master well within its timeout, rarely enough that the RPCs cost the master
+# little next to the stream.
 ACK_EVERY_S = 5.0
 
 # Codes that mean "try again later" rather than "you are wrong".
@@ -137,10 +144,10 @@ class MasterClient:
     def stream_heartbeats(self, requests: Iterator[pb.Heartbeat]) -> Any:
         """Send `requests` on one stream (gRPC reads them from a thread of its own).
 
-        Returns the master's answers to iterate (those that asked for one, and any for a
-        superseded generation); it has cancel(). A refused heartbeat ends it with the error.
+        Returns the call as a future (done(), exception(), add_done_callback(), cancel()); it
+        ends when `requests` does, or with the error of a refused heartbeat.
         """
-        return self._stub.StreamHeartbeats(requests, metadata=self._metadata)
+        return self._stub.StreamHeartbeats.future(requests, metadata=self._metadata)
 
     def report_failure(self, a: Assignment, exception_type: str, traceback: str) -> None:
         request = pb.FailureReport(
@@ -176,7 +183,7 @@ class MasterClient:
             delay_s = min(delay_s * 2, 1.0)
 
 
-def heartbeat_request(a: Assignment, progress: Progress, ack_id: int = 0) -> pb.Heartbeat:
+def heartbeat_request(a: Assignment, progress: Progress) -> pb.Heartbeat:
     return pb.Heartbeat(
         rank=a.rank,
         generation=a.generation,
@@ -188,17 +195,15 @@ def heartbeat_request(a: Assignment, progress: Progress, ack_id: int = 0) -> pb.
         metrics=progress.metrics,
         total_steps=progress.total_steps,
         step_age_s=progress.step_age_s,
-        ack_id=ack_id,
     )
 
 
 class HeartbeatThread:
-    """Sends the worker's progress every `interval_s` on a heartbeat stream, off the training
-    thread.
+    """Sends the worker's progress every `interval_s`, off the training thread: on a stream,
+    and every `ack_every_s` (the first one too) as an answered RPC.
 
-    When the master has not answered for `master_lost_timeout_s` (no answer to the heartbeats
-    that ask for one, or no stream at all), the worker cannot be supervised any more: it says
-    so on stderr and ends itself (`on_master_lost`).
+    When the master has not answered for `master_lost_timeout_s`, the worker cannot be
+    supervised any more: it says so on stderr and ends itself (`on_master_lost`).
     """
 
     def __init__(
@@ -219,12 +224,12 @@ class HeartbeatThread:
         self._lost_timeout_s = master_lost_timeout_s
         self._on_master_lost = on_master_lost
         self._ack_every_s = ack_every_s
-        self._ack_ids = itertools.count(1)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="ddp-launch-heartbeat", daemon=True)
         self._call_lock = threading.Lock()
         self._call: Any = None
         self._last_ok = time.monotonic()
+        self._warned = False  # about the current outage
         self._local_error_reported = False
 
     def start(self) -> None:
@@ -243,6 +248,7 @@ class HeartbeatThread:
             self._local_error(e)
             return False
         self._last_ok = time.monotonic()
+        self._warned = False
         return True
 
     def stop(self) -> None:
@@ -264,43 +270,40 @@ class HeartbeatThread:
                 self._call.cancel()
 
     def _beats(self) -> Iterator[pb.Heartbeat]:
-        """The stream's requests, read by gRPC's own thread: one per interval until stopped,
-        one in every `ack_every_s` asking for an answer (the first does)."""
+        """The stream's requests, read by gRPC's own thread: one per interval until stopped;
+        every `ack_every_s` (the first time too) the heartbeat is sent as an answered RPC."""
         next_ack_at = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
             if now - self._last_ok > self._lost_timeout_s:
-                self._cancel_call()  # answers stopped on an open stream: the master hangs
+                self._cancel_call()  # no answer for too long: the loop says so
                 return
-            ack_id = 0
             if now >= next_ack_at:
-                ack_id, next_ack_at = next(self._ack_ids), now + self._ack_every_s
-            try:
-                request = heartbeat_request(self._assignment, self._read_progress(), ack_id)
-            except Exception as e:  # never let progress reporting kill training
-                self._local_error(e)
+                next_ack_at = now + self._ack_every_s
+                self.send_now()
             else:
-                yield request
+                try:
+                    request = heartbeat_request(self._assignment, self._read_progress())
+                except Exception as e:  # never let progress reporting kill training
+                    self._local_error(e)
+                else:
+                    yield request
             self._stop.wait(self._interval_s)
 
     def _loop(self) -> None:
-        warned = False
         while not self._stop.is_set():
+            ended = threading.Event()
             with self._call_lock:
                 self._call = self._client.stream_heartbeats(self._beats())
-                replies = self._call
-            try:
-                for _ in replies:
-                    self._last_ok = time.monotonic()
-                    warned = False
-            except grpc.RpcError as e:
-                if e.code() not in _TRANSIENT and e.code() is not grpc.StatusCode.CANCELLED:
-                    # The master answered no (e.g. a restart began): it is there, not "lost".
-                    self._last_ok = time.monotonic()
-            except Exception as e:  # never let progress reporting kill training
-                self._local_error(e)
+                call = self._call
+            call.add_done_callback(lambda _, ended=ended: ended.set())
+            ended.wait()  # stop() cancels the call, which ends it too
             if self._stop.is_set():
                 return
+            error = call.exception() if not call.cancelled() else None
+            if isinstance(error, grpc.RpcError) and error.code() not in _TRANSIENT:
+                # The master answered no (e.g. a restart began): it is there, not "lost".
+                self._last_ok = time.monotonic()
             silent_s = time.monotonic() - self._last_ok
             if silent_s > self._lost_timeout_s:
                 self._on_master_lost(
@@ -308,11 +311,11 @@ class HeartbeatThread:
                     f"(no answer for {silent_s:.0f} s); stopping this worker"
                 )
                 return
-            if not warned:
+            if not self._warned:
                 print(
                     f"[ddp-launch] heartbeat to {self._client.address} failed; retrying",
                     file=sys.stderr,
                     flush=True,
                 )
-                warned = True
+                self._warned = True
             self._stop.wait(self._interval_s)

@@ -4,10 +4,10 @@ The servicer holds no state of its own beyond counters; the registry is the run'
 Every RPC must carry the run's token (checked by an interceptor before any handler runs);
 anything the registry refuses becomes a clear gRPC error and changes nothing.
 
-The server is gRPC's asyncio server, run on an event loop in a thread of its own. The
-heartbeat stream is served on that loop (one message read per heartbeat, no thread per
-worker); every other RPC is a plain function run in a thread pool, because some of them wait
-(the start barrier, WatchRun) and all of them are rare.
+The server is gRPC's asyncio server, run on an event loop in a thread of its own. Heartbeats
+are served on that loop (on a stream, one message read per heartbeat, no thread per worker);
+every other RPC is a plain function run in a thread pool, because some of them wait (the
+start barrier, WatchRun) and all of them are rare.
 """
 
 from __future__ import annotations
@@ -109,24 +109,25 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             step_age_s=request.step_age_s,
         )
 
-    def SendHeartbeat(self, request: pb.Heartbeat, context: Any) -> pb.HeartbeatReply:
-        with self._rejections_as_errors(context):
-            superseded = self._record_heartbeat(request)
-        return pb.HeartbeatReply(superseded=superseded, ack_id=request.ack_id)
+    # The two heartbeat RPCs run on the server's event loop, not in its thread pool: the
+    # registry call is short and never waits, and a hop to a thread would cost more than it.
 
-    async def StreamHeartbeats(
-        self, request_iterator: AsyncIterator[pb.Heartbeat], context: Any
-    ) -> AsyncIterator[pb.HeartbeatReply]:
-        """Runs on the server's event loop: the registry call is short and never waits."""
+    async def SendHeartbeat(self, request: pb.Heartbeat, context: Any) -> pb.HeartbeatReply:
+        return pb.HeartbeatReply(superseded=await self._heartbeat_or_abort(request, context))
+
+    async def StreamHeartbeats(self, request_iterator: AsyncIterator[pb.Heartbeat], context: Any) -> pb.HeartbeatReply:
+        superseded = False
         async for request in request_iterator:
-            try:
-                superseded = self._record_heartbeat(request)
-            except Rejected as e:
-                self._count(e)
-                await context.abort(_CODES[e.reason], str(e))
-                return
-            if request.ack_id or superseded:
-                yield pb.HeartbeatReply(superseded=superseded, ack_id=request.ack_id)
+            superseded = await self._heartbeat_or_abort(request, context)
+        return pb.HeartbeatReply(superseded=superseded)
+
+    async def _heartbeat_or_abort(self, request: pb.Heartbeat, context: Any) -> bool:
+        try:
+            return self._record_heartbeat(request)
+        except Rejected as e:
+            self._count(e)
+            await context.abort(_CODES[e.reason], str(e))
+            raise  # unreachable with a real context: abort() raises
 
     def ReportFailure(self, request: pb.FailureReport, context: Any) -> pb.Ack:
         with self._rejections_as_errors(context):

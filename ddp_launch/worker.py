@@ -11,10 +11,12 @@ from __future__ import annotations
 import atexit
 import ctypes
 import faulthandler
+import functools
 import os
 import runpy
 import signal
 import sys
+import time
 import traceback
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -202,6 +204,39 @@ def _configure_torch(assignment: env.Assignment, backend: str) -> None:
     os.environ[env.BACKEND] = backend
     if backend == "nccl":
         torch.cuda.set_device(assignment.local_rank)
+    _yield_gil_after_destroy_process_group()
+
+
+# Long enough for every thread waiting for the GIL to have had it once.
+GIL_YIELD_S = 0.05
+
+
+def _yield_gil_after_destroy_process_group() -> None:
+    """Work around a deadlock in torch at the end of a DDP script.
+
+    torch's gloo worker thread frees each finished collective, which needs the GIL (the work
+    keeps a Python object from the backward pass). When a script destroys its process group
+    and then lets its DDP model go (e.g. on returning from main()), the model's reducer
+    drops the last reference to the group while holding the GIL, and the group's destructor
+    joins that worker thread: if it is still waiting for the GIL, neither ever moves. Any
+    other Python thread in the process (our heartbeats) makes that wait likelier; it hung one
+    run in ten of examples/train_mlp.py with four ranks on two cores. Sleeping for a moment
+    after destroy_process_group() releases the GIL, so the worker thread finishes first.
+    """
+    import torch.distributed as dist
+    from torch.distributed import distributed_c10d
+
+    destroy = distributed_c10d.destroy_process_group
+
+    @functools.wraps(destroy)
+    def destroy_process_group(*args, **kwargs):
+        try:
+            return destroy(*args, **kwargs)
+        finally:
+            time.sleep(GIL_YIELD_S)
+
+    dist.destroy_process_group = destroy_process_group
+    distributed_c10d.destroy_process_group = destroy_process_group
 
 
 def run_target(target: Target, on_exception=None) -> int:

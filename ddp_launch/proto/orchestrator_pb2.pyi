@@ -95,7 +95,7 @@ class BarrierReply(_message.Message):
     def __init__(self, open: _Optional[bool] = ..., superseded: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps", "step_age_s", "ack_id")
+    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps", "step_age_s")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,7 +113,6 @@ class Heartbeat(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_AGE_S_FIELD_NUMBER: _ClassVar[int]
-    ACK_ID_FIELD_NUMBER: _ClassVar[int]
     rank: int
     generation: int
     pid: int
@@ -124,16 +123,13 @@ class Heartbeat(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     total_steps: int
     step_age_s: float
-    ack_id: int
-    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ..., ack_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
-    __slots__ = ("superseded", "ack_id")
+    __slots__ = ("superseded",)
     SUPERSEDED_FIELD_NUMBER: _ClassVar[int]
-    ACK_ID_FIELD_NUMBER: _ClassVar[int]
     superseded: bool
-    ack_id: int
-    def __init__(self, superseded: _Optional[bool] = ..., ack_id: _Optional[int] = ...) -> None: ...
+    def __init__(self, superseded: _Optional[bool] = ...) -> None: ...
 
 class FailureReport(_message.Message):
     __slots__ = ("rank", "generation", "pid", "exception_type", "traceback")

@@ -49,7 +49,7 @@ class OrchestratorStub:
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
                 response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
-        self.StreamHeartbeats = channel.stream_stream(
+        self.StreamHeartbeats = channel.stream_unary(
                 '/ddp_launch.v1.Orchestrator/StreamHeartbeats',
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
                 response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
@@ -95,17 +95,17 @@ class OrchestratorServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SendHeartbeat(self, request, context):
-        """One heartbeat, answered. For simple clients and a worker's last word before it exits.
+        """One heartbeat, answered: how a worker checks every few seconds that the master is
+        there (and its last heartbeat before it exits).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StreamHeartbeats(self, request_iterator, context):
-        """What workers use: progress from a worker's background thread at a fixed interval, on one
-        long-lived stream. The master answers only a heartbeat that asks for it (ack_id) or one of
-        a superseded generation, so a heartbeat costs it one message read, not a whole RPC. A
-        refused heartbeat ends the stream with the error.
+        """The other heartbeats of a worker, at a fixed interval from its background thread, on one
+        long-lived stream: a heartbeat costs the master one message read, not a whole RPC. The
+        reply comes when the stream ends; a refused heartbeat ends it with the error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,7 +158,7 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.FromString,
                     response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.SerializeToString,
             ),
-            'StreamHeartbeats': grpc.stream_stream_rpc_method_handler(
+            'StreamHeartbeats': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamHeartbeats,
                     request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.FromString,
                     response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.SerializeToString,
@@ -286,7 +286,7 @@ class Orchestrator:
             wait_for_ready=None,
             timeout=None,
             metadata=None):
-        return grpc.experimental.stream_stream(
+        return grpc.experimental.stream_unary(
             request_iterator,
             target,
             '/ddp_launch.v1.Orchestrator/StreamHeartbeats',

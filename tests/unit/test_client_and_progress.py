@@ -181,39 +181,68 @@ class FakeRpcError(grpc.RpcError):
 
 
 class FakeStream:
-    """What stream_heartbeats() returns: the answers to iterate, and cancel()."""
+    """What stream_heartbeats() returns: a future of the call. Like gRPC, it reads the
+    requests on a thread of its own; a scripted error ends it."""
 
     def __init__(self, client: FakeClient, requests: Iterator[pb.Heartbeat]) -> None:
         self._client = client
         self._requests = requests
-        self.cancelled = False
+        self._cancelled = False
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._callbacks: list[Callable] = []
+        self._lock = threading.Lock()
+        threading.Thread(target=self._consume, daemon=True).start()
 
-    def __iter__(self) -> Iterator[pb.HeartbeatReply]:
-        for request in self._requests:  # read where gRPC would read it: good enough here
-            if self.cancelled:
+    def _consume(self) -> None:
+        for request in self._requests:
+            if self._cancelled:
                 break
             error = self._client.record(request)
             if error is not None:
-                raise error
-            if request.ack_id and self._client.answers:
-                yield pb.HeartbeatReply(ack_id=request.ack_id)
-        if self.cancelled:
-            raise FakeRpcError(grpc.StatusCode.CANCELLED)
+                self._error = error
+                break
+        self._finish()
 
-    def cancel(self) -> None:
-        self.cancelled = True
+    def _finish(self) -> None:
+        with self._lock:
+            if self._done.is_set():
+                return
+            self._done.set()
+            callbacks = list(self._callbacks)
+        for callback in callbacks:
+            callback(self)
+
+    def add_done_callback(self, callback: Callable) -> None:
+        with self._lock:
+            if not self._done.is_set():
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
+    def cancel(self) -> bool:
+        self._cancelled = True
+        self._finish()
+        return True
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def exception(self) -> BaseException | None:
+        return self._error
 
 
 class FakeClient:
     """The client as HeartbeatThread uses it; `fail(n)` scripts heartbeat n (1-based): an error
     to raise (which ends a stream), or None to accept it. With answers=False the master takes
-    heartbeats but never answers one (it hangs)."""
+    stream heartbeats but lets every answered one time out (it hangs)."""
 
     address = ADDRESS
 
     def __init__(self, fail: Callable[[int], BaseException | None] = lambda n: None, answers: bool = True) -> None:
         self._fail = fail
         self.answers = answers
+        self.answered: list[pb.Heartbeat] = []
         self._cond = threading.Condition()
         self.sent: list[pb.Heartbeat] = []
         self.streams = 0
@@ -226,9 +255,15 @@ class FakeClient:
         return self._fail(n)
 
     def heartbeat(self, a: Assignment, p: Progress) -> bool:
-        error = self.record(heartbeat_request(a, p))
+        request = heartbeat_request(a, p)
+        if not self.answers:
+            self.record(request)
+            raise FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED)  # what a hung master gives
+        error = self.record(request)
         if error is not None:
             raise error
+        with self._cond:
+            self.answered.append(request)
         return False
 
     def stream_heartbeats(self, requests: Iterator[pb.Heartbeat]) -> FakeStream:
@@ -305,19 +340,19 @@ def test_heartbeats_are_sent_periodically_with_the_current_progress(heartbeats) 
     assert all((h.rank, h.generation) == (ASSIGNMENT.rank, ASSIGNMENT.generation) for h in client.sent)
     assert client.sent[-1].step == 3
     assert client.streams == 1  # one stream carries them all
-    assert client.sent[0].ack_id == 1  # the first asks for an answer, the next ones not yet
-    assert all(h.ack_id == 0 for h in client.sent[1:])
+    assert client.answered == client.sent[:1]  # the first is an answered RPC, the next not yet
     assert not lost.messages
 
 
-def test_every_ack_interval_one_heartbeat_asks_for_an_answer(heartbeats) -> None:
+def test_every_ack_interval_one_heartbeat_is_an_answered_rpc(heartbeats) -> None:
     client = FakeClient()
     hb, _ = heartbeats(client, ack_every_s=0.0)
 
     assert client.wait_calls(3)
     hb.stop()
 
-    assert [h.ack_id for h in client.sent[:3]] == [1, 2, 3]
+    assert client.answered[:3] == client.sent[:3]
+    assert client.streams == 1
 
 
 def test_a_master_that_stops_answering_on_an_open_stream_is_lost(heartbeats) -> None:

@@ -15,6 +15,7 @@ tests at the bottom.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 import string
@@ -72,6 +73,11 @@ class Aborted(Exception):
 class FakeContext:
     def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise Aborted(code, details)
+
+
+def run_async(handler):
+    """A coroutine handler of the servicer (the heartbeat RPCs), called like a plain one."""
+    return lambda request, context: asyncio.run(handler(request, context))
 
 
 def make_servicer(nnodes: int, local_world_size: int, clock: FakeClock | None = None) -> OrchestratorServicer:
@@ -397,13 +403,15 @@ class ServicerMachine(RuleBasedStateMachine):
         hard = {INVALID} if min(step, samples, total) < 0 or bad_metrics else set()
         soft = {INVALID} if has_loss and not math.isfinite(loss) else set()  # a diverged loss: dropped or refused
         if gen < self.generation:  # superseded: the reply says so and nothing is recorded
-            reply = self.call(self.s.SendHeartbeat, request, codes=hard | soft, reply_ok=True, unchanged_on_reply=True)
+            reply = self.call(
+                run_async(self.s.SendHeartbeat), request, codes=hard | soft, reply_ok=True, unchanged_on_reply=True
+            )
             if reply is not None:
                 assert reply.superseded is True
             return
         codes = hard | self.identity_faults(rank, gen, pid)
         before = self.reg.snapshot()
-        reply = self.call(self.s.SendHeartbeat, request, codes=codes | soft, reply_ok=not codes)
+        reply = self.call(run_async(self.s.SendHeartbeat), request, codes=codes | soft, reply_ok=not codes)
         if reply is None:
             return
         assert reply.superseded is False
@@ -543,7 +551,7 @@ def test_a_rank_reported_dead_before_registering_is_still_unregistered():
     s.ReportExit(pb.ExitReport(rank=0, generation=0, exit_code=1), FakeContext())  # died on import
     before = comparable(s.GetStatus(pb.StatusRequest(), FakeContext()))
     with pytest.raises(Aborted) as e:
-        s.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=0, step=5, samples=9), FakeContext())
+        run_async(s.SendHeartbeat)(pb.Heartbeat(rank=0, generation=0, pid=0, step=5, samples=9), FakeContext())
     assert e.value.code is UNKNOWN
     assert comparable(s.GetStatus(pb.StatusRequest(), FakeContext())) == before
 
@@ -554,7 +562,9 @@ def test_a_ranks_metrics_stay_bounded_across_heartbeats():
     for batch in range(3):
         metrics = {f"b{batch}_{i}": float(i) for i in range(MAX_METRICS)}
         try:
-            s.SendHeartbeat(pb.Heartbeat(rank=0, generation=0, pid=42, step=batch, metrics=metrics), FakeContext())
+            run_async(s.SendHeartbeat)(
+                pb.Heartbeat(rank=0, generation=0, pid=42, step=batch, metrics=metrics), FakeContext()
+            )
         except Aborted:
             pass  # refusing the new names is one fix
     assert len(s.GetStatus(pb.StatusRequest(), FakeContext()).ranks[0].metrics) <= MAX_METRICS
