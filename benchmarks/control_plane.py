@@ -72,7 +72,13 @@ def layout(workers: int) -> tuple[int, int]:
 
 
 def serve(world_size: int) -> None:
-    """Serve a registry for `world_size` workers until stdin closes; print {"port": ...} first."""
+    """Serve a registry for `world_size` workers until stdin closes; print {"port": ...} first.
+
+    Each line read from stdin is answered with {"t": wall time, "heartbeats": how many the
+    registry has recorded so far}: the count the harness divides by the window.
+    """
+    import threading
+
     from ddp_launch.master import MasterServer
     from ddp_launch.registry import Registry
 
@@ -84,11 +90,26 @@ def serve(world_size: int) -> None:
         max_restarts=0,
         ddp_addr="127.0.0.1",
     )
+    recorded = 0
+    lock = threading.Lock()
+    record = registry.heartbeat
+
+    def counted_heartbeat(**kwargs):
+        nonlocal recorded
+        superseded = record(**kwargs)
+        with lock:
+            recorded += 1
+        return superseded
+
+    registry.heartbeat = counted_heartbeat  # type: ignore[method-assign]
     server = MasterServer(registry, os.environ[TOKEN_ENV], host="127.0.0.1", port=0)
     port = server.start()
     try:
         print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
-        sys.stdin.read()  # the harness closes our stdin (or dies) to stop us
+        for _ in sys.stdin:  # the harness closes our stdin (or dies) to stop us
+            with lock:
+                count = recorded
+            print(json.dumps({"t": time.time(), "heartbeats": count}), flush=True)
     finally:
         server.stop(0.2)
 
@@ -259,19 +280,12 @@ def _cpus() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
-def _heartbeats_seen(port: int, token: str) -> tuple[float, int]:
-    """(when, how many heartbeats the master has recorded): every simulated heartbeat advances
-    its rank's step by one, so the sum of the steps in the master's status counts them. `when`
-    is the middle of the call's round trip."""
-    from ddp_launch.client import MasterClient
-
-    client = MasterClient(f"127.0.0.1:{port}", token)
-    try:
-        before = time.time()
-        seen = sum(r.step for r in client.get_status(timeout_s=30.0).ranks)
-        return (before + time.time()) / 2, seen
-    finally:
-        client.close()
+def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int]:
+    """(when, how many heartbeats the master has recorded), asked of the master process."""
+    master.stdin.write("\n")
+    master.stdin.flush()
+    answer = _read_json_line(master, 30.0, "the master")
+    return answer["t"], answer["heartbeats"]
 
 
 def measure(load: LoadSettings) -> dict:
@@ -324,13 +338,13 @@ def measure(load: LoadSettings) -> dict:
         window = (start_at + load.warmup_s, start_at + load.warmup_s + load.duration_s)
         time.sleep(max(0.0, window[0] - time.time()))
         c0 = mproc.cpu_times()
-        t0, seen0 = _heartbeats_seen(port, token)
+        t0, seen0 = _heartbeats_seen(master)
         peak_rss = mproc.memory_info().rss
         while time.time() < window[1]:
             time.sleep(min(0.25, max(0.0, window[1] - time.time())))
             peak_rss = max(peak_rss, mproc.memory_info().rss)
         c1 = mproc.cpu_times()
-        t1, seen1 = _heartbeats_seen(port, token)
+        t1, seen1 = _heartbeats_seen(master)
         threads = mproc.num_threads()
         results = [
             _read_json_line(loader, load.duration_s + load.warmup_s + 30, "a load process") for loader in loaders
