@@ -25,15 +25,15 @@ def settings_for(args: argparse.Namespace, tmp_root: Path) -> tuple[figures.Sett
     quick = args.quick
     nprocs = tuple(int(x) for x in args.nproc.split(",")) if args.nproc else ((2,) if quick else (4, 2))
     settings = figures.Settings(
-        pairs=args.pairs or (2 if quick else 5),
+        pairs=args.pairs or (1 if quick else 5),
         train_nprocs=nprocs,
         fault_nproc=max(nprocs),
         window_from=20,
         window_steps=40 if quick else 300,
         fault_rank=1,
         fault_step=5 if quick else 30,
-        hang_timeout_s=10.0,
-        torchrun_hang_bound_s=20.0 if quick else 60.0,
+        hang_timeout_s=3.0 if quick else 10.0,
+        torchrun_hang_bound_s=5.0 if quick else 60.0,
         run_timeout_s=90.0 if quick else 180.0,
         stop_early=quick,
         tmp_root=tmp_root,
@@ -41,8 +41,8 @@ def settings_for(args: argparse.Namespace, tmp_root: Path) -> tuple[figures.Sett
     control = {
         "workers": args.control_workers or (256 if quick else 1024),
         "rates": (1.0, 10.0),
-        "warmup_s": 1.0 if quick else 2.0,
-        "duration_s": 3.0 if quick else 10.0,
+        "warmup_s": 0.5 if quick else 2.0,
+        "duration_s": 2.0 if quick else 10.0,
         "load_procs": 2 if quick else 4,
     }
     return settings, control
@@ -53,11 +53,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="2 pairs, N=2, a tiny workload, fault runs ended once recovered, 256 simulated workers",
+        help="about a minute: 1 pair, N=2, a tiny workload, --hang-timeout 3, fault runs ended once recovered, "
+        "256 simulated workers for 2 s",
     )
     p.add_argument("--out", type=Path, help="JSON file [default: benchmarks/results.json, or results-quick.json]")
     p.add_argument("--figures", default=",".join(FIGURES), help=f"a subset of {','.join(FIGURES)}")
-    p.add_argument("--pairs", type=int, help="alternating pairs per figure [default: 5, --quick 2]")
+    p.add_argument("--pairs", type=int, help="alternating pairs per figure [default: 5, --quick 1]")
     p.add_argument("--nproc", help="world sizes of the train runs, e.g. 2 or 4,2 [default: 4,2; --quick 2]; "
                    "recovery and hang use the largest")  # fmt: skip
     p.add_argument("--control-workers", type=int, help="simulated workers [default: 1024, --quick 256]")
