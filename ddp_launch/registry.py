@@ -253,6 +253,12 @@ class Registry:
             if slot.state is not RankState.STARTING:
                 if (slot.pid, slot.hostname) == (pid, hostname):  # a retried RPC whose reply was lost
                     return self._assignment(slot)
+                if slot.registered_at is None:  # its worker died before registering
+                    raise Rejected(
+                        Rejected.DUPLICATE,
+                        f"rank {rank} already ended in generation {generation} (exit code {slot.exit_code}) "
+                        "before it registered",
+                    )
                 raise Rejected(Rejected.DUPLICATE, f"rank {rank} is already registered by pid {slot.pid}")
             now = self._clock()
             slot.state = RankState.WAITING
@@ -388,16 +394,22 @@ class Registry:
     # -- what the supervisor tells us ------------------------------------------------------
 
     def record_exit(self, rank: int, generation: int, exit_code: int) -> None:
-        """How a worker ended (reported by the launcher of its node); an old generation's
-        exit changes nothing.
+        """How a worker ended (reported by the launcher of its node). An old generation's exit
+        changes nothing: a node's launcher may report a worker that ended while a restart
+        stopped it.
 
         Raises:
-            Rejected: a rank that does not exist.
+            Rejected: a rank that does not exist, or a generation that has not begun.
         """
         if not 0 <= rank < self.world_size:
             raise Rejected(Rejected.INVALID, f"rank {rank} outside [0, {self.world_size})")
         with self._cond:
-            if generation != self.generation:
+            if generation > self.generation:
+                raise Rejected(
+                    Rejected.STALE,
+                    f"generation {generation} has not begun (the run is at generation {self.generation})",
+                )
+            if generation < self.generation:
                 return
             slot = self._slots[rank]
             slot.exit_code = exit_code

@@ -391,10 +391,22 @@ def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servic
     register_all(servicer)
     servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-9), FakeContext())
     assert servicer.registry.failed_ranks() == [(1, -9)]
-    servicer.ReportExit(pb.ExitReport(rank=1, generation=5, exit_code=0), FakeContext())  # stale: ignored
+    err = rejected(servicer.ReportExit, pb.ExitReport(rank=1, generation=5, exit_code=0))  # not begun
+    assert err.code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "generation 5 has not begun" in err.details
     assert servicer.registry.failed_ranks() == [(1, -9)]
+    servicer.registry.begin_generation(1)
+    servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-15), FakeContext())  # old: ignored
+    assert servicer.registry.failed_ranks() == []
     err = rejected(servicer.ReportExit, pb.ExitReport(rank=7, generation=0, exit_code=0))
     assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_registering_a_rank_that_ended_before_registering_says_so(servicer):
+    servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=1), FakeContext())  # died on import
+    err = rejected(servicer.Register, register_req(1))
+    assert err.code == grpc.StatusCode.ALREADY_EXISTS
+    assert err.details == "rank 1 already ended in generation 0 (exit code 1) before it registered"
 
 
 def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
