@@ -7,11 +7,10 @@ again, it never stops training, but a master that has not answered for longer th
 `master_lost_timeout_s` ends the worker with a clear message instead of leaving it to hang.
 
 No thread of ours ever waits for a reply on the stream: a thread blocked in a gRPC stream
-read wakes every 100 ms to take the GIL, and with that running, a script whose gloo process
-group is destroyed as its DDP model goes out of scope deadlocked at exit in about a third of
-the runs (torch's gloo worker thread needs the GIL to free its last work while the main
-thread holds it joining that thread). The stream is client-streaming and only its end is
-watched, through a done-callback.
+read wakes every 100 ms to take the GIL, and with that running, examples/train_mlp.py -n 4
+hung at exit in 4 runs of 8 (torch's gloo teardown deadlock, which the worker otherwise
+sidesteps: see worker._yield_gil_after_destroy_process_group). The stream is
+client-streaming and only its end is watched, through a done-callback.
 """
 
 from __future__ import annotations
