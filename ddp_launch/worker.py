@@ -224,6 +224,9 @@ def _yield_gil_after_destroy_process_group() -> None:
     after destroy_process_group() releases the GIL, so the worker thread finishes first.
     """
     import torch.distributed as dist
+
+    if not dist.is_available():  # a torch built without distributed support
+        return
     from torch.distributed import distributed_c10d
 
     destroy = distributed_c10d.destroy_process_group
