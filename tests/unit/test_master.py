@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import time
 from collections import Counter
@@ -17,35 +16,9 @@ from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
+from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, run_async
 
 DDP_PORT = 29555
-
-
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Aborted(Exception):
-    """What the fake context raises, as grpc's real `abort()` raises to end the handler."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-class FakeContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
-def run_async(handler):
-    """A coroutine handler of the servicer (the heartbeat RPCs), called like a plain one."""
-    return lambda request, context: asyncio.run(handler(request, context))
 
 
 @pytest.fixture

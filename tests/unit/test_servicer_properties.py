@@ -15,7 +15,6 @@ tests at the bottom.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 import string
@@ -30,6 +29,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ddp_launch.master import OrchestratorServicer
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.registry import MAX_METRICS, MAX_TEXT, Registry
+from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, run_async
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -44,14 +44,6 @@ UNKNOWN = grpc.StatusCode.NOT_FOUND
 ALLOWED_CODES = {INVALID, STALE, DUPLICATE, UNKNOWN}
 
 
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 class FakePorts:
     def __init__(self) -> None:
         self.next = FIRST_PORT
@@ -59,25 +51,6 @@ class FakePorts:
     def __call__(self, host: str) -> int:
         self.next += 1
         return self.next - 1
-
-
-class Aborted(Exception):
-    """What the fake context raises, as grpc's real `abort()` raises to end the handler."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-
-class FakeContext:
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
-        raise Aborted(code, details)
-
-
-def run_async(handler):
-    """A coroutine handler of the servicer (the heartbeat RPCs), called like a plain one."""
-    return lambda request, context: asyncio.run(handler(request, context))
 
 
 def make_servicer(nnodes: int, local_world_size: int, clock: FakeClock | None = None) -> OrchestratorServicer:

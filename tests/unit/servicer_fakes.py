@@ -1,0 +1,34 @@
+"""What the servicer tests call it with instead of gRPC: a clock, a context, async handlers."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+
+class FakeClock:
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Aborted(Exception):
+    """What the fake context raises, as grpc's real `abort()` raises to end the handler."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self.code = code
+        self.details = details
+
+
+class FakeContext:
+    def abort(self, code: grpc.StatusCode, details: str) -> None:
+        raise Aborted(code, details)
+
+
+def run_async(handler):
+    """A coroutine handler of the servicer (the heartbeat RPCs), called like a plain one."""
+    return lambda request, context: asyncio.run(handler(request, context))
