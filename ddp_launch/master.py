@@ -96,19 +96,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             )
         return pb.BarrierReply(open=r.open, superseded=r.superseded)
 
-    def _record_heartbeat(self, request: pb.Heartbeat) -> bool:
-        return self.registry.heartbeat(
-            rank=request.rank,
-            generation=request.generation,
-            pid=request.pid,
-            step=request.step,
-            samples=request.samples,
-            loss=request.loss if request.has_loss else None,
-            metrics=request.metrics,
-            total_steps=request.total_steps,
-            step_age_s=request.step_age_s,
-        )
-
     # The two heartbeat RPCs run on the server's event loop, not in its thread pool: the
     # registry call is short and never waits, and a hop to a thread would cost more than it.
 
@@ -123,7 +110,17 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def _heartbeat_or_abort(self, request: pb.Heartbeat, context: Any) -> bool:
         try:
-            return self._record_heartbeat(request)
+            return self.registry.heartbeat(
+                rank=request.rank,
+                generation=request.generation,
+                pid=request.pid,
+                step=request.step,
+                samples=request.samples,
+                loss=request.loss if request.has_loss else None,
+                metrics=request.metrics,
+                total_steps=request.total_steps,
+                step_age_s=request.step_age_s,
+            )
         except Rejected as e:
             self._count(e)
             await context.abort(_CODES[e.reason], str(e))
