@@ -263,6 +263,14 @@ class HeartbeatThread:
             print(f"[ddp-launch] heartbeat failed (not retried loudly): {e!r}", file=sys.stderr, flush=True)
             self._local_error_reported = True
 
+    def _master_silent_for(self) -> float:
+        """Seconds since the master last answered; past the lost timeout, only after one
+        more answered try has failed: the silence may have been this process's own (the run
+        paused with Ctrl-Z, a suspended machine), during which nothing was asked."""
+        if time.monotonic() - self._last_ok > self._lost_timeout_s:
+            self.send_now()
+        return time.monotonic() - self._last_ok
+
     def _cancel_call(self) -> None:
         with self._call_lock:
             if self._call is not None:
@@ -274,7 +282,7 @@ class HeartbeatThread:
         next_ack_at = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
-            if now - self._last_ok > self._lost_timeout_s:
+            if self._master_silent_for() > self._lost_timeout_s:
                 self._cancel_call()  # no answer for too long: the loop says so
                 return
             if now >= next_ack_at:
@@ -303,7 +311,7 @@ class HeartbeatThread:
             if isinstance(error, grpc.RpcError) and error.code() not in _TRANSIENT:
                 # The master answered no (e.g. a restart began): it is there, not "lost".
                 self._last_ok = time.monotonic()
-            silent_s = time.monotonic() - self._last_ok
+            silent_s = self._master_silent_for()
             if silent_s > self._lost_timeout_s:
                 self._on_master_lost(
                     f"lost the ddp-launch master at {self._client.address} "

@@ -150,7 +150,8 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                 wakeup_fd=wakeup_fd,
             )
             requests.append(supervisor.request_stop)
-            result = supervisor.run()
+            with _terminal_stop_pauses(supervisor):
+                result = supervisor.run()
         final = registry.snapshot()
         view.update(final)
         view.close()
@@ -377,3 +378,24 @@ def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
             signal.signal(s, handler)
         os.close(read_fd)
         os.close(write_fd)
+
+
+@contextlib.contextmanager
+def _terminal_stop_pauses(supervisor: Supervisor) -> Iterator[None]:
+    """Ctrl-Z (SIGTSTP) pauses the whole run, and `fg`/`bg` continues it.
+
+    The workers are in sessions of their own, so the terminal's SIGTSTP stops only the
+    launcher's group: without this, the workers would train on without a master and give
+    up on it after 30 s.
+    """
+
+    def on_stop(signum: int, frame: object) -> None:
+        supervisor.pause()
+        os.kill(os.getpid(), signal.SIGSTOP)  # returns once the shell continues us (SIGCONT)
+        supervisor.resume()
+
+    previous = signal.signal(signal.SIGTSTP, on_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTSTP, previous)

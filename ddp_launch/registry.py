@@ -453,6 +453,17 @@ class Registry:
         with self._cond:
             self._slots[rank].state = RankState.HUNG
 
+    def excuse_pause(self) -> None:
+        """The whole run was paused (Ctrl-Z) and goes on: nobody was silent or stalled by
+        itself, so the hang clocks of every rank start again from now."""
+        with self._cond:
+            now = self._clock()
+            for s in self._slots:
+                if s.last_heartbeat_at is not None:
+                    s.last_heartbeat_at = now
+                if s.last_step_change_at is not None:
+                    s.last_step_change_at = now
+
     def find_hung(self, hang_timeout_s: float) -> list[HangVerdict]:
         """Training ranks that sent no heartbeat, or made no step, for `hang_timeout_s`.
 

@@ -169,8 +169,8 @@ class Supervisor:
             while True:
                 result = self._run_generation(generation)
                 if self._pending_signal is not None and result.outcome is not Outcome.INTERRUPTED:
-                    # Ctrl-C reaches the workers too: a failure it caused, or one that came
-                    # while the group was being stopped, must not start a new generation.
+                    # A failure that came while the group was being stopped (the signal
+                    # forwarded to it may have caused it) must not start a new generation.
                     result.outcome = Outcome.INTERRUPTED
                     result.signal_number = self._pending_signal
                     result.message = f"stopped by {signal.Signals(self._pending_signal).name}"
@@ -332,6 +332,27 @@ class Supervisor:
         stop_process_trees(roots, self.config.restart.stop_grace_s, first_signal)
         for w in self._workers.values():
             w.join(timeout=2.0)
+
+    def pause(self) -> None:
+        """Stop every worker's process group (Ctrl-Z on the launcher: the whole run pauses)."""
+        self._signal_worker_groups(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Continue the workers after `pause`; the time paused counts for nobody's hang."""
+        self._signal_worker_groups(signal.SIGCONT)
+        self.registry.excuse_pause()
+
+    def _signal_worker_groups(self, signum: int) -> None:
+        # Each worker leads a session of its own (see worker.py): its group holds its
+        # children too, e.g. DataLoader workers.
+        for w in self._workers.values():
+            if w.pid and w.exitcode is None:
+                try:
+                    os.killpg(w.pid, signum)
+                except ProcessLookupError:  # not a group leader yet: a worker just forked
+                    _signal_quietly(w.pid, signum)
+                except PermissionError:
+                    pass
 
     def signal_workers(self, signum: int) -> None:
         for w in self._workers.values():

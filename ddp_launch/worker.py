@@ -39,7 +39,15 @@ def worker_main(environ: dict[str, str], target: Target, stdout: Connection, std
         environ: bootstrap variables (env.Bootstrap) to add to the inherited environment.
         target: the script or module to run as __main__.
         stdout, stderr: write ends of the pipes the launcher reads (prefixes and logs them).
+
+    The worker leads a session of its own, as torchrun's workers do. A terminal's Ctrl-C
+    then reaches the launcher alone, which forwards it once: in the launcher's process
+    group a worker got it twice (from the terminal, then from the launcher), and the second
+    KeyboardInterrupt cut short whatever the script does on the first, such as saving a
+    checkpoint. A session is also what Linux shares CPU time between (autogroups), so under
+    load the workers get the share torchrun's do.
     """
+    os.setsid()
     _redirect_output(stdout.fileno(), stderr.fileno())
     stdout.close()
     stderr.close()

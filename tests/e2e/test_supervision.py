@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -11,6 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from ddp_launch.events import read_events
 from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, kill_tree, launcher_command, launcher_env, run_launcher
 
 pytestmark = [pytest.mark.e2e]
@@ -206,6 +208,68 @@ def test_signal_to_the_launcher_stops_every_process_of_the_run(tmp_path, sig, co
     if sig == signal.SIGINT:  # the script saw the Ctrl-C, as it would without a launcher
         assert "rank 0 got KeyboardInterrupt" in (tmp_path / "run" / "rank-0.log").read_text()
     _assert_all_gone(_recorded_pids(out))  # workers and their children
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_c_in_a_terminal_reaches_each_script_once(tmp_path):
+    # A terminal sends SIGINT to its whole foreground process group: the launcher's. Each
+    # script must see one KeyboardInterrupt, and finish what it does on it (a save).
+    out = tmp_path / "out"
+    out.mkdir()
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(tmp_path / "run"), "-n", "2", "--stop-grace", "10",
+                         str(SCRIPTS / "saver.py"), str(out)),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: len(list(out.glob("pids-*.txt"))) == 2, proc)
+        time.sleep(0.3)  # both scripts are inside their sleep
+        os.killpg(proc.pid, signal.SIGINT)
+        stdout, err = proc.communicate(timeout=30)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 130, err
+    for rank in (0, 1):
+        assert (out / f"saved-{rank}").exists(), f"rank {rank}'s save was cut short\n{stdout}"
+        log = (tmp_path / "run" / f"rank-{rank}.log").read_text()
+        assert log.count("got KeyboardInterrupt") == 1, log
+
+
+@pytest.mark.timeout(90)
+def test_ctrl_z_pauses_the_whole_run_and_fg_continues_it(tmp_path):
+    # Paused for longer than the hang timeout: nobody is hung, nobody lost the master.
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(run_dir), "-n", "2", "--hang-timeout", "2", str(SCRIPTS / "plain_steps.py"),
+                         "300"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        events = run_dir / "events.jsonl"
+        _wait_for(lambda: events.exists() and any(e["event"] == "barrier_open" for e in read_events(events)), proc)
+        time.sleep(1.5)  # steps are moving: the step rule of the hang check applies
+        workers = [e["pid"] for e in read_events(events) if e["event"] == "register"]
+        os.killpg(proc.pid, signal.SIGTSTP)
+        _wait_for(lambda: all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in [proc.pid, *workers]))
+        time.sleep(4)
+        assert all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in workers)
+        os.killpg(proc.pid, signal.SIGCONT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, err
+    assert "restarts   0" in err
+    assert "hung" not in err and "lost the ddp-launch master" not in err
+
+
+def _wait_for(condition, proc: subprocess.Popen | None = None, within_s: float = 60.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not condition():
+        if time.monotonic() > deadline or (proc is not None and proc.poll() is not None):
+            raise AssertionError(f"the run did not get there: {proc.communicate() if proc else ''}")
+        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)

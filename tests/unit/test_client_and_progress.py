@@ -9,12 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import threading
+import time
+import types
 from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
 
 import ddp_launch
+from ddp_launch import client as client_module
 from ddp_launch import progress
 from ddp_launch.client import HeartbeatThread, heartbeat_request
 from ddp_launch.env import CONTROL_ADDR, Assignment
@@ -390,6 +393,25 @@ def test_a_lost_master_ends_the_worker_with_a_message(heartbeats) -> None:
     assert len(lost.messages) == 1
     assert ADDRESS in lost.messages[0]
     assert lost.messages[0].startswith("lost the ddp-launch master at")
+
+
+def test_a_pause_of_the_worker_itself_is_not_a_lost_master(heartbeats, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Ctrl-Z stops the worker (and the master) for a minute; the monotonic clock goes on.
+    # On waking, the silence was the worker's own: it asks the master before judging.
+    jumped = [0.0]
+    real = time.monotonic
+    monkeypatch.setattr(client_module, "time", types.SimpleNamespace(monotonic=lambda: real() + jumped[0]))
+    client = FakeClient()
+    hb, lost = heartbeats(client, master_lost_timeout_s=1.0)
+    assert client.wait_calls(3)
+    answered = len(client.answered)
+
+    jumped[0] = 60.0
+    assert client.wait_calls(client.calls + 5, also=lost.event.is_set)
+    hb.stop()
+
+    assert not lost.messages
+    assert len(client.answered) > answered  # the answered try after the pause
 
 
 def test_deadline_exceeded_also_counts_as_unreachable(heartbeats) -> None:

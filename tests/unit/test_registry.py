@@ -543,6 +543,22 @@ def test_a_step_that_does_not_advance_after_the_first_step_is_a_hang(clock):
     assert v.stalled_for_s == pytest.approx(11)
 
 
+def test_a_paused_run_is_not_hung_for_the_time_it_was_paused(clock):
+    reg = make_registry(clock)
+    register_all(reg)
+    beat(reg, 0, step=0)
+    beat(reg, 1, step=0)
+    clock.advance(1)
+    beat(reg, 0, step=1)  # both past their first step: both hang rules apply
+    beat(reg, 1, step=1)
+    clock.advance(600)  # Ctrl-Z, and `fg` ten minutes later
+    assert len(reg.find_hung(10)) == 2
+    reg.excuse_pause()
+    assert reg.find_hung(10) == []
+    clock.advance(11)  # nothing since the pause ended: hung again, by the same rules
+    assert [v.rank for v in reg.find_hung(10)] == [0, 1]
+
+
 def test_a_resumed_step_reported_before_the_first_step_does_not_start_the_step_clock(clock):
     reg = make_registry(clock)
     register_all(reg)
