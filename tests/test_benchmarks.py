@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks.procs import DDP_LAUNCH, TORCHRUN
+from benchmarks.report import control_rows
 from benchmarks.stats import Figure, percentile
 from tests.e2e.launch import kill_tree
 
@@ -58,6 +59,29 @@ def test_percentile_nearest_rank():
     assert percentile(values, 99) == 99
     assert percentile([7], 99) == 7
     assert percentile([], 50) is None
+
+
+def _control_result(workers: int, achieved_per_s: float, p99_ms: float) -> dict:
+    data = {"workers": workers, "rate_hz": 10.0, "offered_per_s": workers * 10.0, "heartbeats_per_s": achieved_per_s,
+            "p50_ms": 1.0, "p99_ms": p99_ms, "errors": {}, "master_cpu_percent": 50.0, "master_rss_mb": 40.0,
+            "master_threads": 3, "master_cpu_us_per_heartbeat": 50.0, "one_core_capacity_per_s": 20000.0}  # fmt: skip
+    return {"figures": {"control_plane_10hz": {"kind": "control_plane", "ddp_launch": data}}}
+
+
+@pytest.mark.parametrize(
+    ("workers", "achieved", "p99_ms", "verdict"),
+    [
+        (1024, 10240.0, 12.0, "yes"),
+        (1024, 10240.0, 80.0, "NO"),  # held, but too slow to answer
+        (1024, 8000.0, 12.0, "NO"),
+        (256, 2560.0, 12.0, "- (held; 256 workers, not 1,024)"),  # a smaller world is no verdict
+        (256, 1000.0, 12.0, "- (NOT held)"),
+    ],
+)
+def test_the_control_plane_verdict_needs_the_targets_world(workers, achieved, p99_ms, verdict):
+    (row,) = control_rows(_control_result(workers, achieved, p99_ms))
+    assert row[0] == "control_plane_10hz"
+    assert row[-1] == verdict
 
 
 def _positive(x) -> bool:
