@@ -28,16 +28,21 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import random
 import secrets
 import select
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import psutil
 
@@ -77,8 +82,6 @@ def serve(world_size: int) -> None:
     Each line read from stdin is answered with {"t": wall time, "heartbeats": how many the
     registry has recorded so far}: the count the harness divides by the window.
     """
-    import threading
-
     from ddp_launch.master import MasterServer
     from ddp_launch.registry import Registry
 
@@ -104,14 +107,49 @@ def serve(world_size: int) -> None:
     registry.heartbeat = counted_heartbeat  # type: ignore[method-assign]
     server = MasterServer(registry, os.environ[TOKEN_ENV], host="127.0.0.1", port=0)
     port = server.start()
+    events_path = Path(tempfile.mkdtemp(prefix="bench-master-")) / "events.jsonl"
+    stop = threading.Event()
+    rounds = threading.Thread(target=_supervisor_rounds, args=(registry, events_path, stop), daemon=True)
+    rounds.start()
     try:
         print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
         for _ in sys.stdin:  # the harness closes our stdin (or dies) to stop us
             with lock:
                 count = recorded
-            print(json.dumps({"t": time.time(), "heartbeats": count}), flush=True)
+            answer = {"t": time.time(), "heartbeats": count, "events_bytes": events_path.stat().st_size}
+            print(json.dumps(answer), flush=True)
     finally:
+        stop.set()
+        rounds.join(timeout=5)
         server.stop(0.2)
+        shutil.rmtree(events_path.parent, ignore_errors=True)
+
+
+def _supervisor_rounds(registry, events_path: Path, stop) -> None:
+    """What the launcher's main thread does with the registry beside the master, at its
+    pace for this world size: hang and straggler checks, then the snapshot that feeds the
+    live view (a pipe here: its plain status line) and the event log."""
+    from ddp_launch.config import RestartPolicy, RunConfig
+    from ddp_launch.events import EventLog
+    from ddp_launch.supervisor import round_interval_s
+    from ddp_launch.view import LiveView
+
+    defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
+    fraction, window_s = defaults["straggler_fraction"], defaults["straggler_window_s"]
+    hang_timeout_s = RestartPolicy().hang_timeout_s
+    with open(os.devnull, "w") as devnull:
+        view = LiveView(devnull, enabled=True)
+        events = EventLog(events_path, progress_interval_s=2.0)
+        try:
+            while not stop.wait(round_interval_s(registry.world_size)):
+                registry.find_hung(hang_timeout_s)
+                registry.update_stragglers(fraction, window_s)
+                snap = registry.snapshot()
+                view.update(snap)
+                events.observe(snap)
+        finally:
+            view.close()
+            events.close()
 
 
 # -- a load process ----------------------------------------------------------------------
@@ -280,12 +318,13 @@ def _cpus() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
-def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int]:
-    """(when, how many heartbeats the master has recorded), asked of the master process."""
+def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int, int]:
+    """(when, how many heartbeats the master has recorded, the size of its event log),
+    asked of the master process."""
     master.stdin.write("\n")
     master.stdin.flush()
     answer = _read_json_line(master, 30.0, "the master")
-    return answer["t"], answer["heartbeats"]
+    return answer["t"], answer["heartbeats"], answer["events_bytes"]
 
 
 def measure(load: LoadSettings) -> dict:
@@ -338,13 +377,13 @@ def measure(load: LoadSettings) -> dict:
         window = (start_at + load.warmup_s, start_at + load.warmup_s + load.duration_s)
         time.sleep(max(0.0, window[0] - time.time()))
         c0 = mproc.cpu_times()
-        t0, seen0 = _heartbeats_seen(master)
+        t0, seen0, events0 = _heartbeats_seen(master)
         peak_rss = mproc.memory_info().rss
         while time.time() < window[1]:
             time.sleep(min(0.25, max(0.0, window[1] - time.time())))
             peak_rss = max(peak_rss, mproc.memory_info().rss)
         c1 = mproc.cpu_times()
-        t1, seen1 = _heartbeats_seen(master)
+        t1, seen1, events1 = _heartbeats_seen(master)
         threads = mproc.num_threads()
         results = [
             _read_json_line(loader, load.duration_s + load.warmup_s + 30, "a load process") for loader in loaders
@@ -374,6 +413,7 @@ def measure(load: LoadSettings) -> dict:
         "master_cpu_percent": 100 * master_cpu_s / (t1 - t0),
         "master_rss_mb": peak_rss / MB,
         "master_threads": threads,
+        "event_log_kb_per_min": (events1 - events0) / 1024 * 60 / (t1 - t0),
         "master_cpu_us_per_heartbeat": us_per_heartbeat,
         "one_core_capacity_per_s": 1e6 / us_per_heartbeat if us_per_heartbeat else None,
         "load_cpu_percent": 100 * sum(r["cpu_s"] for r in results) / (load.warmup_s + load.duration_s),

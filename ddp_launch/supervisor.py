@@ -30,6 +30,19 @@ from ddp_launch.worker import STACK_DUMP_SIGNAL
 
 TICK_S = 0.25
 STATS_INTERVAL_S = 1.0
+# The registry-wide work of a round (hang and straggler checks, the snapshot for the live
+# view and the event log) runs every tick up to this many ranks, and once a second above:
+# at 1,024 ranks a round holds the GIL for ~15 ms, time the master's heartbeats wait for.
+# Deaths are still seen at once (process sentinels), whatever the world size.
+LARGE_WORLD = 64
+LARGE_WORLD_ROUND_S = 1.0
+
+
+def round_interval_s(world_size: int) -> float:
+    """Seconds between two rounds of registry-wide checks for a world of this size."""
+    return TICK_S if world_size <= LARGE_WORLD else max(TICK_S, LARGE_WORLD_ROUND_S)
+
+
 STACK_DUMP_WAIT_S = 2.0
 # Stack frames that mean "waiting for peers", not "the cause of the hang".
 _COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
@@ -208,7 +221,7 @@ class Supervisor:
         config = self.config
         join_deadline = self._clock() + config.join_timeout_s
         run_deadline = None if config.timeout_s is None else self._started_at + config.timeout_s
-        next_stats = 0.0
+        next_stats = next_round = 0.0
         alive = dict(self._workers)
         failures: list[WorkerExit] = []
         while True:
@@ -232,7 +245,11 @@ class Supervisor:
                     self.registry.record_exit(rank, generation, code)
                     if code != 0:
                         failures.append(WorkerExit(rank, w.pid or 0, code, time.time()))
-            if not failures and self.config.nnodes > 1:
+            now = self._clock()
+            is_round = now >= next_round
+            if is_round:
+                next_round = now + round_interval_s(config.world_size)
+            if not failures and self.config.nnodes > 1 and is_round:
                 failures = self._failures_on_other_nodes()
             if failures:
                 first = failures[0]
@@ -245,7 +262,6 @@ class Supervisor:
                 )
             if not alive and (self.config.nnodes == 1 or self.registry.all_done):
                 return GenerationResult(generation, Outcome.SUCCEEDED)
-            now = self._clock()
             if run_deadline is not None and now >= run_deadline:
                 return GenerationResult(
                     generation, Outcome.TIMED_OUT, message=f"the run's --timeout of {config.timeout_s:g} s passed"
@@ -253,6 +269,8 @@ class Supervisor:
             if now >= next_stats:
                 next_stats = now + STATS_INTERVAL_S
                 self._sample_stats(alive)
+            if not is_round:
+                continue
             verdicts = self.registry.find_hung(config.restart.hang_timeout_s)
             # Every node's hung ranks count here: this launcher leads the run.
             local = [v for v in verdicts if v.rank in alive or v.rank not in self._workers]
@@ -280,12 +298,11 @@ class Supervisor:
             self._on_tick(self.registry.snapshot())
 
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
+        failed = [(rank, code) for rank, code in self.registry.failed_ranks() if rank not in self._workers]
+        if not failed:  # the usual case: no snapshot of the whole world needed
+            return []
         views = {r.rank: r for r in self.registry.snapshot().ranks}
-        return [
-            WorkerExit(rank, views[rank].pid, code, time.time())
-            for rank, code in self.registry.failed_ranks()
-            if rank not in self._workers
-        ]
+        return [WorkerExit(rank, views[rank].pid, code, time.time()) for rank, code in failed]
 
     def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
         for rank, w in alive.items():

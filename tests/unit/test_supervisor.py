@@ -152,6 +152,7 @@ class Script:
         *,
         on_tick: Callable[[int, Script], None] | None = None,
         max_ticks: int = 1000,
+        seconds_per_tick: float = TICK_S,
     ) -> None:
         self.config = config
         self.fates = fates or {}
@@ -175,6 +176,7 @@ class Script:
         self.snapshots: list[RunSnapshot] = []
         self._extra_on_tick = on_tick
         self._max_ticks = max_ticks
+        self._seconds_per_tick = seconds_per_tick
         self.ended: list[tuple[int, Outcome, bool]] = []
         self.supervisor = Supervisor(
             config,
@@ -219,7 +221,7 @@ class Script:
         self.tick += 1
         self.gen_tick += 1
         assert self.tick <= self._max_ticks, "the supervisor never ended the generation"
-        self.clock.advance(TICK_S)
+        self.clock.advance(self._seconds_per_tick)
         t = self.gen_tick
         for w in self.current.values():
             if w.exitcode is not None or not w.registered:
@@ -324,6 +326,24 @@ def test_all_exit_zero_succeeds_in_one_generation(scripts) -> None:
     assert s.started == [(0, 0), (1, 0), (2, 0)]
     assert [r.state for r in s.registry.snapshot().ranks] == [RankState.DONE] * 3
     assert [r.exit_code for r in s.registry.snapshot().ranks] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(("nproc", "seconds_per_round"), [(2, 0.25), (128, 1.0)])
+def test_registry_wide_rounds_run_once_a_second_above_64_ranks(scripts, monkeypatch, nproc, seconds_per_round):
+    monkeypatch.setattr(supervisor_module, "TICK_S", 0.25)
+    s = scripts(make_config(nproc=nproc), {0: {r: Fate(0, at_tick=8) for r in range(nproc)}}, seconds_per_tick=0.0)
+    real_wait = supervisor_module.wait_for_sentinels
+
+    def wait_a_tick(waitables, timeout):
+        s.clock.advance(0.25)  # every wake-up of the watch loop is a tick of fake time
+        return real_wait(waitables, timeout=0)
+
+    monkeypatch.setattr(supervisor_module, "wait_for_sentinels", wait_a_tick)
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert len(s.snapshots) == 8  # rounds (each one snapshot) until the ranks exit on the 8th
+    assert s.clock() - START == pytest.approx(8 * seconds_per_round, abs=0.5)
 
 
 def test_workers_that_exit_on_a_later_tick_succeed(scripts) -> None:
