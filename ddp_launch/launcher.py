@@ -50,7 +50,8 @@ from ddp_launch.worker import worker_main
 
 EXIT_TIMEOUT = 124
 EXIT_HUNG = 1
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# torchrun's set (TORCHELASTIC_SIGNALS_TO_HANDLE): Ctrl-\ (SIGQUIT) too stops the run cleanly.
+HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -358,7 +359,7 @@ def _stop_all_descendants(grace_s: float) -> None:
 
 @contextlib.contextmanager
 def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
-    """SIGINT/SIGTERM/SIGHUP become a stop request to the supervisor, and wake its wait."""
+    """SIGINT/SIGTERM/SIGHUP/SIGQUIT become a stop request to the supervisor, and wake its wait."""
     requests: list = []
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)

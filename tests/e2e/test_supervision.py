@@ -195,7 +195,9 @@ def _start_and_wait_ready(tmp_path: Path, n: int = 2) -> tuple[subprocess.Popen,
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize(
+    ("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGQUIT, 131)]
+)
 def test_signal_to_the_launcher_stops_every_process_of_the_run(tmp_path, sig, code):
     proc, out = _start_and_wait_ready(tmp_path)
     try:
