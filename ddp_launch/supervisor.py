@@ -37,15 +37,14 @@ STATS_INTERVAL_S = 1.0
 LARGE_WORLD = 64
 LARGE_WORLD_ROUND_S = 1.0
 
+STACK_DUMP_WAIT_S = 2.0
+# Stack frames that mean "waiting for peers", not "the cause of the hang".
+_COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
+
 
 def round_interval_s(world_size: int) -> float:
     """Seconds between two rounds of registry-wide checks for a world of this size."""
     return TICK_S if world_size <= LARGE_WORLD else max(TICK_S, LARGE_WORLD_ROUND_S)
-
-
-STACK_DUMP_WAIT_S = 2.0
-# Stack frames that mean "waiting for peers", not "the cause of the hang".
-_COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
 
 
 class WorkerHandle(Protocol):
