@@ -344,8 +344,7 @@ class Supervisor:
 
     def stop_group(self, first_signal: int = signal.SIGTERM) -> None:
         """Signal every process of every worker's tree; SIGKILL what remains after the grace."""
-        roots = [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
-        stop_process_trees(roots, self.config.restart.stop_grace_s, first_signal)
+        stop_process_trees(self._live_pids(), self.config.restart.stop_grace_s, first_signal)
         for w in self._workers.values():
             w.join(timeout=2.0)
 
@@ -361,19 +360,21 @@ class Supervisor:
     def _signal_worker_groups(self, signum: int) -> None:
         # Each worker leads a session of its own (see worker.py): its group holds its
         # children too, e.g. DataLoader workers.
-        for w in self._workers.values():
-            if w.pid and w.exitcode is None:
-                try:
-                    os.killpg(w.pid, signum)
-                except ProcessLookupError:  # not a group leader yet: a worker just forked
-                    _signal_quietly(w.pid, signum)
-                except PermissionError:
-                    pass
+        for pid in self._live_pids():
+            try:
+                os.killpg(pid, signum)
+            except ProcessLookupError:  # not a group leader yet: a worker just forked
+                _signal_quietly(pid, signum)
+            except PermissionError:
+                pass
 
     def signal_workers(self, signum: int) -> None:
-        for w in self._workers.values():
-            if w.pid and w.exitcode is None:
-                _signal_quietly(w.pid, signum)
+        for pid in self._live_pids():
+            _signal_quietly(pid, signum)
+
+    def _live_pids(self) -> list[int]:
+        """The pids of this generation's workers that have not exited."""
+        return [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
 
 
 def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
