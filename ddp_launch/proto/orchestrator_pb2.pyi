@@ -125,6 +125,14 @@ class Heartbeat(_message.Message):
     step_age_s: float
     def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ...) -> None: ...
 
+class HeartbeatBatch(_message.Message):
+    __slots__ = ("node_rank", "heartbeats")
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    node_rank: int
+    heartbeats: _containers.RepeatedCompositeFieldContainer[Heartbeat]
+    def __init__(self, node_rank: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[Heartbeat, _Mapping]]] = ...) -> None: ...
+
 class HeartbeatReply(_message.Message):
     __slots__ = ("superseded",)
     SUPERSEDED_FIELD_NUMBER: _ClassVar[int]

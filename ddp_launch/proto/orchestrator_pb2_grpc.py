@@ -54,6 +54,11 @@ class OrchestratorStub:
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
                 response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
                 _registered_method=True)
+        self.StreamNodeHeartbeats = channel.stream_unary(
+                '/ddp_launch.v1.Orchestrator/StreamNodeHeartbeats',
+                request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatBatch.SerializeToString,
+                response_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.FromString,
+                _registered_method=True)
         self.ReportFailure = channel.unary_unary(
                 '/ddp_launch.v1.Orchestrator/ReportFailure',
                 request_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.FailureReport.SerializeToString,
@@ -111,6 +116,16 @@ class OrchestratorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StreamNodeHeartbeats(self, request_iterator, context):
+        """A node's launcher relays the stream heartbeats of its workers: one message per interval
+        carries the latest heartbeat of each worker that sent one, so the master reads one
+        message per node instead of one per worker. A refused heartbeat is counted and skipped;
+        it does not end the stream, which carries other ranks' heartbeats too.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReportFailure(self, request, context):
         """The traceback of a worker whose script raised, sent just before it exits.
         """
@@ -162,6 +177,11 @@ def add_OrchestratorServicer_to_server(servicer, server):
                     servicer.StreamHeartbeats,
                     request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.FromString,
                     response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.SerializeToString,
+            ),
+            'StreamNodeHeartbeats': grpc.stream_unary_rpc_method_handler(
+                    servicer.StreamNodeHeartbeats,
+                    request_deserializer=ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatBatch.FromString,
+                    response_serializer=ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.SerializeToString,
             ),
             'ReportFailure': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportFailure,
@@ -292,6 +312,33 @@ class Orchestrator:
             '/ddp_launch.v1.Orchestrator/StreamHeartbeats',
             ddp__launch_dot_proto_dot_orchestrator__pb2.Heartbeat.SerializeToString,
             ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamNodeHeartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ddp_launch.v1.Orchestrator/StreamNodeHeartbeats',
+            ddp__launch_dot_proto_dot_orchestrator__pb2.HeartbeatBatch.SerializeToString,
+            ddp__launch_dot_proto_dot_orchestrator__pb2.Ack.FromString,
             options,
             channel_credentials,
             insecure,

@@ -449,6 +449,43 @@ def test_the_heartbeat_stream_records_every_heartbeat_and_ends_on_a_refusal(serv
 
 
 @pytest.mark.timeout(30)
+def test_a_node_heartbeat_stream_records_each_rank_and_skips_only_the_refused(server):
+    address = f"127.0.0.1:{server.port}"
+    metadata = ((TOKEN_METADATA_KEY, "secret"),)
+    registry = server.registry
+    channel = grpc.insecure_channel(address)
+    try:
+        stub = pb_grpc.OrchestratorStub(channel)
+        for rank in range(2):
+            stub.Register(register_req(rank), metadata=metadata, timeout=5)
+        batches = [
+            pb.HeartbeatBatch(
+                heartbeats=[pb.Heartbeat(rank=0, pid=100, step=1), pb.Heartbeat(rank=1, pid=101, step=2)]
+            ),
+            # A stranger's heartbeat for rank 1, then rank 0's: the stranger is refused and
+            # counted, rank 0's still recorded, the stream goes on.
+            pb.HeartbeatBatch(
+                heartbeats=[pb.Heartbeat(rank=1, pid=999, step=50), pb.Heartbeat(rank=0, pid=100, step=7)]
+            ),
+            pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(rank=1, pid=101, step=8, has_loss=True, loss=0.5)]),
+        ]
+        assert stub.StreamNodeHeartbeats(_beats(*batches), metadata=metadata, timeout=10) == pb.Ack()
+        ranks = registry.snapshot().ranks
+        assert [(r.rank, r.step) for r in ranks] == [(0, 7), (1, 8)]
+        assert ranks[1].loss == 0.5
+        assert server.servicer.rejections == Counter({"duplicate": 1})
+
+        # No token, no stream.
+        before = registry.snapshot()
+        with pytest.raises(grpc.RpcError) as e:
+            stub.StreamNodeHeartbeats(_beats(batches[0]), timeout=10)
+        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert registry.snapshot() == before
+    finally:
+        channel.close()
+
+
+@pytest.mark.timeout(30)
 def test_a_worker_heartbeat_thread_streams_to_a_real_master(server):
     from ddp_launch.client import HeartbeatThread
 
