@@ -201,6 +201,9 @@ class HeartbeatThread:
     """Sends the worker's progress every `interval_s`, off the training thread: on a stream,
     and every `ack_every_s` (the first one too) as an answered RPC.
 
+    The stream goes to `stream_client` when given (this node's heartbeat relay), else to the
+    master; the answered RPCs always go to the master, so they alone say whether it is there.
+
     When the master has not answered for `master_lost_timeout_s`, the worker cannot be
     supervised any more: it says so on stderr and ends itself (`on_master_lost`).
     """
@@ -215,8 +218,10 @@ class HeartbeatThread:
         master_lost_timeout_s: float,
         on_master_lost: Callable[[str], None],
         ack_every_s: float = ACK_EVERY_S,
+        stream_client: MasterClient | None = None,
     ) -> None:
         self._client = client
+        self._stream_client = stream_client or client
         self._assignment = assignment
         self._read_progress = read_progress
         self._interval_s = interval_s
@@ -301,7 +306,7 @@ class HeartbeatThread:
         while not self._stop.is_set():
             ended = threading.Event()
             with self._call_lock:
-                self._call = self._client.stream_heartbeats(self._beats())
+                self._call = self._stream_client.stream_heartbeats(self._beats())
                 call = self._call
             call.add_done_callback(lambda _, ended=ended: ended.set())
             ended.wait()  # stop() cancels the call, which ends it too
@@ -320,7 +325,7 @@ class HeartbeatThread:
                 return
             if not self._warned:
                 print(
-                    f"[ddp-launch] heartbeat to {self._client.address} failed; retrying",
+                    f"[ddp-launch] heartbeat to {self._stream_client.address} failed; retrying",
                     file=sys.stderr,
                     flush=True,
                 )

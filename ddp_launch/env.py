@@ -49,6 +49,9 @@ MASTER_LOST_TIMEOUT = "DDP_LAUNCH_MASTER_LOST_TIMEOUT_S"
 JOIN_TIMEOUT = "DDP_LAUNCH_JOIN_TIMEOUT_S"
 RUN_DIR = "DDP_LAUNCH_RUN_DIR"
 TLS_CA = "DDP_LAUNCH_TLS_CA"  # the CA that signed the master's certificate, when TLS is on
+# host:port of this node's heartbeat relay (nodes other than node 0): stream heartbeats go
+# there, everything else to the master.
+HEARTBEAT_RELAY = "DDP_LAUNCH_HEARTBEAT_RELAY"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Bootstrap:
     join_timeout_s: float
     run_dir: str = ""
     tls_ca: str = ""
+    heartbeat_relay: str = ""
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -80,6 +84,7 @@ class Bootstrap:
             MASTER_LOST_TIMEOUT: repr(self.master_lost_timeout_s),
             JOIN_TIMEOUT: repr(self.join_timeout_s),
             RUN_DIR: self.run_dir,
+            HEARTBEAT_RELAY: self.heartbeat_relay,
         }
 
     @classmethod
@@ -97,6 +102,7 @@ class Bootstrap:
             join_timeout_s=float(e.get(JOIN_TIMEOUT, "300")),
             run_dir=e.get(RUN_DIR, ""),
             tls_ca=e.get(TLS_CA, ""),
+            heartbeat_relay=e.get(HEARTBEAT_RELAY, ""),
         )
 
 

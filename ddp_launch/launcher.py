@@ -41,6 +41,7 @@ from ddp_launch.follower import Follower
 from ddp_launch.master import MasterServer
 from ddp_launch.output import OutputPump
 from ddp_launch.registry import Registry, RunSnapshot
+from ddp_launch.relay import HeartbeatRelay
 from ddp_launch.run_report import EVENTS_FILE
 from ddp_launch.status import MASTER_FILE, write_token
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
@@ -209,13 +210,23 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         def say(message: str) -> None:
             print(f"[ddp-launch] node {config.node_rank}: {message}", file=stderr, flush=True)
 
+        # Started before any worker and stopped after the last one (teardown runs in reverse).
+        relay = HeartbeatRelay(
+            node_rank=config.node_rank,
+            master_address=address,
+            token=config.token,
+            interval_s=config.heartbeat_interval_s,
+            tls_ca=str(config.tls.ca) if config.tls.ca else None,
+            say=say,
+        )
+        relay.start()
+        teardown.callback(relay.stop)
         pump = OutputPump(run_dir, sink)
         teardown.callback(pump.stop)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
-        start_worker = _worker_starter(
-            config, forkserver_context(), pump, _bootstrap(config, address, config.token, run_dir)
-        )
+        bootstrap = _bootstrap(config, address, config.token, run_dir) | {"heartbeat_relay": relay.address}
+        start_worker = _worker_starter(config, forkserver_context(), pump, bootstrap)
         started = time.monotonic()
         with _signals_as_stop_requests() as (wakeup_fd, requests):
             follower = Follower(config, client, start_worker, wakeup_fd, say)

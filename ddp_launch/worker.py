@@ -141,6 +141,8 @@ def _run(target: Target) -> int:
         _flush_stdio()
         os._exit(EXIT_MASTER_LOST)
 
+    # The relay listens on loopback without TLS: the token never leaves this machine there.
+    relay = MasterClient(boot.heartbeat_relay, boot.token) if boot.heartbeat_relay else None
     heartbeats = HeartbeatThread(
         client,
         assignment,
@@ -148,6 +150,7 @@ def _run(target: Target) -> int:
         interval_s=boot.heartbeat_interval_s,
         master_lost_timeout_s=boot.master_lost_timeout_s,
         on_master_lost=master_lost,
+        stream_client=relay,
     )
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -168,6 +171,8 @@ def _run(target: Target) -> int:
             client.report_exit(assignment.rank, assignment.generation, code)
         except Exception as e:
             _say(f"could not tell the master how this worker ended: {e!r}")
+    if relay is not None:
+        relay.close()
     client.close()
     return code
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -55,6 +56,59 @@ def test_two_nodes_of_two_workers_train_as_one_world(tmp_path):
         assert e["GROUP_RANK"] == str(r // 2) and e["GROUP_WORLD_SIZE"] == "2"
     assert len({e["MASTER_PORT"] for e in seen.values()}) == 1
     assert "[rank 3] hello from rank 3" in node1[1]  # a node shows its own workers' output
+    # Node 1's workers stream their heartbeats to their own launcher's relay (loopback),
+    # and talk to node 0's master for everything else; node 0's workers have no relay.
+    master = {e["DDP_LAUNCH_MASTER"] for e in seen.values()}
+    relays = {seen[r]["DDP_LAUNCH_HEARTBEAT_RELAY"] for r in (2, 3)}
+    assert len(master) == 1 and len(relays) == 1 and relays != master
+    assert relays.pop().startswith("127.0.0.1:")
+    assert not seen[0]["DDP_LAUNCH_HEARTBEAT_RELAY"] and not seen[1]["DDP_LAUNCH_HEARTBEAT_RELAY"]
+
+
+@pytest.mark.timeout(150)
+def test_node_0_sees_node_1s_progress_through_its_relay_and_names_its_straggler(tmp_path):
+    """Rank 3 (node 1) steps 6x slower. Only the relayed stream heartbeats (every 0.25 s;
+    answered ones come every 5 s) give the master rates over a 2 s window."""
+    port = free_port()
+    env = {**launcher_env(), "DDP_LAUNCH_TOKEN": TOKEN}
+    common = ["--nnodes", "2", "--master-port", str(port), "-n", "2", "--stop-grace", "1",
+              "--heartbeat-interval", "0.25", "--straggler-window", "2", str(SCRIPTS / "straggler.py"), "3", "400"]  # fmt: skip
+    nodes = [
+        subprocess.Popen(
+            launcher_command("--run-dir", str(tmp_path / f"node{n}"), "--node-rank", str(n), *common),
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )  # fmt: skip
+        for n in (1, 0)
+    ]
+    try:
+        deadline = time.monotonic() + 90
+        status = None
+        while time.monotonic() < deadline:
+            if (tmp_path / "node0" / "master.json").exists():
+                out = subprocess.run(
+                    launcher_command("status", "--run-dir", str(tmp_path / "node0"), "--json"),
+                    capture_output=True, text=True, timeout=30,
+                )  # fmt: skip
+                if out.returncode == 0:
+                    status = json.loads(out.stdout)
+                    if any(r["straggler"] for r in status["ranks"]):
+                        break
+            time.sleep(0.3)
+        assert status is not None, "status never answered"
+        assert [r["rank"] for r in status["ranks"] if r["straggler"]] == [3], status
+        by_rank = {r["rank"]: r for r in status["ranks"]}
+        assert by_rank[2]["step"] > 0 and by_rank[3]["step"] > 0
+        assert by_rank[3]["steps_per_s"] < by_rank[2]["steps_per_s"]
+        assert by_rank[2]["heartbeat_age_s"] < 2.0  # relayed once per interval, not every 5 s
+    finally:
+        for node in nodes:
+            kill_tree(node.pid)
+            node.communicate(timeout=30)
 
 
 @pytest.mark.timeout(240)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import grpc
@@ -83,3 +84,41 @@ def test_a_cert_without_its_key_is_bad_input(tmp_path, pki):
     (tmp_path / "x.py").write_text("print('should not run')\n")
     run = run_launcher(["--tls-cert", str(pki / "server.pem"), "x.py"], tmp_path)
     assert run.returncode == 2 and "--tls-cert and --tls-key go together" in run.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_node_relay_forwards_heartbeats_to_a_tls_master(pki):
+    from ddp_launch.client import TOKEN_METADATA_KEY, MasterClient
+    from ddp_launch.config import TlsFiles
+    from ddp_launch.master import MasterServer
+    from ddp_launch.proto import orchestrator_pb2 as pb
+    from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+    from ddp_launch.registry import Registry
+    from ddp_launch.relay import HeartbeatRelay
+
+    registry = Registry(run_id="r", nnodes=2, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
+    server = MasterServer(
+        registry, "tok", "127.0.0.1", 0, tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    )
+    server.start()
+    relay = HeartbeatRelay(
+        node_rank=1, master_address=server.address, token="tok", interval_s=0.1, tls_ca=str(pki / "ca.pem")
+    )
+    relay.start()
+    client = MasterClient(server.address, "tok", tls_ca=str(pki / "ca.pem"))
+    channel = grpc.insecure_channel(relay.address)  # workers reach their relay on loopback
+    try:
+        client.register(node_rank=1, local_rank=0, generation=0, deadline_s=10, pid=4242)
+        stub = pb_grpc.OrchestratorStub(channel)
+        beats = iter([pb.Heartbeat(rank=1, pid=4242, step=12)])
+        stub.StreamHeartbeats(beats, metadata=((TOKEN_METADATA_KEY, "tok"),), timeout=10)
+        deadline = time.monotonic() + 10
+        while registry.snapshot().ranks[1].step != 12 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert registry.snapshot().ranks[1].step == 12
+        assert relay.forwarded == 1
+    finally:
+        channel.close()
+        client.close()
+        relay.stop()
+        server.stop()

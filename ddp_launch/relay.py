@@ -1,0 +1,158 @@
+"""A node's heartbeat relay: its workers' stream heartbeats reach node 0's master batched.
+
+On a node other than node 0, the launcher serves a local endpoint (loopback only) that its
+workers send their stream heartbeats to. Once per heartbeat interval the relay forwards the
+latest heartbeat of each worker that sent one, all in one message on one long-lived stream
+to the master (StreamNodeHeartbeats). The master's cost of a heartbeat is nearly all gRPC's
+per-message machinery, so it then reads one message per node instead of one per worker.
+
+What does not go through the relay: registration, the start barrier, failure reports, and
+each worker's answered heartbeat (one every few seconds, and the last one), which go to the
+master directly. A worker's check that its master is alive is therefore unchanged, and a
+heartbeat the master refuses still reaches the worker on its answered one.
+
+A heartbeat waits here for up to one interval: the relay adds the time it held it to the
+heartbeat's step age, so a stall is still dated from the worker's own clock. While the
+master cannot be reached, what is held is dropped (each heartbeat carries the worker's
+whole state, so the next one makes up for it) and the stream is opened again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from ddp_launch.client import TOKEN_METADATA_KEY, channel_options
+from ddp_launch.proto import orchestrator_pb2 as pb
+from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+from ddp_launch.server_thread import ServerThread
+
+
+class _RelayServicer(pb_grpc.OrchestratorServicer):
+    """Serves StreamHeartbeats only; every other method answers UNIMPLEMENTED."""
+
+    def __init__(self, hold: Callable[[pb.Heartbeat], None]) -> None:
+        self._hold = hold
+
+    async def StreamHeartbeats(self, request_iterator: AsyncIterator[pb.Heartbeat], context: Any) -> pb.HeartbeatReply:
+        async for request in request_iterator:
+            self._hold(request)
+        return pb.HeartbeatReply()
+
+
+class HeartbeatRelay:
+    """Takes this node's workers' stream heartbeats and forwards them to the master.
+
+    Args:
+        node_rank: this node's rank (sent with each batch).
+        master_address: host:port of node 0's master.
+        token: the run's secret: the workers must send it here, the relay sends it on.
+        interval_s: how often a batch goes to the master (the workers' heartbeat interval).
+        tls_ca: the CA that signed the master's certificate, when the master serves TLS.
+        say: prints one line for the user (that the master cannot be reached, once per outage).
+    """
+
+    def __init__(
+        self,
+        *,
+        node_rank: int,
+        master_address: str,
+        token: str,
+        interval_s: float,
+        tls_ca: str | None = None,
+        say: Callable[[str], None] = lambda message: None,
+    ) -> None:
+        self.node_rank = node_rank
+        self.master_address = master_address
+        self.interval_s = interval_s
+        self._metadata = ((TOKEN_METADATA_KEY, token),)
+        self._tls_ca = tls_ca
+        self._say = say
+        self._held: dict[int, tuple[pb.Heartbeat, float]] = {}  # rank -> (latest, when received)
+        self.forwarded = 0  # heartbeats sent on to the master
+        self.dropped = 0  # heartbeats held while the master could not be reached
+        self._server = ServerThread(
+            lambda server: pb_grpc.add_OrchestratorServicer_to_server(_RelayServicer(self._hold), server),
+            token,
+            "127.0.0.1",
+            pool_threads=1,
+            on_started=self._forward_forever,
+            name="ddp-launch-relay",
+        )
+
+    @property
+    def address(self) -> str:
+        """Where this node's workers send their stream heartbeats (after start())."""
+        return self._server.address
+
+    def start(self) -> int:
+        """Serve on a free loopback port and start forwarding; returns the port.
+
+        Raises:
+            ConfigError: no port could be bound.
+        """
+        return self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(grace_s=0.2)
+
+    # Everything below runs on the server's event loop: no locks needed.
+
+    def _hold(self, heartbeat: pb.Heartbeat) -> None:
+        self._held[heartbeat.rank] = (heartbeat, time.monotonic())
+
+    def take_batch(self) -> pb.HeartbeatBatch:
+        """What is held, as one message; each heartbeat's step age grows by the time it waited."""
+        now = time.monotonic()
+        batch = pb.HeartbeatBatch(node_rank=self.node_rank)
+        for heartbeat, received in self._held.values():
+            heartbeat.step_age_s += now - received
+            batch.heartbeats.append(heartbeat)
+        self._held.clear()
+        return batch
+
+    def _channel(self) -> Any:
+        if self._tls_ca:
+            credentials = grpc.ssl_channel_credentials(root_certificates=Path(self._tls_ca).read_bytes())
+            return grpc.aio.secure_channel(self.master_address, credentials, options=channel_options())
+        return grpc.aio.insecure_channel(self.master_address, options=channel_options())
+
+    async def _forward_forever(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._channel() as channel:
+            stub = pb_grpc.OrchestratorStub(channel)
+            outage = False
+            next_at = loop.time()
+            while True:
+                call = stub.StreamNodeHeartbeats(metadata=self._metadata)
+                batch = pb.HeartbeatBatch()
+                try:
+                    while True:
+                        next_at = max(next_at + self.interval_s, loop.time())
+                        await asyncio.sleep(next_at - loop.time())
+                        batch = self.take_batch()
+                        if not batch.heartbeats:
+                            continue
+                        await call.write(batch)
+                        self.forwarded += len(batch.heartbeats)
+                        batch = pb.HeartbeatBatch()
+                        outage = False
+                except asyncio.CancelledError:
+                    call.cancel()
+                    raise
+                except Exception as e:  # the stream broke: drop what was held, open it again
+                    self.dropped += len(batch.heartbeats) + len(self._held)
+                    self._held.clear()
+                    if not outage:
+                        code = e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
+                        self._say(
+                            f"relaying heartbeats to the master at {self.master_address} failed ({code}); retrying"
+                        )
+                        outage = True
+                    call.cancel()
+                    await asyncio.sleep(self.interval_s)
