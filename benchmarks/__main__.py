@@ -41,6 +41,7 @@ def settings_for(args: argparse.Namespace, tmp_root: Path) -> tuple[figures.Sett
     control = {
         "workers": args.control_workers or (256 if quick else 1024),
         "rates": (1.0, 10.0),
+        "relayed_rates": (10.0,),
         "warmup_s": 0.5 if quick else 2.0,
         "duration_s": 2.0 if quick else 10.0,
         "load_procs": 2 if quick else 4,

@@ -50,6 +50,7 @@ from benchmarks.stats import percentile
 
 TOKEN_ENV = "BENCH_CONTROL_TOKEN"
 WORKERS_PER_NODE = 64  # simulated nodes of 64 workers: registry slots (node_rank, local_rank)
+RELAY_NODE_WORKERS = 8  # a relayed world: nodes of 8 workers (a node of 8 GPUs)
 FAKE_PID_BASE = 1_000_000  # a distinct positive pid per simulated worker
 STARTUP_TIMEOUT_S = 60.0
 RPC_TIMEOUT_S = 5.0
@@ -64,19 +65,23 @@ class LoadSettings:
     warmup_s: float
     duration_s: float
     load_procs: int
+    relayed: bool = False  # nodes of RELAY_NODE_WORKERS, their heartbeats relayed
 
 
-def layout(workers: int) -> tuple[int, int]:
+def layout(workers: int, relayed: bool = False) -> tuple[int, int]:
     """(simulated nodes, workers per node) for `workers` registry slots."""
-    if workers > WORKERS_PER_NODE and workers % WORKERS_PER_NODE == 0:
-        return workers // WORKERS_PER_NODE, WORKERS_PER_NODE
+    per_node = RELAY_NODE_WORKERS if relayed else WORKERS_PER_NODE
+    if relayed and (workers % per_node or workers < 2 * per_node):
+        raise ValueError(f"a relayed world needs at least two nodes of {per_node} workers, not {workers}")
+    if workers > per_node and workers % per_node == 0:
+        return workers // per_node, per_node
     return 1, workers
 
 
 # -- the master process ------------------------------------------------------------------
 
 
-def serve(world_size: int) -> None:
+def serve(world_size: int, relayed: bool) -> None:
     """Serve a registry for `world_size` workers until stdin closes; print {"port": ...} first.
 
     Each line read from stdin is answered with {"t": wall time, "heartbeats": how many the
@@ -85,7 +90,7 @@ def serve(world_size: int) -> None:
     from ddp_launch.master import MasterServer
     from ddp_launch.registry import Registry
 
-    nnodes, local_world_size = layout(world_size)
+    nnodes, local_world_size = layout(world_size, relayed)
     registry = Registry(
         run_id="bench-control-plane",
         nnodes=nnodes,
@@ -94,14 +99,13 @@ def serve(world_size: int) -> None:
         ddp_addr="127.0.0.1",
     )
     recorded = 0
-    lock = threading.Lock()
     record = registry.heartbeat
 
     def counted_heartbeat(**kwargs):
+        # Called on the server's event loop only (every heartbeat RPC runs there): one writer.
         nonlocal recorded
         superseded = record(**kwargs)
-        with lock:
-            recorded += 1
+        recorded += 1
         return superseded
 
     registry.heartbeat = counted_heartbeat  # type: ignore[method-assign]
@@ -114,9 +118,7 @@ def serve(world_size: int) -> None:
     try:
         print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
         for _ in sys.stdin:  # the harness closes our stdin (or dies) to stop us
-            with lock:
-                count = recorded
-            answer = {"t": time.time(), "heartbeats": count, "events_bytes": events_path.stat().st_size}
+            answer = {"t": time.time(), "heartbeats": recorded, "events_bytes": events_path.stat().st_size}
             print(json.dumps(answer), flush=True)
     finally:
         stop.set()
@@ -155,7 +157,27 @@ def _supervisor_rounds(registry, events_path: Path, stop) -> None:
 # -- a load process ----------------------------------------------------------------------
 
 
+def serve_relay(master_address: str, node_rank: int, interval_s: float) -> None:
+    """A node's real heartbeat relay (what a follower launcher runs) until stdin closes;
+    prints {"port": ...} first, then answers each line with what it has forwarded."""
+    from ddp_launch.relay import HeartbeatRelay
+
+    relay = HeartbeatRelay(
+        node_rank=node_rank, master_address=master_address, token=os.environ[TOKEN_ENV], interval_s=interval_s
+    )
+    port = relay.start()
+    try:
+        print(json.dumps({"port": port, "pid": os.getpid()}), flush=True)
+        for _ in sys.stdin:
+            print(json.dumps({"forwarded": relay.forwarded, "dropped": relay.dropped}), flush=True)
+    finally:
+        relay.stop()
+
+
 async def _load(args: argparse.Namespace) -> dict:
+    """Simulated workers. Each one's stream goes to --stream-address (the master, or its node's
+    relay), or with --batches each simulated node sends what its relay would: one batch of
+    its workers' heartbeats per interval. The answered heartbeats always go to the master."""
     import grpc
 
     from ddp_launch.client import ACK_EVERY_S, TOKEN_METADATA_KEY, channel_options
@@ -165,8 +187,17 @@ async def _load(args: argparse.Namespace) -> dict:
     metadata = ((TOKEN_METADATA_KEY, os.environ[TOKEN_ENV]),)
     local_world_size = args.local_world_size
     ranks = list(range(args.first, args.first + args.count))
+    nodes = sorted({rank // local_world_size for rank in ranks})
     channels = [grpc.aio.insecure_channel(args.address, options=channel_options()) for _ in ranks]
     stubs = [pb_grpc.OrchestratorStub(c) for c in channels]
+    stream_address = args.stream_address or args.address
+    if args.batches:  # one channel per simulated relay
+        stream_channels = [grpc.aio.insecure_channel(args.address, options=channel_options()) for _ in nodes]
+    elif stream_address != args.address:
+        stream_channels = [grpc.aio.insecure_channel(stream_address, options=channel_options()) for _ in ranks]
+    else:
+        stream_channels = []
+    stream_stubs = [pb_grpc.OrchestratorStub(c) for c in stream_channels] or stubs
     try:
         # Register, a few dozen at a time (as workers starting on many nodes would).
         register_latencies: list[float] = []
@@ -197,7 +228,10 @@ async def _load(args: argparse.Namespace) -> dict:
         latencies: list[float] = []
         errors: dict[str, int] = {}
         sent = 0
-        calls = [stub.StreamHeartbeats(metadata=metadata) for stub in stubs]
+        if args.batches:
+            calls = [stub.StreamNodeHeartbeats(metadata=metadata) for stub in stream_stubs]
+        else:
+            calls = [stub.StreamHeartbeats(metadata=metadata) for stub in stream_stubs]
         answered: set[asyncio.Task] = set()
 
         async def answered_heartbeat(stub, request: pb.Heartbeat, begin_wall: float) -> None:
@@ -213,39 +247,52 @@ async def _load(args: argparse.Namespace) -> dict:
         rng = random.Random(args.first)
         await asyncio.sleep(max(0.0, start_at - time.time()))
         t0 = time.perf_counter()
-        due = [t0 + rng.random() * interval for _ in ranks]  # spread over the interval
+        # A sender is a worker (its own stream) or, with --batches, a node (its relay's stream).
+        if args.batches:
+            senders = [[i for i, rank in enumerate(ranks) if rank // local_world_size == n] for n in nodes]
+        else:
+            senders = [[i] for i in range(len(ranks))]
+        due = [t0 + rng.random() * interval for _ in senders]  # spread over the interval
         steps = [0] * len(ranks)
         cpu0 = psutil.Process().cpu_times()
         while time.time() < window[1]:
             now = time.perf_counter()
             now_wall = time.time()
             writes = []
-            for i, rank in enumerate(ranks):
-                if due[i] > now:
+            for s, members in enumerate(senders):
+                if due[s] > now:
                     continue
-                steps[i] += 1
-                step = steps[i]
-                request = pb.Heartbeat(
-                    rank=rank,
-                    generation=0,
-                    pid=FAKE_PID_BASE + rank,
-                    step=step,
-                    samples=step * 64,
-                    has_loss=True,
-                    loss=1.0 / step,
-                    total_steps=1_000_000,
-                )
-                # One in ack_every is an answered RPC, at a phase of its own per worker (real
-                # workers start at different times), so that every second has some to time.
-                if (step + rank) % ack_every == 0:
-                    task = asyncio.create_task(answered_heartbeat(stubs[i], request, now_wall))
-                    answered.add(task)
-                    task.add_done_callback(answered.discard)
-                else:
-                    writes.append(calls[i].write(request))
-                if window[0] <= now_wall < window[1]:
-                    sent += 1
-                due[i] = max(due[i] + interval, now)
+                batch = []
+                for i in members:
+                    rank = ranks[i]
+                    steps[i] += 1
+                    step = steps[i]
+                    request = pb.Heartbeat(
+                        rank=rank,
+                        generation=0,
+                        pid=FAKE_PID_BASE + rank,
+                        step=step,
+                        samples=step * 64,
+                        has_loss=True,
+                        loss=1.0 / step,
+                        total_steps=1_000_000,
+                    )
+                    # One in ack_every is an answered RPC to the master, at a phase of its own
+                    # per worker (real workers start at different times), so that every
+                    # second has some to time.
+                    if (step + rank) % ack_every == 0:
+                        task = asyncio.create_task(answered_heartbeat(stubs[i], request, now_wall))
+                        answered.add(task)
+                        task.add_done_callback(answered.discard)
+                    else:
+                        batch.append(request)
+                    if window[0] <= now_wall < window[1]:
+                        sent += 1
+                if args.batches:
+                    writes.append(calls[s].write(pb.HeartbeatBatch(node_rank=nodes[s], heartbeats=batch)))
+                elif batch:
+                    writes.append(calls[s].write(batch[0]))
+                due[s] = max(due[s] + interval, now)
             results = await asyncio.gather(*writes, return_exceptions=True)
             for r in results:
                 if isinstance(r, Exception):
@@ -265,7 +312,7 @@ async def _load(args: argparse.Namespace) -> dict:
             "cpu_s": (cpu1.user + cpu1.system) - (cpu0.user + cpu0.system),
         }
     finally:
-        for c in channels:
+        for c in channels + stream_channels:
             await c.close()
 
 
@@ -318,13 +365,24 @@ def _cpus() -> tuple[set[int] | None, set[int] | None]:
     return {cpus[0]}, set(cpus[1:])
 
 
+def _ask(proc: subprocess.Popen, what: str) -> dict:
+    """One line to a serving process (the master, a relay), and its answer."""
+    proc.stdin.write("\n")
+    proc.stdin.flush()
+    return _read_json_line(proc, 30.0, what)
+
+
 def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int, int]:
-    """(when, how many heartbeats the master has recorded, the size of its event log),
-    asked of the master process."""
-    master.stdin.write("\n")
-    master.stdin.flush()
-    answer = _read_json_line(master, 30.0, "the master")
+    """(when, how many heartbeats the master has recorded, the size of its event log)."""
+    answer = _ask(master, "the master")
     return answer["t"], answer["heartbeats"], answer["events_bytes"]
+
+
+def _cpu_s(proc: subprocess.Popen | None) -> float:
+    if proc is None:
+        return 0.0
+    times = psutil.Process(proc.pid).cpu_times()
+    return times.user + times.system
 
 
 def measure(load: LoadSettings) -> dict:
@@ -338,7 +396,7 @@ def measure(load: LoadSettings) -> dict:
     started: list[subprocess.Popen] = []
     try:
         master = subprocess.Popen(
-            [*py, "serve", "--world-size", str(load.workers)],
+            [*py, "serve", "--world-size", str(load.workers), *(["--relayed"] if load.relayed else [])],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -349,15 +407,34 @@ def measure(load: LoadSettings) -> dict:
         if master_cpus:
             os.sched_setaffinity(master.pid, master_cpus)
         port = _read_json_line(master, STARTUP_TIMEOUT_S, "the master")["port"]
-        _, local_world_size = layout(load.workers)
-        per_proc = -(-load.workers // load.load_procs)
+        nnodes, local_world_size = layout(load.workers, load.relayed)
+        address = f"127.0.0.1:{port}"
+        relay = None
+        # (first rank, count, extra arguments) of each load process.
+        shares: list[tuple[int, int, list[str]]] = []
+        if load.relayed:
+            # Node 0's workers stream to the master (node 0 has no relay); node 1's go through
+            # a real relay process; nodes 2.. are simulated relays, one batched stream each.
+            relay = subprocess.Popen(
+                [*py, "relay", "--master", address, "--node-rank", "1", "--interval-s", repr(1.0 / load.rate_hz)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
+            )  # fmt: skip
+            started.append(relay)
+            relay_port = _read_json_line(relay, STARTUP_TIMEOUT_S, "the relay")["port"]
+            shares += [(0, local_world_size, []),
+                       (local_world_size, local_world_size, ["--stream-address", f"127.0.0.1:{relay_port}"])]  # fmt: skip
+            per_proc = -(-(nnodes - 2) // max(1, load.load_procs - 2)) * local_world_size
+            shares += [(first, min(per_proc, load.workers - first), ["--batches"])
+                       for first in range(2 * local_world_size, load.workers, per_proc)]  # fmt: skip
+        else:
+            per_proc = -(-load.workers // load.load_procs)
+            shares = [(first, min(per_proc, load.workers - first), []) for first in range(0, load.workers, per_proc)]
         loaders = []
-        for first in range(0, load.workers, per_proc):
-            count = min(per_proc, load.workers - first)
+        for first, count, extra in shares:
             loader = subprocess.Popen(
-                [*py, "load", "--address", f"127.0.0.1:{port}", "--first", str(first), "--count", str(count),
+                [*py, "load", "--address", address, "--first", str(first), "--count", str(count),
                  "--local-world-size", str(local_world_size), "--rate-hz", str(load.rate_hz),
-                 "--warmup-s", str(load.warmup_s), "--duration-s", str(load.duration_s)],
+                 "--warmup-s", str(load.warmup_s), "--duration-s", str(load.duration_s), *extra],
                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, start_new_session=True,
             )  # fmt: skip
             started.append(loader)
@@ -377,14 +454,17 @@ def measure(load: LoadSettings) -> dict:
         window = (start_at + load.warmup_s, start_at + load.warmup_s + load.duration_s)
         time.sleep(max(0.0, window[0] - time.time()))
         c0 = mproc.cpu_times()
+        r0 = _cpu_s(relay)
         t0, seen0, events0 = _heartbeats_seen(master)
         peak_rss = mproc.memory_info().rss
         while time.time() < window[1]:
             time.sleep(min(0.25, max(0.0, window[1] - time.time())))
             peak_rss = max(peak_rss, mproc.memory_info().rss)
         c1 = mproc.cpu_times()
+        r1 = _cpu_s(relay)
         t1, seen1, events1 = _heartbeats_seen(master)
         threads = mproc.num_threads()
+        relayed = _ask(relay, "the relay")["forwarded"] if relay else None
         results = [
             _read_json_line(loader, load.duration_s + load.warmup_s + 30, "a load process") for loader in loaders
         ]
@@ -402,6 +482,10 @@ def measure(load: LoadSettings) -> dict:
     us_per_heartbeat = master_cpu_s * 1e6 / (seen1 - seen0) if seen1 > seen0 else None
     return {
         "workers": load.workers,
+        "relayed": load.relayed,
+        "nodes": nnodes,
+        "relay_cpu_percent": 100 * (r1 - r0) / (t1 - t0) if relay else None,
+        "relay_forwarded": relayed,
         "rate_hz": load.rate_hz,
         "offered_per_s": load.workers * load.rate_hz,
         "heartbeats_per_s": per_s,
@@ -425,22 +509,27 @@ def measure(load: LoadSettings) -> dict:
     }
 
 
-def control_plane_figures(workers: int, rates: tuple[float, ...], warmup_s: float, duration_s: float,
-                          load_procs: int, say) -> list[dict]:  # fmt: skip
+def control_plane_figures(workers: int, rates: tuple[float, ...], relayed_rates: tuple[float, ...],
+                          warmup_s: float, duration_s: float, load_procs: int, say) -> list[dict]:  # fmt: skip
+    """One figure per rate with every worker streaming to the master (one node, or relays
+    off), then one per relayed rate: nodes of 8 workers whose launchers relay their streams."""
+    runs = [(rate, False) for rate in rates] + [(rate, True) for rate in relayed_rates]
     figures = []
-    for rate in rates:
-        say(f"control plane: {workers} simulated workers at {rate:g} Hz")
-        key = f"control_plane_{rate:g}hz"
+    for rate, relayed in runs:
+        nodes = f" on {workers // RELAY_NODE_WORKERS} nodes, relayed" if relayed else ""
+        say(f"control plane: {workers} simulated workers{nodes} at {rate:g} Hz")
         figure = {
             "kind": "control_plane",
-            "key": key,
-            "title": f"control plane: {workers} simulated workers heartbeating at {rate:g} Hz against one master",
+            "key": f"control_plane_{rate:g}hz" + ("_relayed" if relayed else ""),
+            "title": f"control plane: {workers} simulated workers{nodes} heartbeating at {rate:g} Hz "
+            "against one master",
             "target": ">= 10,000 heartbeats/s on one core, p99 RPC latency <= 50 ms",
             "note": "no torchrun counterpart (torchrun's agent has no per-worker control channel)",
             "torchrun": None,
         }
         try:
-            figure["ddp_launch"] = measure(LoadSettings(workers, rate, warmup_s, duration_s, load_procs))
+            settings = LoadSettings(workers, rate, warmup_s, duration_s, load_procs, relayed=relayed)
+            figure["ddp_launch"] = measure(settings)
             figure["error"] = None
         except Exception as e:  # a figure that could not be measured is reported, not fatal
             figure["ddp_launch"] = None
@@ -454,6 +543,11 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--world-size", type=int, required=True)
+    s.add_argument("--relayed", action="store_true", help="nodes of RELAY_NODE_WORKERS workers")
+    r = sub.add_parser("relay")
+    r.add_argument("--master", required=True)
+    r.add_argument("--node-rank", type=int, required=True)
+    r.add_argument("--interval-s", type=float, required=True)
     lp = sub.add_parser("load")
     lp.add_argument("--address", required=True)
     lp.add_argument("--first", type=int, required=True)
@@ -462,9 +556,13 @@ def main(argv: list[str] | None = None) -> None:
     lp.add_argument("--rate-hz", type=float, required=True)
     lp.add_argument("--warmup-s", type=float, required=True)
     lp.add_argument("--duration-s", type=float, required=True)
+    lp.add_argument("--stream-address", help="where the workers' streams go [default: --address]")
+    lp.add_argument("--batches", action="store_true", help="each simulated node sends its relay's batches")
     args = p.parse_args(argv)
     if args.command == "serve":
-        serve(args.world_size)
+        serve(args.world_size, args.relayed)
+    elif args.command == "relay":
+        serve_relay(args.master, args.node_rank, args.interval_s)
     else:
         result = asyncio.run(_load(args))
         print(json.dumps(result), flush=True)

@@ -535,18 +535,22 @@ class Registry:
 
     def snapshot(self) -> RunSnapshot:
         now = self._clock()
+        # Under the lock only a flat copy of each slot: the views (thousands of objects at a
+        # large world) are built after it is released, so heartbeats never wait for them.
         with self._cond:
-            ranks = tuple(self._view(s, now) for s in self._slots)
-            return RunSnapshot(
-                run_id=self.run_id,
-                world_size=self.world_size,
-                generation=self.generation,
-                max_restarts=self.max_restarts,
-                elapsed_s=now - self._started_at,
-                total_steps=self._total_steps,
-                barrier_open=self._registered == self.world_size,
-                ranks=ranks,
-            )
+            generation = self.generation
+            rows = [self._copy(s) for s in self._slots]
+            header = (self._total_steps, self._registered == self.world_size)
+        return RunSnapshot(
+            run_id=self.run_id,
+            world_size=self.world_size,
+            generation=generation,
+            max_restarts=self.max_restarts,
+            elapsed_s=now - self._started_at,
+            total_steps=header[0],
+            barrier_open=header[1],
+            ranks=tuple(self._view(row, generation, now) for row in rows),
+        )
 
     @staticmethod
     def _rate(s: _Slot) -> float:
@@ -555,26 +559,35 @@ class Registry:
         (t0, s0), (t1, s1) = s.rate_window[0], s.rate_window[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
-    def _view(self, s: _Slot, now: float) -> RankView:
-        rate = self._rate(s)
+    @classmethod
+    def _copy(cls, s: _Slot) -> tuple:
+        # A heartbeat replaces a slot's metrics dict, never changes it: the reference is enough.
+        return (s.rank, s.node_rank, s.local_rank, s.state, s.pid, s.hostname, s.step, s.samples, cls._rate(s),
+                s.loss, s.metrics, s.rss_bytes, s.cpu_percent, s.last_heartbeat_at, s.exit_code,
+                s.exception_type, s.traceback, s.straggler)  # fmt: skip
+
+    @staticmethod
+    def _view(row: tuple, generation: int, now: float) -> RankView:
+        (rank, node_rank, local_rank, state, pid, hostname, step, samples, rate, loss, metrics, rss_bytes,
+         cpu_percent, last_heartbeat_at, exit_code, exception_type, traceback, straggler) = row  # fmt: skip
         return RankView(
-            rank=s.rank,
-            node_rank=s.node_rank,
-            local_rank=s.local_rank,
-            state=s.state,
-            generation=self.generation,
-            pid=s.pid,
-            hostname=s.hostname,
-            step=s.step,
-            samples=s.samples,
+            rank=rank,
+            node_rank=node_rank,
+            local_rank=local_rank,
+            state=state,
+            generation=generation,
+            pid=pid,
+            hostname=hostname,
+            step=step,
+            samples=samples,
             steps_per_s=rate,
-            loss=s.loss,
-            metrics=dict(s.metrics),
-            rss_bytes=s.rss_bytes,
-            cpu_percent=s.cpu_percent,
-            heartbeat_age_s=None if s.last_heartbeat_at is None else now - s.last_heartbeat_at,
-            exit_code=s.exit_code,
-            exception_type=s.exception_type,
-            traceback=s.traceback,
-            straggler=s.straggler,
+            loss=loss,
+            metrics=dict(metrics),
+            rss_bytes=rss_bytes,
+            cpu_percent=cpu_percent,
+            heartbeat_age_s=None if last_heartbeat_at is None else now - last_heartbeat_at,
+            exit_code=exit_code,
+            exception_type=exception_type,
+            traceback=traceback,
+            straggler=straggler,
         )
