@@ -102,6 +102,12 @@ def rows(result: dict) -> list[list[str]]:
     return out
 
 
+def _relayed(d: dict) -> str:
+    if not d.get("relayed"):
+        return ""
+    return f" ({d['nodes']} nodes of {d['workers'] // d['nodes']}, relayed; a relay: {d['relay_cpu_percent']:.0f}% CPU)"
+
+
 def control_rows(result: dict) -> list[list[str]]:
     """The control plane (ddp-launch only): one row per heartbeat rate."""
     out = []
@@ -122,7 +128,7 @@ def control_rows(result: dict) -> list[list[str]]:
         out.append(
             [
                 key,
-                f"{d['workers']} x {d['rate_hz']:g} Hz = {d['offered_per_s']:.0f}",
+                f"{d['workers']} x {d['rate_hz']:g} Hz = {d['offered_per_s']:.0f}" + _relayed(d),
                 f"{d['heartbeats_per_s']:.0f}",
                 f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f}",
                 f"{d['master_cpu_percent']:.0f}%",

@@ -94,7 +94,7 @@ class _Slot:
     traceback: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: half the cost to build, a thousand per snapshot
 class RankView:
     """A rank as the live view, the status command and the failure report see it."""
 

@@ -84,6 +84,14 @@ def test_the_control_plane_verdict_needs_the_targets_world(workers, achieved, p9
     assert row[-1] == verdict
 
 
+def test_a_relayed_control_plane_row_says_so_and_is_judged_alike():
+    result = _control_result(1024, 10240.0, 12.0)
+    result["figures"]["control_plane_10hz"]["ddp_launch"] |= {"relayed": True, "nodes": 128, "relay_cpu_percent": 4.2}
+    (row,) = control_rows(result)
+    assert row[1] == "1024 x 10 Hz = 10240 (128 nodes of 8, relayed; a relay: 4% CPU)"
+    assert row[-1] == "yes"
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
@@ -109,6 +117,9 @@ def test_quick_suite_measures_every_figure(tmp_path):
     assert _positive(result["machine"]["cpus"])
     figures = result["figures"]
     assert {"startup_n2", "wall_n2", "recovery_n2", "control_plane_1hz", "control_plane_10hz"} <= set(figures)
+    relayed = figures["control_plane_10hz_relayed"]["ddp_launch"]
+    assert relayed["relayed"] is True and relayed["nodes"] == 4  # 32 workers: nodes of 8
+    assert _positive(relayed["relay_forwarded"]) and _positive(relayed["relay_cpu_percent"])
     for key, fig in figures.items():
         if fig["kind"] == "pairs":
             for launcher in (DDP_LAUNCH, TORCHRUN):
