@@ -56,6 +56,7 @@ STARTUP_TIMEOUT_S = 60.0
 RPC_TIMEOUT_S = 5.0
 MB = 1024 * 1024
 TICK_S = 0.002  # how often a load process sends what is due
+LAG_PROBE_S = 0.005  # how often the master's loop lag is sampled
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,10 @@ def serve(world_size: int, relayed: bool) -> None:
     """Serve a registry for `world_size` workers until stdin closes; print {"port": ...} first.
 
     Each line read from stdin is answered with {"t": wall time, "heartbeats": how many the
-    registry has recorded so far}: the count the harness divides by the window.
+    registry has recorded so far, "loop_lag_ms": the master loop's lags since the last line}:
+    the count the harness divides by the window, and how long a callback that was ready
+    waited for the master's event loop (what the master itself adds to an RPC's latency,
+    whatever the clients' own processes add).
     """
     from ddp_launch.master import MasterServer
     from ddp_launch.registry import Registry
@@ -111,6 +115,9 @@ def serve(world_size: int, relayed: bool) -> None:
     registry.heartbeat = counted_heartbeat  # type: ignore[method-assign]
     server = MasterServer(registry, os.environ[TOKEN_ENV], host="127.0.0.1", port=0)
     port = server.start()
+    lags_ms: list[float] = []
+    assert server._loop is not None
+    asyncio.run_coroutine_threadsafe(_measure_loop_lag(lags_ms), server._loop)
     events_path = Path(tempfile.mkdtemp(prefix="bench-master-")) / "events.jsonl"
     stop = threading.Event()
     rounds = threading.Thread(target=_supervisor_rounds, args=(registry, events_path, stop), daemon=True)
@@ -123,7 +130,9 @@ def serve(world_size: int, relayed: bool) -> None:
                 "t": time.time(),
                 "heartbeats": recorded,
                 "events_bytes": events_path.stat().st_size if events_path.exists() else 0,
+                "loop_lag_ms": lags_ms[:],
             }
+            lags_ms.clear()
             print(json.dumps(answer), flush=True)
     finally:
         stop.set()
@@ -131,6 +140,15 @@ def serve(world_size: int, relayed: bool) -> None:
             rounds.join(timeout=5)
         server.stop(0.2)
         shutil.rmtree(events_path.parent, ignore_errors=True)
+
+
+async def _measure_loop_lag(lags_ms: list[float]) -> None:
+    """Sleeps LAG_PROBE_S again and again on the master's loop; records how late it wakes."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + LAG_PROBE_S
+        await asyncio.sleep(LAG_PROBE_S)
+        lags_ms.append((loop.time() - due) * 1e3)
 
 
 def _supervisor_rounds(registry, events_path: Path, stop) -> None:
@@ -378,10 +396,11 @@ def _ask(proc: subprocess.Popen, what: str) -> dict:
     return _read_json_line(proc, 30.0, what)
 
 
-def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int, int]:
-    """(when, how many heartbeats the master has recorded, the size of its event log)."""
+def _heartbeats_seen(master: subprocess.Popen) -> tuple[float, int, int, list[float]]:
+    """(when, how many heartbeats the master has recorded, the size of its event log, its
+    loop's lags since the previous question)."""
     answer = _ask(master, "the master")
-    return answer["t"], answer["heartbeats"], answer["events_bytes"]
+    return answer["t"], answer["heartbeats"], answer["events_bytes"], answer["loop_lag_ms"]
 
 
 def _cpu_s(proc: subprocess.Popen | None) -> float:
@@ -461,14 +480,14 @@ def measure(load: LoadSettings) -> dict:
         time.sleep(max(0.0, window[0] - time.time()))
         c0 = mproc.cpu_times()
         r0 = _cpu_s(relay)
-        t0, seen0, events0 = _heartbeats_seen(master)
+        t0, seen0, events0, _ = _heartbeats_seen(master)
         peak_rss = mproc.memory_info().rss
         while time.time() < window[1]:
             time.sleep(min(0.25, max(0.0, window[1] - time.time())))
             peak_rss = max(peak_rss, mproc.memory_info().rss)
         c1 = mproc.cpu_times()
         r1 = _cpu_s(relay)
-        t1, seen1, events1 = _heartbeats_seen(master)
+        t1, seen1, events1, lags_ms = _heartbeats_seen(master)
         threads = mproc.num_threads()
         relayed = _ask(relay, "the relay")["forwarded"] if relay else None
         results = [
@@ -499,6 +518,8 @@ def measure(load: LoadSettings) -> dict:
         "p50_ms": (percentile(latencies, 50) or 0) / 1000 if latencies else None,
         "p99_ms": (percentile(latencies, 99) or 0) / 1000 if latencies else None,
         "max_ms": latencies[-1] / 1000 if latencies else None,
+        "loop_lag_p99_ms": percentile(sorted(lags_ms), 99),
+        "loop_lag_max_ms": max(lags_ms, default=None),
         "errors": errors,
         "master_cpu_percent": 100 * master_cpu_s / (t1 - t0),
         "master_rss_mb": peak_rss / MB,
