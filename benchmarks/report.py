@@ -119,7 +119,12 @@ def control_rows(result: dict) -> list[list[str]]:
             out.append([key, f"failed: {fig['error']}"] + [""] * (len(CONTROL_HEADER) - 2))
             continue
         # Held the offered rate (10,240/s at 10 Hz with 1,024 workers) within the latency bound.
-        held = d["heartbeats_per_s"] >= 0.99 * d["offered_per_s"] and d["p99_ms"] <= 50 and not d["errors"]
+        held = (
+            d["heartbeats_per_s"] >= 0.99 * d["offered_per_s"]
+            and d["p99_ms"] is not None
+            and d["p99_ms"] <= 50
+            and not d["errors"]
+        )
         if d["workers"] >= TARGET_WORKERS:
             met = "yes" if held else "NO"
         else:  # e.g. --quick: a smaller world says nothing about the target
@@ -130,7 +135,7 @@ def control_rows(result: dict) -> list[list[str]]:
                 key,
                 f"{d['workers']} x {d['rate_hz']:g} Hz = {d['offered_per_s']:.0f}" + _relayed(d),
                 f"{d['heartbeats_per_s']:.0f}",
-                f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f}",
+                f"{d['p50_ms']:.1f} / {d['p99_ms']:.1f}" if d["p99_ms"] is not None else "- (none answered)",
                 f"{d['loop_lag_p99_ms']:.1f}" if d.get("loop_lag_p99_ms") is not None else "-",
                 f"{d['master_cpu_percent']:.0f}%",
                 f"{d['master_rss_mb']:.0f}",

@@ -84,6 +84,13 @@ def test_the_control_plane_verdict_needs_the_targets_world(workers, achieved, p9
     assert row[-1] == verdict
 
 
+def test_a_control_plane_row_with_no_answered_rpc_is_not_met():
+    result = _control_result(1024, 4700.0, 12.0)
+    result["figures"]["control_plane_10hz"]["ddp_launch"] |= {"p50_ms": None, "p99_ms": None}
+    (row,) = control_rows(result)
+    assert row[3] == "- (none answered)" and row[-1] == "NO"
+
+
 def test_a_relayed_control_plane_row_says_so_and_is_judged_alike():
     result = _control_result(1024, 10240.0, 12.0)
     result["figures"]["control_plane_10hz"]["ddp_launch"] |= {"relayed": True, "nodes": 128, "relay_cpu_percent": 4.2}
