@@ -14,7 +14,10 @@ heartbeat the master refuses still reaches the worker on its answered one.
 A heartbeat waits here for up to one interval: the relay adds the time it held it to the
 heartbeat's step age, so a stall is still dated from the worker's own clock. While the
 master cannot be reached, what is held is dropped (each heartbeat carries the worker's
-whole state, so the next one makes up for it) and the stream is opened again.
+whole state, so the next one makes up for it) and the stream is opened again. The relay says
+so only when that lasts (`say_after_s`): a master that is gone for good is reported by the
+node's launcher itself (it follows the run on a stream of its own), and at the end of a run
+the master stops a moment before every node has heard that the run is over.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ class HeartbeatRelay:
         token: the run's secret: the workers must send it here, the relay sends it on.
         interval_s: how often a batch goes to the master (the workers' heartbeat interval).
         tls_ca: the CA that signed the master's certificate, when the master serves TLS.
-        say: prints one line for the user (that the master cannot be reached, once per outage).
+        say: prints one line for the user: that heartbeats could not be relayed for
+            `say_after_s` (once per outage).
     """
 
     def __init__(
@@ -66,6 +70,7 @@ class HeartbeatRelay:
         interval_s: float,
         tls_ca: str | None = None,
         say: Callable[[str], None] = lambda message: None,
+        say_after_s: float = 10.0,
     ) -> None:
         self.node_rank = node_rank
         self.master_address = master_address
@@ -73,6 +78,7 @@ class HeartbeatRelay:
         self._metadata = ((TOKEN_METADATA_KEY, token),)
         self._tls_ca = tls_ca
         self._say = say
+        self._say_after_s = say_after_s
         self._held: dict[int, tuple[pb.Heartbeat, float]] = {}  # rank -> (latest, when received)
         self.forwarded = 0  # heartbeats sent on to the master
         self.dropped = 0  # heartbeats held while the master could not be reached
@@ -126,7 +132,8 @@ class HeartbeatRelay:
         loop = asyncio.get_running_loop()
         async with self._channel() as channel:
             stub = pb_grpc.OrchestratorStub(channel)
-            outage = False
+            outage_since: float | None = None
+            said = False
             next_at = loop.time()
             while True:
                 call = stub.StreamNodeHeartbeats(metadata=self._metadata)
@@ -141,18 +148,21 @@ class HeartbeatRelay:
                         await call.write(batch)
                         self.forwarded += len(batch.heartbeats)
                         batch = pb.HeartbeatBatch()
-                        outage = False
+                        outage_since, said = None, False
                 except asyncio.CancelledError:
                     call.cancel()
                     raise
                 except Exception as e:  # the stream broke: drop what was held, open it again
                     self.dropped += len(batch.heartbeats) + len(self._held)
                     self._held.clear()
-                    if not outage:
-                        code = e.code().name if isinstance(e, grpc.aio.AioRpcError) else type(e).__name__
-                        self._say(
-                            f"relaying heartbeats to the master at {self.master_address} failed ({code}); retrying"
-                        )
-                        outage = True
+                    why = (await call.code()).name if call.done() else type(e).__name__
                     call.cancel()
+                    outage_since = outage_since if outage_since is not None else loop.time()
+                    lasted_s = loop.time() - outage_since
+                    if not said and lasted_s >= self._say_after_s:
+                        self._say(
+                            f"could not relay heartbeats to the master at {self.master_address} "
+                            f"for {lasted_s:.0f} s ({why}); still trying"
+                        )
+                        said = True
                     await asyncio.sleep(self.interval_s)
