@@ -117,7 +117,7 @@ def _gpu_count() -> int:
     default=300.0,
     show_default=True,
     type=float,
-    help="Seconds without heartbeat or step progress before a rank is hung (0: off).",
+    help="Seconds without heartbeat or step progress before a rank is hung (0: off); at least 3 heartbeat intervals.",
 )
 @click.option(
     "--stop-grace",

@@ -50,6 +50,9 @@ class Target:
         return [self.name, *self.args]
 
 
+HEARTBEATS_PER_HANG_TIMEOUT = 3
+
+
 @dataclass(frozen=True)
 class RestartPolicy:
     """When a failed or hung group is started again."""
@@ -172,6 +175,14 @@ class RunConfig:
                 raise ConfigError("--metrics-port is served by node 0's master only")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("--heartbeat-interval must be > 0")
+        hang_s, interval_s = self.restart.hang_timeout_s, self.heartbeat_interval_s
+        # Heartbeats reach the master up to two intervals apart (a node's relay forwards them
+        # once an interval): a shorter timeout would call a rank hung between two of them.
+        if 0 < hang_s < HEARTBEATS_PER_HANG_TIMEOUT * interval_s:
+            raise ConfigError(
+                f"--hang-timeout {hang_s:g} is shorter than {HEARTBEATS_PER_HANG_TIMEOUT} heartbeat intervals "
+                f"(--heartbeat-interval {interval_s:g}): lower the interval or raise the timeout"
+            )
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise ConfigError(f"--timeout must be > 0, got {self.timeout_s}")
         if self.join_timeout_s <= 0:

@@ -243,8 +243,8 @@ def test_ctrl_z_pauses_the_whole_run_and_fg_continues_it(tmp_path):
     # Paused for longer than the hang timeout: nobody is hung, nobody lost the master.
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        launcher_command("--run-dir", str(run_dir), "-n", "2", "--hang-timeout", "2", str(SCRIPTS / "plain_steps.py"),
-                         "300"),
+        launcher_command("--run-dir", str(run_dir), "-n", "2", "--hang-timeout", "2", "--heartbeat-interval", "0.5",
+                         str(SCRIPTS / "plain_steps.py"), "300"),
         cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
         start_new_session=True,
     )  # fmt: skip

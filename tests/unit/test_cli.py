@@ -331,6 +331,11 @@ def test_several_nodes_need_a_port_and_a_token(script: Path, kw: dict, fragment:
         ({"restart": RestartPolicy(max_restarts=-1)}, "--max-restarts must be >= 0, got -1"),
         ({"restart": RestartPolicy(stop_grace_s=-0.1)}, "--stop-grace"),
         ({"restart": RestartPolicy(hang_timeout_s=-1.0)}, "--hang-timeout"),
+        ({"restart": RestartPolicy(hang_timeout_s=2.0)}, "--hang-timeout 2 is shorter than 3 heartbeat intervals"),
+        (
+            {"restart": RestartPolicy(hang_timeout_s=1.0), "heartbeat_interval_s": 0.5},
+            "(--heartbeat-interval 0.5)",
+        ),
     ],
 )
 def test_bad_values_are_config_errors(script: Path, kw: dict, fragment: str) -> None:
