@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.control_plane import layout
 from benchmarks.procs import DDP_LAUNCH, TORCHRUN
 from benchmarks.report import control_rows
 from benchmarks.stats import Figure, percentile
@@ -82,6 +83,15 @@ def test_the_control_plane_verdict_needs_the_targets_world(workers, achieved, p9
     (row,) = control_rows(_control_result(workers, achieved, p99_ms))
     assert row[0] == "control_plane_10hz"
     assert row[-1] == verdict
+
+
+def test_a_relayed_world_is_laid_out_in_nodes_of_eight():
+    assert layout(1024, relayed=True) == (128, 8)
+    assert layout(32, relayed=True) == (4, 8)
+    assert layout(1024) == (16, 64)
+    for workers in (8, 20):  # one node has nothing to relay; a partial node is not a node of 8
+        with pytest.raises(ValueError, match="at least two nodes of 8"):
+            layout(workers, relayed=True)
 
 
 def test_a_control_plane_row_with_no_answered_rpc_is_not_met():
