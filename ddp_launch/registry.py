@@ -538,17 +538,17 @@ class Registry:
         # Under the lock only a flat copy of each slot: the views (thousands of objects at a
         # large world) are built after it is released, so heartbeats never wait for them.
         with self._cond:
-            generation = self.generation
+            generation, total_steps = self.generation, self._total_steps
+            barrier_open = self._registered == self.world_size
             rows = [self._copy(s) for s in self._slots]
-            header = (self._total_steps, self._registered == self.world_size)
         return RunSnapshot(
             run_id=self.run_id,
             world_size=self.world_size,
             generation=generation,
             max_restarts=self.max_restarts,
             elapsed_s=now - self._started_at,
-            total_steps=header[0],
-            barrier_open=header[1],
+            total_steps=total_steps,
+            barrier_open=barrier_open,
             ranks=tuple(self._view(row, generation, now) for row in rows),
         )
 
