@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +92,22 @@ def digests(output: str) -> dict[int, str]:
             fields = dict(part.split("=", 1) for part in line.split("param-digest", 1)[1].split())
             found[int(fields["rank"])] = fields["sha256"]
     return found
+
+
+def poll_status(run_dir: Path, until, timeout_s: float = 90.0) -> dict | None:
+    """`ddp-launch status --json` of the run in `run_dir`, asked every 0.3 s until
+    `until(status)` holds or `timeout_s` passes; the last answer (None if it never answered)."""
+    deadline = time.monotonic() + timeout_s
+    status = None
+    while time.monotonic() < deadline:
+        if (run_dir / "master.json").exists():
+            out = subprocess.run(
+                launcher_command("status", "--run-dir", str(run_dir), "--json"),
+                capture_output=True, text=True, timeout=30,
+            )  # fmt: skip
+            if out.returncode == 0:
+                status = json.loads(out.stdout)
+                if until(status):
+                    break
+        time.sleep(0.3)
+    return status

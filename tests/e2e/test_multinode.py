@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from tests.e2e.launch import (
     kill_tree,
     launcher_command,
     launcher_env,
+    poll_status,
     run_launcher,
 )
 
@@ -86,19 +86,7 @@ def test_node_0_sees_node_1s_progress_through_its_relay_and_names_its_straggler(
         for n in (1, 0)
     ]
     try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline:
-            if (tmp_path / "node0" / "master.json").exists():
-                out = subprocess.run(
-                    launcher_command("status", "--run-dir", str(tmp_path / "node0"), "--json"),
-                    capture_output=True, text=True, timeout=30,
-                )  # fmt: skip
-                if out.returncode == 0:
-                    status = json.loads(out.stdout)
-                    if any(r["straggler"] for r in status["ranks"]):
-                        break
-            time.sleep(0.3)
+        status = poll_status(tmp_path / "node0", until=lambda s: any(r["straggler"] for r in s["ranks"]))
         assert status is not None, "status never answered"
         assert [r["rank"] for r in status["ranks"] if r["straggler"]] == [3], status
         by_rank = {r["rank"]: r for r in status["ranks"]}

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 import urllib.request
 
 import pytest
 
-from tests.e2e.launch import SCRIPTS, free_port, kill_tree, launcher_command, launcher_env, run_launcher
+from tests.e2e.launch import (
+    SCRIPTS,
+    free_port,
+    kill_tree,
+    launcher_command,
+    launcher_env,
+    poll_status,
+    run_launcher,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -33,16 +39,7 @@ def test_status_metrics_and_straggler_flag_on_a_live_run(tmp_path):
         start_new_session=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + 90
-        status = None
-        while time.monotonic() < deadline:
-            if (run_dir / "master.json").exists():
-                out = _status("--run-dir", str(run_dir), "--json")
-                if out.returncode == 0:
-                    status = json.loads(out.stdout)
-                    if any(r["straggler"] for r in status["ranks"]):
-                        break
-            time.sleep(0.3)
+        status = poll_status(run_dir, until=lambda s: any(r["straggler"] for r in s["ranks"]))
         assert status is not None, "status never answered"
         assert status["world_size"] == 3 and [r["rank"] for r in status["ranks"]] == [0, 1, 2]
         assert [r["rank"] for r in status["ranks"] if r["straggler"]] == [2], status
