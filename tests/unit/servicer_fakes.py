@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
+
+from ddp_launch.progress import Progress
 
 
 class FakeClock:
@@ -32,3 +35,15 @@ class FakeContext:
 def run_async(handler):
     """A coroutine handler of the servicer (the heartbeat RPCs), called like a plain one."""
     return lambda request, context: asyncio.run(handler(request, context))
+
+
+def counting_progress() -> Callable[[], Progress]:
+    """A read_progress for a HeartbeatThread: one step more at each read."""
+    step = 0
+
+    def progress() -> Progress:
+        nonlocal step
+        step += 1
+        return Progress(step=step, samples=step * 8)
+
+    return progress

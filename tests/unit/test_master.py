@@ -16,7 +16,7 @@ from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
-from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, run_async
+from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, counting_progress, run_async
 
 DDP_PORT = 29555
 
@@ -494,15 +494,8 @@ def test_a_worker_heartbeat_thread_streams_to_a_real_master(server):
     lost: list[str] = []
     try:
         a = client.register(node_rank=0, local_rank=0, generation=0, deadline_s=10)
-        step = 0
-
-        def progress() -> Progress:
-            nonlocal step
-            step += 1
-            return Progress(step=step, samples=step * 8)
-
         hb = HeartbeatThread(
-            client, a, progress, interval_s=0.01, master_lost_timeout_s=5.0, on_master_lost=lost.append
+            client, a, counting_progress(), interval_s=0.01, master_lost_timeout_s=5.0, on_master_lost=lost.append
         )
         hb.start()
         deadline = time.monotonic() + 10

@@ -10,12 +10,12 @@ import pytest
 
 from ddp_launch.client import TOKEN_METADATA_KEY, HeartbeatThread, MasterClient
 from ddp_launch.master import MasterServer
-from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
 from ddp_launch.relay import HeartbeatRelay
 from tests.e2e.launch import free_port
+from tests.unit.servicer_fakes import counting_progress
 
 TOKEN = "secret"
 METADATA = ((TOKEN_METADATA_KEY, TOKEN),)
@@ -175,17 +175,10 @@ def test_a_worker_heartbeat_thread_streams_through_the_relay_and_asks_the_master
     lost: list[str] = []
     try:
         a = client.register(node_rank=1, local_rank=0, generation=0, deadline_s=10)
-        step = 0
-
-        def progress() -> Progress:
-            nonlocal step
-            step += 1
-            return Progress(step=step, samples=step * 8)
-
         hb = HeartbeatThread(
             client,
             a,
-            progress,
+            counting_progress(),
             interval_s=0.01,
             master_lost_timeout_s=5.0,
             on_master_lost=lost.append,
