@@ -52,6 +52,7 @@ TLS_CA = "DDP_LAUNCH_TLS_CA"  # the CA that signed the master's certificate, whe
 # host:port of this node's heartbeat relay (nodes other than node 0): stream heartbeats go
 # there, everything else to the master.
 HEARTBEAT_RELAY = "DDP_LAUNCH_HEARTBEAT_RELAY"
+LAUNCHER_PID = "DDP_LAUNCH_LAUNCHER_PID"  # the launcher that asked for this worker (0: none)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Bootstrap:
     run_dir: str = ""
     tls_ca: str = ""
     heartbeat_relay: str = ""
+    launcher_pid: int = 0
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -85,6 +87,7 @@ class Bootstrap:
             JOIN_TIMEOUT: repr(self.join_timeout_s),
             RUN_DIR: self.run_dir,
             HEARTBEAT_RELAY: self.heartbeat_relay,
+            LAUNCHER_PID: str(self.launcher_pid),
         }
 
     @classmethod
@@ -103,6 +106,7 @@ class Bootstrap:
             run_dir=e.get(RUN_DIR, ""),
             tls_ca=e.get(TLS_CA, ""),
             heartbeat_relay=e.get(HEARTBEAT_RELAY, ""),
+            launcher_pid=int(e.get(LAUNCHER_PID, "0")),
         )
 
 

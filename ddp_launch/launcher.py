@@ -252,6 +252,7 @@ def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) 
         join_timeout_s=config.join_timeout_s,
         run_dir=str(run_dir.resolve()),
         tls_ca=str(config.tls.ca.resolve()) if config.tls.ca else "",
+        launcher_pid=os.getpid(),
     )
 
 

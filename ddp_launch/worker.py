@@ -98,6 +98,16 @@ def _die_with_parent() -> None:
         os._exit(EXIT_MASTER_LOST)
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process took the pid: ours is gone
+        return False
+    return True
+
+
 def _flush_stdio() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
@@ -117,6 +127,11 @@ def _run(target: Target) -> int:
     from ddp_launch.progress import tracker
 
     boot = env.Bootstrap.from_env()
+    if boot.launcher_pid and not _alive(boot.launcher_pid):
+        # Forked after its launcher died (the forkserver was still importing torch when the
+        # launcher was killed): it must not join whatever run now serves that address.
+        _say(f"the launcher (pid {boot.launcher_pid}) that started this worker is gone; not starting")
+        return EXIT_BOOTSTRAP_FAILED
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
     client = MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
     try:
