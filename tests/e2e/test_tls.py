@@ -38,6 +38,20 @@ def pki(tmp_path) -> Path:
     return d
 
 
+def _tls_master(pki: Path, nnodes: int):
+    """A started master for a world of `nnodes` nodes of one worker, serving TLS with the test CA's certificate."""
+    from ddp_launch.config import TlsFiles
+    from ddp_launch.master import MasterServer
+    from ddp_launch.registry import Registry
+
+    registry = Registry(run_id="r", nnodes=nnodes, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
+    server = MasterServer(
+        registry, "tok", "127.0.0.1", 0, tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem")
+    )
+    server.start()
+    return server
+
+
 @pytest.mark.timeout(120)
 def test_a_run_over_tls_registers_and_finishes(tmp_path, pki):
     out = tmp_path / "env"
@@ -53,15 +67,8 @@ def test_a_run_over_tls_registers_and_finishes(tmp_path, pki):
 @pytest.mark.timeout(60)
 def test_the_master_speaks_only_tls_when_asked_to(pki):
     from ddp_launch.client import MasterClient
-    from ddp_launch.config import TlsFiles
-    from ddp_launch.master import MasterServer
-    from ddp_launch.registry import Registry
 
-    registry = Registry(run_id="r", nnodes=1, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
-    server = MasterServer(
-        registry, "tok", "127.0.0.1", 0, tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    )
-    server.start()
+    server = _tls_master(pki, nnodes=1)
     try:
         secure = MasterClient(server.address, "tok", tls_ca=str(pki / "ca.pem"))
         try:
@@ -89,18 +96,12 @@ def test_a_cert_without_its_key_is_bad_input(tmp_path, pki):
 @pytest.mark.timeout(60)
 def test_a_node_relay_forwards_heartbeats_to_a_tls_master(pki):
     from ddp_launch.client import TOKEN_METADATA_KEY, MasterClient
-    from ddp_launch.config import TlsFiles
-    from ddp_launch.master import MasterServer
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-    from ddp_launch.registry import Registry
     from ddp_launch.relay import HeartbeatRelay
 
-    registry = Registry(run_id="r", nnodes=2, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
-    server = MasterServer(
-        registry, "tok", "127.0.0.1", 0, tls=TlsFiles(pki / "server.pem", pki / "server.key", pki / "ca.pem")
-    )
-    server.start()
+    server = _tls_master(pki, nnodes=2)
+    registry = server.registry
     relay = HeartbeatRelay(
         node_rank=1, master_address=server.address, token="tok", interval_s=0.1, tls_ca=str(pki / "ca.pem")
     )

@@ -407,82 +407,76 @@ def _beats(*requests: pb.Heartbeat):
     yield from requests
 
 
-@pytest.mark.timeout(30)
-def test_the_heartbeat_stream_records_every_heartbeat_and_ends_on_a_refusal(server):
-    address = f"127.0.0.1:{server.port}"
-    metadata = ((TOKEN_METADATA_KEY, "secret"),)
-    registry = server.registry
-    channel = grpc.insecure_channel(address)
+METADATA = ((TOKEN_METADATA_KEY, "secret"),)
+
+
+@pytest.fixture
+def stub(server):
+    """A stub on the real server, with ranks 0 and 1 registered (pids 100 and 101)."""
+    channel = grpc.insecure_channel(f"127.0.0.1:{server.port}")
     try:
         stub = pb_grpc.OrchestratorStub(channel)
         for rank in range(2):
-            stub.Register(register_req(rank), metadata=metadata, timeout=5)
-        beats = [pb.Heartbeat(rank=0, pid=100, step=s) for s in range(1, 6)]
-        beats.append(pb.Heartbeat(rank=1, pid=101, step=9))
-        reply = stub.StreamHeartbeats(_beats(*beats), metadata=metadata, timeout=10)
-        assert reply.superseded is False
-        assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 5), (1, 9)]
-
-        # A heartbeat from a pid that does not hold the slot ends the stream with the error;
-        # what came after it is not recorded.
-        bad = [pb.Heartbeat(rank=0, pid=100, step=6), pb.Heartbeat(rank=1, pid=999, step=10)]
-        bad.append(pb.Heartbeat(rank=0, pid=100, step=50))
-        with pytest.raises(grpc.RpcError) as e:
-            stub.StreamHeartbeats(_beats(*bad), metadata=metadata, timeout=10)
-        assert e.value.code() is grpc.StatusCode.ALREADY_EXISTS
-        assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 6), (1, 9)]
-        assert server.servicer.rejections == Counter({"duplicate": 1})
-
-        # A stream of a superseded generation says so when it ends.
-        registry.begin_generation(1)
-        reply = stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100)), metadata=metadata, timeout=10)
-        assert reply.superseded is True
-
-        # No token, no stream.
-        before = registry.snapshot()
-        with pytest.raises(grpc.RpcError) as e:
-            stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100, step=99)), timeout=10)
-        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert registry.snapshot() == before
+            stub.Register(register_req(rank), metadata=METADATA, timeout=5)
+        yield stub
     finally:
         channel.close()
 
 
 @pytest.mark.timeout(30)
-def test_a_node_heartbeat_stream_records_each_rank_and_skips_only_the_refused(server):
-    address = f"127.0.0.1:{server.port}"
-    metadata = ((TOKEN_METADATA_KEY, "secret"),)
+def test_the_heartbeat_stream_records_every_heartbeat_and_ends_on_a_refusal(server, stub):
     registry = server.registry
-    channel = grpc.insecure_channel(address)
-    try:
-        stub = pb_grpc.OrchestratorStub(channel)
-        for rank in range(2):
-            stub.Register(register_req(rank), metadata=metadata, timeout=5)
-        batches = [
-            pb.HeartbeatBatch(
-                heartbeats=[pb.Heartbeat(rank=0, pid=100, step=1), pb.Heartbeat(rank=1, pid=101, step=2)]
-            ),
-            # A stranger's heartbeat for rank 1, then rank 0's: the stranger is refused and
-            # counted, rank 0's still recorded, the stream goes on.
-            pb.HeartbeatBatch(
-                heartbeats=[pb.Heartbeat(rank=1, pid=999, step=50), pb.Heartbeat(rank=0, pid=100, step=7)]
-            ),
-            pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(rank=1, pid=101, step=8, has_loss=True, loss=0.5)]),
-        ]
-        assert stub.StreamNodeHeartbeats(_beats(*batches), metadata=metadata, timeout=10) == pb.Ack()
-        ranks = registry.snapshot().ranks
-        assert [(r.rank, r.step) for r in ranks] == [(0, 7), (1, 8)]
-        assert ranks[1].loss == 0.5
-        assert server.servicer.rejections == Counter({"duplicate": 1})
+    beats = [pb.Heartbeat(rank=0, pid=100, step=s) for s in range(1, 6)]
+    beats.append(pb.Heartbeat(rank=1, pid=101, step=9))
+    reply = stub.StreamHeartbeats(_beats(*beats), metadata=METADATA, timeout=10)
+    assert reply.superseded is False
+    assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 5), (1, 9)]
 
-        # No token, no stream.
-        before = registry.snapshot()
-        with pytest.raises(grpc.RpcError) as e:
-            stub.StreamNodeHeartbeats(_beats(batches[0]), timeout=10)
-        assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
-        assert registry.snapshot() == before
-    finally:
-        channel.close()
+    # A heartbeat from a pid that does not hold the slot ends the stream with the error;
+    # what came after it is not recorded.
+    bad = [pb.Heartbeat(rank=0, pid=100, step=6), pb.Heartbeat(rank=1, pid=999, step=10)]
+    bad.append(pb.Heartbeat(rank=0, pid=100, step=50))
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StreamHeartbeats(_beats(*bad), metadata=METADATA, timeout=10)
+    assert e.value.code() is grpc.StatusCode.ALREADY_EXISTS
+    assert [(r.rank, r.step) for r in registry.snapshot().ranks] == [(0, 6), (1, 9)]
+    assert server.servicer.rejections == Counter({"duplicate": 1})
+
+    # A stream of a superseded generation says so when it ends.
+    registry.begin_generation(1)
+    reply = stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100)), metadata=METADATA, timeout=10)
+    assert reply.superseded is True
+
+    # No token, no stream.
+    before = registry.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StreamHeartbeats(_beats(pb.Heartbeat(rank=0, pid=100, step=99)), timeout=10)
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert registry.snapshot() == before
+
+
+@pytest.mark.timeout(30)
+def test_a_node_heartbeat_stream_records_each_rank_and_skips_only_the_refused(server, stub):
+    registry = server.registry
+    batches = [
+        pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(rank=0, pid=100, step=1), pb.Heartbeat(rank=1, pid=101, step=2)]),
+        # A stranger's heartbeat for rank 1, then rank 0's: the stranger is refused and
+        # counted, rank 0's still recorded, the stream goes on.
+        pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(rank=1, pid=999, step=50), pb.Heartbeat(rank=0, pid=100, step=7)]),
+        pb.HeartbeatBatch(heartbeats=[pb.Heartbeat(rank=1, pid=101, step=8, has_loss=True, loss=0.5)]),
+    ]
+    assert stub.StreamNodeHeartbeats(_beats(*batches), metadata=METADATA, timeout=10) == pb.Ack()
+    ranks = registry.snapshot().ranks
+    assert [(r.rank, r.step) for r in ranks] == [(0, 7), (1, 8)]
+    assert ranks[1].loss == 0.5
+    assert server.servicer.rejections == Counter({"duplicate": 1})
+
+    # No token, no stream.
+    before = registry.snapshot()
+    with pytest.raises(grpc.RpcError) as e:
+        stub.StreamNodeHeartbeats(_beats(batches[0]), timeout=10)
+    assert e.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert registry.snapshot() == before
 
 
 @pytest.mark.timeout(30)
