@@ -13,8 +13,7 @@ from pathlib import Path
 import click
 
 from ddp_launch import __version__
-from ddp_launch.cluster import detect as detect_cluster
-from ddp_launch.config import BACKENDS, RestartPolicy, RunConfig, Target, TlsFiles
+from ddp_launch.config import BACKENDS, START_WARM, Target
 from ddp_launch.errors import ConfigError
 
 EXIT_USAGE = 2
@@ -52,207 +51,139 @@ def cli() -> None:
     pass
 
 
-def parse_nproc(value: str) -> int:
-    """-n as torchrun reads it: a count, or cpu / gpu / auto (GPUs if any, else CPUs)."""
-    text = value.strip().lower()
-    if text == "cpu":
-        return os.cpu_count() or 1
-    if text in ("gpu", "auto"):
-        gpus = _gpu_count()
-        if text == "gpu" and gpus == 0:
-            raise ConfigError("-n gpu: no CUDA device is visible")
-        return gpus or (os.cpu_count() or 1)
-    try:
-        n = int(text)
-    except ValueError:
-        raise ConfigError(f"-n/--nproc-per-node must be a positive integer, cpu, gpu or auto; got {value!r}") from None
-    if n < 1:
-        raise ConfigError(f"-n/--nproc-per-node must be >= 1, got {n}")
-    return n
+def _pet(*names: str, dest: str, pet: str | None = None, **kwargs):
+    """A torchrun option: every spelling torchrun accepts, read from PET_<OPTION> when not
+    given (torchrun's argparse does the same; an explicit flag wins)."""
+    return click.option(*names, dest, envvar=f"PET_{(pet or dest).upper()}", show_envvar=True, **kwargs)
 
 
-def _first(*values):
-    """Explicit option, else the cluster's variable, else the default."""
-    return next((v for v in values if v is not None), None)
+class _RunCommand(click.Command):
+    """argparse's `--` rule, which torchrun's scripts see: the first `--` before the script,
+    or right after it, ends the launcher's options and is not passed on; any other `--` is
+    the script's."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        rest = super().parse_args(ctx, list(args))
+        tail = tuple(ctx.params.get("script_args") or ())
+        script_at = len(args) - len(tail) - 1
+        if tail[:1] == ("--",) and "--" not in args[:script_at]:
+            ctx.params["script_args"] = tail[1:]
+        return rest
 
 
-def read_token(token_file: Path | None) -> str:
-    """The run's shared secret: --token-file, else $DDP_LAUNCH_TOKEN, else none (single node)."""
-    if token_file is None:
-        return os.environ.get("DDP_LAUNCH_TOKEN", "").strip()
-    try:
-        token = token_file.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"cannot read --token-file {str(token_file)!r}: {e.strerror}") from None
-    if not token:
-        raise ConfigError(f"--token-file {str(token_file)!r} is empty")
-    return token
-
-
-def _gpu_count() -> int:
-    # Only -n gpu/auto pays for importing torch in the launcher.
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
+# fmt: off
 @cli.command(
     "run",
+    cls=_RunCommand,
     help=RUN_HELP,
     context_settings={"allow_interspersed_args": False, "help_option_names": ["-h", "--help"]},
 )
-@click.option(
-    "-n", "--nproc-per-node", "nproc", default="1", show_default=True, help="Workers on this node: N, cpu, gpu or auto."
-)
-@click.option("-m", "--module", "is_module", is_flag=True, help="SCRIPT names a module, run as `python -m` would.")
-@click.option(
-    "--max-restarts",
-    default=0,
-    show_default=True,
-    type=int,
-    help="Restarts of the whole group after a failure or hang.",
-)
-@click.option(
-    "--hang-timeout",
-    default=300.0,
-    show_default=True,
-    type=float,
-    help="Seconds without heartbeat or step progress before a rank is hung (0: off); at least 3 heartbeat intervals.",
-)
-@click.option(
-    "--stop-grace",
-    default=5.0,
-    show_default=True,
-    type=float,
-    help="Seconds between SIGTERM and SIGKILL when stopping workers.",
-)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=float,
-    default=None,
-    help="Bound on the whole run in seconds; exit 124 when it passes.",
-)
-@click.option(
-    "--nnodes", type=int, default=None, help="Nodes in the run [default: 1, or from SLURM / PET_* variables]."
-)
-@click.option(
-    "--node-rank",
-    type=int,
-    default=None,
-    help="This node's rank; node 0 runs the master [default: 0, or from SLURM / PET_*].",
-)
-@click.option(
-    "--master-addr",
-    default=None,
-    help="The gRPC master's address: node 0 binds it, other nodes join it [default: 127.0.0.1].",
-)
-@click.option(
-    "--master-port", type=int, default=None, help="Port of the gRPC master [default: a free port on a single node]."
-)
-@click.option(
-    "--token-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="The run's shared secret (several nodes) [default: $DDP_LAUNCH_TOKEN].",
-)
-@click.option(
-    "--tls-cert",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM certificate the master serves TLS with (node 0).",
-)
-@click.option(
-    "--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None, help="PEM private key of --tls-cert."
-)
-@click.option(
-    "--tls-ca",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=None,
-    help="PEM CA that signed the master's certificate: turns on TLS for every client.",
-)
-@click.option(
-    "--ddp-port",
-    type=int,
-    default=None,
-    help="Pin MASTER_PORT, the DDP store's port [default: a free port per generation].",
-)
-@click.option(
-    "--backend",
-    type=click.Choice(BACKENDS),
-    default="auto",
-    show_default=True,
-    help="auto: nccl when every local worker has a GPU, else gloo.",
-)
-@click.option("--run-id", default=None, help="Run id (TORCHELASTIC_RUN_ID) [default: time-based].")
-@click.option(
-    "--run-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Logs, master.json and reports [default: ./runs/<run-id>].",
-)
-@click.option(
-    "--heartbeat-interval", default=1.0, show_default=True, type=float, help="Seconds between a worker's heartbeats."
-)
-@click.option(
-    "--join-timeout", default=300.0, show_default=True, type=float, help="Seconds for every rank to register."
-)
-@click.option(
-    "--straggler-fraction",
-    default=0.7,
-    show_default=True,
-    type=float,
-    help="A rank slower than this fraction of the median step rate ...",
-)
-@click.option(
-    "--straggler-window",
-    default=30.0,
-    show_default=True,
-    type=float,
-    help="... for this many seconds is flagged a straggler.",
-)
-@click.option(
-    "--metrics-port", type=int, default=None, help="Serve Prometheus metrics on this port (needs ddp-launch[metrics])."
-)
+# -- torchrun's options (torch/distributed/run.py), with torchrun's meanings ------------------
+@_pet("-n", "--nproc-per-node", "--nproc_per_node", dest="nproc", pet="nproc_per_node", default=None,
+      help="Workers on this node: N, cpu, gpu or auto [default: 1].")
+@_pet("--nnodes", dest="nnodes", default=None, help="Nodes: N, or MIN:MAX with MIN == MAX [default: 1, or SLURM's].")
+@_pet("--node-rank", "--node_rank", dest="node_rank", type=int, default=None,
+      help="This node's rank; node 0 runs the master [default: 0, or SLURM's].")
+@_pet("--master-addr", "--master_addr", dest="master_addr", default=None,
+      help="Node 0's address: the master and MASTER_ADDR [default: 127.0.0.1, or SLURM's first host].")
+@_pet("--master-port", "--master_port", dest="master_port", type=int, default=None,
+      help="MASTER_PORT, the DDP store's port; the gRPC master listens on it + 1 [default: free ports].")
+@_pet("--rdzv-backend", "--rdzv_backend", dest="rdzv_backend", default="static", show_default=True,
+      help="static or c10d: both rendezvous at ddp-launch's master.")
+@_pet("--rdzv-endpoint", "--rdzv_endpoint", dest="rdzv_endpoint", default="",
+      help="HOST[:PORT] of the rendezvous: the master's address, and PORT as --master-port.")
+@_pet("--rdzv-id", "--rdzv_id", dest="rdzv_id", default=None, help="The run's id (TORCHELASTIC_RUN_ID).")
+@_pet("--rdzv-conf", "--rdzv_conf", dest="rdzv_conf", default="",
+      help="KEY=VALUE,...: is_host, join_timeout (= timeout).")
+@_pet("--standalone", dest="standalone", is_flag=True, help="One node on free local ports (the default here).")
+@_pet("--max-restarts", "--max_restarts", dest="max_restarts", default=0, show_default=True, type=int,
+      help="Restarts of the whole group after a failure or hang.")
+@_pet("--monitor-interval", "--monitor_interval", dest="monitor_interval", default=0.25, show_default=True,
+      type=float, help="Seconds between the supervisor's checks (deaths are seen at once).")
+@_pet("--start-method", "--start_method", dest="start_method", default=None,
+      type=click.Choice(["spawn", "fork", "forkserver"]),
+      help="spawn: a fresh interpreter per worker; fork/forkserver: forked from the warm process [default].")
+@_pet("--event-log-handler", "--event_log_handler", dest="event_log_handler", default="null",
+      help="Only null: ddp-launch's events go to <run-dir>/events.jsonl.")
+@_pet("--role", dest="role", default="default", show_default=True, help="The workers' role (ROLE_NAME).")
+@_pet("-m", "--module", dest="is_module", pet="module", is_flag=True,
+      help="SCRIPT names a module, run as `python -m` would.")
+@_pet("--no-python", "--no_python", dest="no_python", is_flag=True,
+      help="SCRIPT is a program to run as it is, not a Python script.")
+@_pet("--run-path", "--run_path", dest="run_path", is_flag=True,
+      help="Run SCRIPT with runpy.run_path (what ddp-launch always does).")
+@_pet("--log-dir", "--log_dir", dest="log_dir", default=None,
+      help="Base directory for torchrun's per-attempt log files.")
+@_pet("-r", "--redirects", dest="redirects", default="0", show_default=True,
+      help="Streams to log files only: 1 stdout, 2 stderr, 3 both, or LOCAL_RANK:STD,...")
+@_pet("-t", "--tee", dest="tee", default="0", show_default=True, help="Streams to log files and the console.")
+@_pet("--local-ranks-filter", "--local_ranks_filter", dest="local_ranks_filter", default="",
+      help="Only these local ranks (0,1,...) reach the console.")
+@_pet("--duplicate-stdout-filters", "--duplicate_stdout_filters", dest="duplicate_stdout_filters", default="",
+      help="Copy stdout lines containing any of these (comma-separated) to filtered_stdout.log.")
+@_pet("--duplicate-stderr-filters", "--duplicate_stderr_filters", dest="duplicate_stderr_filters", default="",
+      help="Copy stderr lines containing any of these to filtered_stderr.log.")
+@_pet("--local-addr", "--local_addr", dest="local_addr", default=None,
+      help="This node's address for the data plane (MASTER_ADDR when node 0).")
+@_pet("--signals-to-handle", "--signals_to_handle", dest="signals_to_handle",
+      default="SIGTERM,SIGINT,SIGHUP,SIGQUIT", show_default=True,
+      help="Signals that stop the run, forwarded to every worker.")
+@_pet("--shutdown-timeout", "--shutdown_timeout", dest="shutdown_timeout", type=int, default=None,
+      help="Seconds between SIGTERM and SIGKILL when stopping workers (= --stop-grace).")
+@_pet("--virtual-local-rank", "--virtual_local_rank", dest="virtual_local_rank", is_flag=True,
+      help="LOCAL_RANK=0 in every worker, CUDA_VISIBLE_DEVICES=<its local rank>.")
+@click.option("--logs-specs", "--logs_specs", "logs_specs", default=None, hidden=True)
+@click.option("--numa-binding", "--numa_binding", "numa_binding", default=None, hidden=True)
+# -- ddp-launch's own ------------------------------------------------------------------------------
+@click.option("--hang-timeout", default=300.0, show_default=True, type=float,
+              help="Seconds without heartbeat or step progress before a rank is hung (0: off); "
+              "at least 3 heartbeat intervals.")
+@click.option("--stop-grace", default=5.0, show_default=True, type=float,
+              help="Seconds between SIGTERM and SIGKILL when stopping workers.")
+@click.option("--timeout", "timeout_s", type=float, default=None,
+              help="Bound on the whole run in seconds; exit 124 when it passes.")
+@click.option("--control-port", type=int, default=None,
+              help="Port of the gRPC master [default: --master-port + 1, else a free port].")
+@click.option("--token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The run's shared secret (several nodes) [default: $DDP_LAUNCH_TOKEN].")
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM certificate the master serves TLS with (node 0).")
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM CA that signed the master's certificate: turns on TLS for every client.")
+@click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
+              help="auto: nccl when every local worker has a GPU, else gloo.")
+@click.option("--run-id", default=None, help="Run id (TORCHELASTIC_RUN_ID) [default: --rdzv-id, else time-based].")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=None,
+              help="Logs, master.json and reports [default: ./runs/<run-id>].")
+@click.option("--heartbeat-interval", default=1.0, show_default=True, type=float,
+              help="Seconds between a worker's heartbeats.")
+@click.option("--join-timeout", default=300.0, show_default=True, type=float,
+              help="Seconds for every rank to register.")
+@click.option("--straggler-fraction", default=0.7, show_default=True, type=float,
+              help="A rank slower than this fraction of the median step rate ...")
+@click.option("--straggler-window", default=30.0, show_default=True, type=float,
+              help="... for this many seconds is flagged a straggler.")
+@click.option("--metrics-port", type=int, default=None,
+              help="Serve Prometheus metrics on this port (needs ddp-launch[metrics]).")
 @click.option("-q", "--quiet", is_flag=True, help="No live view; worker output still streams.")
-@click.option(
-    "--standalone", is_flag=True, hidden=True, help="Accepted for torchrun compatibility (always standalone)."
-)
 @click.argument("script")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
-def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeout_s, nnodes, node_rank, master_addr,
-                master_port, token_file, tls_cert, tls_key, tls_ca, ddp_port,
-                backend, run_id, run_dir, heartbeat_interval, join_timeout, straggler_fraction, straggler_window,
-                metrics_port, quiet, standalone, script, script_args) -> None:  # fmt: skip
+# fmt: on
+def run_command(**options) -> None:
     # Imported late: `--help` and bad input stay fast, and the forkserver starts first.
-    from ddp_launch.warm import forkserver_context
+    from ddp_launch.options import config_from_options
 
-    extra = {"run_id": run_id} if run_id else {}
-    cluster = detect_cluster(os.environ)
-    config = RunConfig(
-        target=Target(script, tuple(script_args), is_module=is_module),
-        nproc_per_node=parse_nproc(_first(nproc, cluster.nproc_per_node, "1")),
-        nnodes=_first(nnodes, cluster.nnodes, 1),
-        node_rank=_first(node_rank, cluster.node_rank, 0),
-        token=read_token(token_file),
-        tls=TlsFiles(cert=tls_cert, key=tls_key, ca=tls_ca),
-        run_dir=run_dir,
-        restart=RestartPolicy(max_restarts=max_restarts, stop_grace_s=stop_grace, hang_timeout_s=hang_timeout),
-        master_addr=_first(master_addr, cluster.master_addr, "127.0.0.1"),
-        master_port=_first(master_port, cluster.master_port, None),
-        ddp_port=ddp_port,
-        backend=backend,
-        heartbeat_interval_s=heartbeat_interval,
-        timeout_s=timeout_s,
-        join_timeout_s=join_timeout,
-        straggler_fraction=straggler_fraction,
-        straggler_window_s=straggler_window,
-        metrics_port=metrics_port,
-        quiet=quiet,
-        **extra,
-    )
-    config.validate()
-    forkserver_context()  # its torch import overlaps the rest of the launcher's start-up
+    try:
+        config = config_from_options(options)
+        config.validate()
+    except ConfigError as e:
+        raise ConfigError(_name_the_variable(str(e))) from None
+    if config.start_method == START_WARM:
+        from ddp_launch.warm import forkserver_context
+
+        forkserver_context()  # its torch import overlaps the rest of the launcher's start-up
     from ddp_launch.launcher import launch
 
     outcome = launch(config)
@@ -260,6 +191,18 @@ def run_command(nproc, is_module, max_restarts, hang_timeout, stop_grace, timeou
     if outcome.report:
         print(outcome.report, file=sys.stderr)
     sys.exit(outcome.exit_code)
+
+
+def _name_the_variable(message: str) -> str:
+    """An error about an option that came from its PET_ variable says so."""
+    ctx = click.get_current_context()
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or not param.name:
+            continue
+        from_env = ctx.get_parameter_source(param.name) is click.core.ParameterSource.ENVIRONMENT
+        if from_env and any(name in message for name in param.opts) and isinstance(param.envvar, str):
+            return f"{message} (from {param.envvar})"
+    return message
 
 
 @cli.command("status", context_settings={"help_option_names": ["-h", "--help"]})
@@ -398,9 +341,10 @@ def worker_command(master, token_file, tls_ca, is_module, script, script_args) -
         ddp-launch worker --master 10.0.0.5:50051 train.py
     """
     from ddp_launch.manual import DEFAULT_PORT, run_worker
+    from ddp_launch.options import read_token
     from ddp_launch.status import StatusUnavailable, resolve_endpoint
 
-    token = read_token(token_file)
+    token = read_token(token_file, os.environ)
     if master is None or not token:
         try:
             found, found_token, _ = resolve_endpoint(None, None, None, None)

@@ -5,20 +5,19 @@ ddp-launch is not a cluster manager: it runs once per node and needs each node's
 ``-n``). On a cluster those are already in the environment:
 
 - Kubernetes, a Kubeflow PyTorchJob: ``PET_NNODES``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR``,
-  ``PET_MASTER_PORT`` and ``PET_NPROC_PER_NODE`` (the variables torchrun reads there).
-  ``PET_NNODES`` is either a count (``"2"``) or an elastic range ``"MIN:MAX"``; ddp-launch
-  runs a fixed world, so a range counts as its MAX (``"1:2"`` -> 2 nodes).
+  ``PET_MASTER_PORT`` and ``PET_NPROC_PER_NODE``. These are torchrun's ``PET_<OPTION>``
+  fallbacks, read by the CLI for every option as torchrun's argparse reads them, so they
+  are not read here.
 - SLURM, one ``srun`` task per node: when ``SLURM_JOB_ID`` (or ``SLURM_JOBID``) and
   ``SLURM_NNODES`` (or ``SLURM_JOB_NUM_NODES``) are set, nnodes is ``SLURM_NNODES``, the node
   rank is ``SLURM_NODEID`` and the master address is the first host of
   ``SLURM_JOB_NODELIST`` (or ``SLURM_NODELIST``), its bracket ranges expanded
   (``gpu[01-03,07]`` -> ``gpu01``). SLURM names no port: the launcher's own default applies.
 
-Kubernetes is looked at first; when any ``PET_*`` variable above is set, SLURM's are not
-read at all. A variable set to the empty string counts as unset.
+A variable set to the empty string counts as unset.
 
-Precedence, which the CLI applies field by field: an explicit command-line flag wins over
-these variables, and they win over the built-in defaults. :func:`detect` only reads; it
+Precedence, which the CLI applies field by field: an explicit command-line flag, then its
+``PET_*`` variable, then these variables, then the built-in defaults. :func:`detect` only reads; it
 never looks at flags, and it imports neither grpc nor torch.
 """
 
@@ -172,47 +171,6 @@ def _int(name: str, value: str, minimum: int) -> int:
     return n
 
 
-def _port(name: str, value: str) -> int:
-    port = _int(name, value, 1)
-    if port > 65535:
-        raise ConfigError(f"{name} must be in 1..65535, got {port}")
-    return port
-
-
-def _pet_nnodes(value: str) -> int:
-    """ "2" -> 2; an elastic "MIN:MAX" -> MAX (ddp-launch runs a fixed world)."""
-    lo, sep, hi = value.partition(":")
-    if not sep:
-        return _int("PET_NNODES", value, 1)
-    if not _DIGITS.fullmatch(lo.strip()) or not _DIGITS.fullmatch(hi.strip()):
-        raise ConfigError(f"PET_NNODES={value!r} is neither an integer nor a range MIN:MAX")
-    first, last = int(lo), int(hi)
-    if first < 1 or last < first:
-        raise ConfigError(f"PET_NNODES={value!r}: the range MIN:MAX needs 1 <= MIN <= MAX")
-    return last
-
-
-_PET = ("PET_NNODES", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT", "PET_NPROC_PER_NODE")
-
-
-def _from_kubernetes(environ: Mapping[str, str]) -> ClusterDefaults | None:
-    if not any(_get(environ, name) for name in _PET):
-        return None
-    nnodes = _get(environ, "PET_NNODES")
-    rank = _get(environ, "PET_NODE_RANK")
-    addr = _get(environ, "PET_MASTER_ADDR")
-    port = _get(environ, "PET_MASTER_PORT")
-    nproc = _get(environ, "PET_NPROC_PER_NODE")
-    return ClusterDefaults(
-        nnodes=_pet_nnodes(nnodes[1]) if nnodes else None,
-        node_rank=_int(*rank, minimum=0) if rank else None,
-        master_addr=addr[1] if addr else None,
-        master_port=_port(*port) if port else None,
-        nproc_per_node=nproc[1] if nproc else None,
-        source="kubernetes",
-    )
-
-
 def _from_slurm(environ: Mapping[str, str]) -> ClusterDefaults | None:
     if not _get(environ, "SLURM_JOB_ID", "SLURM_JOBID"):
         return None
@@ -239,9 +197,9 @@ def _from_slurm(environ: Mapping[str, str]) -> ClusterDefaults | None:
 
 
 def detect(environ: Mapping[str, str]) -> ClusterDefaults:
-    """Read the cluster's defaults from environ (pass ``os.environ``): Kubeflow's PET_*
-    variables first, then SLURM's; nothing found -> every field None and source "".
+    """Read the cluster's defaults from environ (pass ``os.environ``): SLURM's variables;
+    nothing found -> every field None and source "".
 
     Raises ConfigError, naming the variable, when a value is malformed (a non-integer
-    count or rank, a port outside 1..65535, a host list that does not parse)."""
-    return _from_kubernetes(environ) or _from_slurm(environ) or ClusterDefaults()
+    count or rank, a host list that does not parse)."""
+    return _from_slurm(environ) or ClusterDefaults()

@@ -6,7 +6,10 @@ from __future__ import annotations
 import importlib.util
 import os
 import secrets
+import shutil
+import signal
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +17,11 @@ from pathlib import Path
 from ddp_launch.errors import ConfigError
 
 BACKENDS = ("auto", "gloo", "nccl")
+# How workers start: forked from the warm process (the default), or each a fresh
+# interpreter (torchrun's --start-method spawn: for a script that needs a pristine process).
+START_WARM, START_SPAWN = "warm", "spawn"
+# torchrun's default --signals-to-handle: each stops the run, forwarded to every worker.
+DEFAULT_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
 
 @dataclass(frozen=True)
@@ -23,15 +31,27 @@ class Target:
     name: str
     args: tuple[str, ...] = ()
     is_module: bool = False
+    no_python: bool = False  # torchrun's --no-python: `name` is a program, run as it is
 
     def validate(self) -> None:
+        if self.no_python:
+            if self.is_module:
+                raise ConfigError("--no-python and -m/--module cannot be used together (as in torchrun)")
+            if shutil.which(self.name) is None:
+                raise ConfigError(f"--no-python: program {self.name!r} is not found or not executable")
+            return
         if self.is_module:
             if not self.name:
                 raise ConfigError("no module given to -m")
+            # Looked up as `python -m` will in the worker: the current directory first.
+            saved = list(sys.path)
+            sys.path.insert(0, os.getcwd())
             try:
                 spec = importlib.util.find_spec(self.name)
             except (ImportError, ValueError) as e:
                 raise ConfigError(f"module {self.name!r} cannot be found: {e}") from None
+            finally:
+                sys.path[:] = saved
             if spec is None:
                 raise ConfigError(f"module {self.name!r} cannot be found")
             return
@@ -51,6 +71,86 @@ class Target:
 
 
 HEARTBEATS_PER_HANG_TIMEOUT = 3
+
+# torchrun's Std: which of a worker's streams --redirects / --tee take (0 none, 1 stdout,
+# 2 stderr, 3 both).
+STD_NONE, STD_OUT, STD_ERR, STD_ALL = 0, 1, 2, 3
+
+
+def parse_std(text: str, option: str) -> dict[int, int] | int:
+    """torchrun's --redirects/--tee value: one Std for every local rank ("3"), or per local
+    rank ("0:1,1:2", ranks not named get 0). Returns an int or {local_rank: Std}."""
+    text = text.strip()
+    try:
+        if ":" not in text:
+            value = int(text)
+            if value not in (STD_NONE, STD_OUT, STD_ERR, STD_ALL):
+                raise ValueError
+            return value
+        per_rank: dict[int, int] = {}
+        for item in text.split(","):
+            rank, _, std = item.partition(":")
+            per_rank[int(rank)] = int(std)
+            if per_rank[int(rank)] not in (STD_NONE, STD_OUT, STD_ERR, STD_ALL) or int(rank) < 0:
+                raise ValueError
+        return per_rank
+    except ValueError:
+        raise ConfigError(
+            f"{option} must be 0-3 or LOCAL_RANK:STD pairs like 0:1,1:2 (1 stdout, 2 stderr, 3 both); got {text!r}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class LogOptions:
+    """torchrun's console and log-file options, with torchrun's meanings.
+
+    - log_dir: torchrun's --log-dir; the per-attempt layout goes under it
+      (<log_dir>/<run_id>_<random>/attempt_<restart>/<local_rank>/{stdout,stderr}.log).
+    - redirects: these streams go to those files only, not to the console.
+    - tee: these streams go to those files and to the console.
+    - local_ranks_filter: only these local ranks reach the console (None: all); files are
+      not filtered.
+    - duplicate_*_filters: lines containing any of these strings are also copied to
+      attempt_<restart>/filtered_{stdout,stderr}.log.
+    The run directory's rank-<i>.log files are written whatever these say.
+    """
+
+    log_dir: Path | None = None
+    redirects: str = "0"
+    tee: str = "0"
+    local_ranks_filter: frozenset[int] | None = None
+    duplicate_stdout_filters: tuple[str, ...] = ()
+    duplicate_stderr_filters: tuple[str, ...] = ()
+
+    def streams(self, option_value: str, local_rank: int) -> int:
+        """The Std that `option_value` (self.redirects or self.tee) gives this local rank."""
+        parsed = parse_std(option_value, "--redirects/--tee")
+        return parsed if isinstance(parsed, int) else parsed.get(local_rank, STD_NONE)
+
+    def to_files(self, local_rank: int) -> int:
+        """The streams of this local rank written to torchrun's per-attempt files."""
+        return self.streams(self.redirects, local_rank) | self.streams(self.tee, local_rank)
+
+    def to_console(self, local_rank: int) -> int:
+        """The streams of this local rank shown on the console."""
+        if self.local_ranks_filter is not None and local_rank not in self.local_ranks_filter:
+            return STD_NONE
+        return STD_ALL & ~(self.streams(self.redirects, local_rank) & ~self.streams(self.tee, local_rank))
+
+    @property
+    def wants_files(self) -> bool:
+        return (
+            self.log_dir is not None
+            or self.redirects.strip() != "0"
+            or self.tee.strip() != "0"
+            or bool(self.duplicate_stdout_filters or self.duplicate_stderr_filters)
+        )
+
+    def validate(self) -> None:
+        parse_std(self.redirects, "-r/--redirects")
+        parse_std(self.tee, "-t/--tee")
+        if self.log_dir is not None and self.log_dir.exists() and not self.log_dir.is_dir():
+            raise ConfigError(f"--log-dir {str(self.log_dir)!r} is a file")
 
 
 @dataclass(frozen=True)
@@ -121,8 +221,17 @@ class RunConfig:
     nnodes: int = 1
     node_rank: int = 0
     master_addr: str = "127.0.0.1"
-    master_port: int | None = None  # None: a free port (single node)
-    ddp_port: int | None = None  # None: a free port per generation
+    # The gRPC master's port. torchrun's --master-port P is the DDP store's (ddp_port = P)
+    # and the master then listens on P + 1 (see options.py).
+    control_port: int | None = None  # None: a free port (single node)
+    ddp_port: int | None = None  # MASTER_PORT; None: a free port per generation
+    # MASTER_ADDR when it is not master_addr (torchrun's --local-addr on node 0).
+    ddp_addr: str | None = None
+    role: str = "default"  # ROLE_NAME
+    monitor_interval_s: float = 0.25  # how often the supervisor looks between wake-ups
+    start_method: str = START_WARM
+    signals: tuple[int, ...] = DEFAULT_SIGNALS  # stop the run, forwarded to the workers
+    virtual_local_rank: bool = False  # LOCAL_RANK=0, CUDA_VISIBLE_DEVICES=<local rank>
     backend: str = "auto"
     heartbeat_interval_s: float = 1.0
     timeout_s: float | None = None  # bound on the whole run; exit 124 when it passes
@@ -134,6 +243,7 @@ class RunConfig:
     # The run's secret; a single node makes its own, several nodes share one. Never logged.
     token: str = field(default="", repr=False)
     tls: TlsFiles = field(default_factory=TlsFiles)
+    logs: LogOptions = field(default_factory=LogOptions)
 
     def __post_init__(self) -> None:
         if self.run_dir is None:
@@ -157,8 +267,8 @@ class RunConfig:
         if not 0 <= self.node_rank < self.nnodes:
             raise ConfigError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
         ports = (
-            ("--master-port", self.master_port),
-            ("--ddp-port", self.ddp_port),
+            ("--control-port", self.control_port),
+            ("--master-port", self.ddp_port),
             ("--metrics-port", self.metrics_port),
         )
         for name, port in ports:
@@ -167,10 +277,8 @@ class RunConfig:
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.nnodes > 1:
-            if self.master_port is None:
+            if self.control_port is None:
                 raise ConfigError("--master-port is required with --nnodes > 1 (every node must know it)")
-            if not self.token:
-                raise ConfigError("--nnodes > 1 needs the run's token: --token-file FILE or DDP_LAUNCH_TOKEN")
             if self.metrics_port is not None and self.node_rank > 0:
                 raise ConfigError("--metrics-port is served by node 0's master only")
         if self.heartbeat_interval_s <= 0:
@@ -193,6 +301,7 @@ class RunConfig:
             raise ConfigError(f"--straggler-window must be >= 0, got {self.straggler_window_s}")
         self.restart.validate()
         self.tls.validate()
+        self.logs.validate()
         self.target.validate()
         if self.metrics_port is not None:
             try:
@@ -200,7 +309,14 @@ class RunConfig:
             except ImportError:
                 raise ConfigError("--metrics-port needs prometheus-client: pip install 'ddp-launch[metrics]'") from None
             check_can_listen(self.master_addr, self.metrics_port)
-        if self.master_port is not None and self.node_rank == 0:
-            check_can_listen(self.master_addr, self.master_port)
+        if self.monitor_interval_s <= 0:
+            raise ConfigError(f"--monitor-interval must be > 0, got {self.monitor_interval_s:g}")
+        if self.start_method not in (START_WARM, START_SPAWN):
+            raise ConfigError(f"start method must be {START_WARM} or {START_SPAWN}, got {self.start_method!r}")
+        if self.control_port is not None and self.node_rank == 0:
+            check_can_listen(self.master_addr, self.control_port)
+        if self.ddp_port is not None and self.node_rank == 0:
+            # rank 0's DDP store will listen there: in use now, every generation would fail.
+            check_can_listen(self.ddp_addr or self.master_addr, self.ddp_port)
         if self.resolved_run_dir.exists() and not self.resolved_run_dir.is_dir():
             raise ConfigError(f"--run-dir {str(self.resolved_run_dir)!r} exists and is not a directory")

@@ -10,7 +10,7 @@ the launcher chose.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
 # torchrun's variables.
@@ -34,6 +34,8 @@ USE_AGENT_STORE = "TORCHELASTIC_USE_AGENT_STORE"
 ERROR_FILE = "TORCHELASTIC_ERROR_FILE"  # where torch's @record writes a failing rank's error
 NCCL_ASYNC_ERROR_HANDLING = "TORCH_NCCL_ASYNC_ERROR_HANDLING"  # torchrun sets 1 unless set
 OMP_NUM_THREADS = "OMP_NUM_THREADS"
+SIGNALS_TO_HANDLE = "TORCHELASTIC_SIGNALS_TO_HANDLE"  # the launcher's --signals-to-handle
+CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
 
 DEFAULT_ROLE = "default"
 DEFAULT_OMP_THREADS = "1"
@@ -53,6 +55,37 @@ TLS_CA = "DDP_LAUNCH_TLS_CA"  # the CA that signed the master's certificate, whe
 # there, everything else to the master.
 HEARTBEAT_RELAY = "DDP_LAUNCH_HEARTBEAT_RELAY"
 LAUNCHER_PID = "DDP_LAUNCH_LAUNCHER_PID"  # the launcher that asked for this worker (0: none)
+VIRTUAL_LOCAL_RANK = "DDP_LAUNCH_VIRTUAL_LOCAL_RANK"  # "1": torchrun's --virtual-local-rank
+# Variables the launcher set for the workers' gRPC that the script must not see (comma-separated).
+UNSET = "DDP_LAUNCH_UNSET"
+GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
+
+
+def quiet_grpc_forks(environ: MutableMapping[str, str]) -> list[str]:
+    """Turn gRPC's fork support off for the workers, unless the user set it; returns the
+    names set here, which each worker removes again before its script runs.
+
+    gRPC reads it when it is imported (in the warm process, or a spawned worker). With it
+    on, every fork() a script makes (DataLoader workers, Pools) while a heartbeat is in a
+    call prints "skipping fork() handlers" on the rank's stderr; the children never use the
+    worker's channel, so the handlers are not needed.
+    """
+    if GRPC_FORK_SUPPORT in environ:
+        return []
+    environ[GRPC_FORK_SUPPORT] = "false"
+    return [GRPC_FORK_SUPPORT]
+
+
+def node_env(nproc_per_node: int, environ: Mapping[str, str], role: str, signal_names: str) -> dict[str, str]:
+    """What torchrun's agent puts in its own environment for every worker of a node.
+
+    OMP_NUM_THREADS is torchrun's rule: 1 when more than one worker shares the node and the
+    user set none; a single worker keeps torch's default (all cores), as under torchrun.
+    """
+    found = {ROLE_NAME: role, SIGNALS_TO_HANDLE: signal_names}
+    if OMP_NUM_THREADS not in environ and nproc_per_node > 1:
+        found[OMP_NUM_THREADS] = DEFAULT_OMP_THREADS
+    return found
 
 
 @dataclass(frozen=True)
@@ -72,6 +105,8 @@ class Bootstrap:
     tls_ca: str = ""
     heartbeat_relay: str = ""
     launcher_pid: int = 0
+    virtual_local_rank: bool = False
+    unset_env: tuple[str, ...] = ()
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -88,6 +123,8 @@ class Bootstrap:
             RUN_DIR: self.run_dir,
             HEARTBEAT_RELAY: self.heartbeat_relay,
             LAUNCHER_PID: str(self.launcher_pid),
+            VIRTUAL_LOCAL_RANK: "1" if self.virtual_local_rank else "0",
+            UNSET: ",".join(self.unset_env),
         }
 
     @classmethod
@@ -107,6 +144,8 @@ class Bootstrap:
             tls_ca=e.get(TLS_CA, ""),
             heartbeat_relay=e.get(HEARTBEAT_RELAY, ""),
             launcher_pid=int(e.get(LAUNCHER_PID, "0")),
+            virtual_local_rank=e.get(VIRTUAL_LOCAL_RANK, "0") == "1",
+            unset_env=tuple(name for name in e.get(UNSET, "").split(",") if name),
         )
 
 
@@ -131,36 +170,49 @@ def error_file(run_dir: str, a: Assignment) -> str:
     return os.path.join(run_dir, "errors", f"generation-{a.generation}", f"rank-{a.rank}.json")
 
 
-def torchrun_env(a: Assignment, environ: Mapping[str, str], run_dir: str = "") -> dict[str, str]:
+def torchrun_env(
+    a: Assignment, environ: Mapping[str, str], run_dir: str = "", *, virtual_local_rank: bool = False
+) -> dict[str, str]:
     """The variables torchrun would set for this worker, to be merged into its environment.
 
     Args:
         a: the worker's assignment from the master.
-        environ: the environment the user launched with (OMP_NUM_THREADS and
-            TORCH_NCCL_ASYNC_ERROR_HANDLING are kept if set).
+        environ: the worker's environment so far (node_env's variables and the user's
+            TORCH_NCCL_ASYNC_ERROR_HANDLING are kept).
         run_dir: the run directory; TORCHELASTIC_ERROR_FILE goes below it when given.
+        virtual_local_rank: torchrun's --virtual-local-rank: LOCAL_RANK is 0 and the worker
+            sees only its own GPU.
     """
-    # One role ("default") holds every worker, so role ranks equal global ranks.
+    # One role holds every worker, so role ranks equal global ranks.
     extra = {ERROR_FILE: error_file(run_dir, a)} if run_dir else {}
+    if virtual_local_rank:
+        extra[CUDA_VISIBLE_DEVICES] = _nth_visible_device(environ.get(CUDA_VISIBLE_DEVICES), a.local_rank)
     return extra | {
         RANK: str(a.rank),
-        LOCAL_RANK: str(a.local_rank),
+        LOCAL_RANK: "0" if virtual_local_rank else str(a.local_rank),
         WORLD_SIZE: str(a.world_size),
         LOCAL_WORLD_SIZE: str(a.local_world_size),
         GROUP_RANK: str(a.node_rank),
         GROUP_WORLD_SIZE: str(a.nnodes),
         ROLE_RANK: str(a.rank),
         ROLE_WORLD_SIZE: str(a.world_size),
-        ROLE_NAME: DEFAULT_ROLE,
+        ROLE_NAME: environ.get(ROLE_NAME) or DEFAULT_ROLE,
         MASTER_ADDR: a.ddp_addr,
         MASTER_PORT: str(a.ddp_port),
         RUN_ID: a.run_id,
         RESTART_COUNT: str(a.generation),
         MAX_RESTARTS: str(a.max_restarts),
         USE_AGENT_STORE: "False",
-        OMP_NUM_THREADS: environ.get(OMP_NUM_THREADS) or DEFAULT_OMP_THREADS,
         NCCL_ASYNC_ERROR_HANDLING: environ.get(NCCL_ASYNC_ERROR_HANDLING) or "1",
     }
+
+
+def _nth_visible_device(visible: str | None, local_rank: int) -> str:
+    """The device a worker with this local rank owns, in CUDA_VISIBLE_DEVICES' terms."""
+    if not visible:
+        return str(local_rank)
+    devices = [d.strip() for d in visible.split(",") if d.strip()]
+    return devices[local_rank] if local_rank < len(devices) else str(local_rank)
 
 
 def in_worker(environ: Mapping[str, str] | None = None) -> bool:

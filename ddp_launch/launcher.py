@@ -24,35 +24,33 @@ import socket
 import statistics
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import psutil
 
 from ddp_launch import __version__, env
 from ddp_launch.client import MasterClient
-from ddp_launch.config import RunConfig
+from ddp_launch.config import START_WARM, RunConfig
 from ddp_launch.errors import ConfigError
 from ddp_launch.events import EventLog
 from ddp_launch.failure import build_report, format_report, write_json_atomic
 from ddp_launch.follower import Follower
 from ddp_launch.master import MasterServer
-from ddp_launch.output import OutputPump
+from ddp_launch.output import PIPE, TERMINAL, OutputPump
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.relay import HeartbeatRelay
 from ddp_launch.run_report import EVENTS_FILE
 from ddp_launch.status import MASTER_FILE, write_token
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
 from ddp_launch.view import LiveView, format_summary
-from ddp_launch.warm import forkserver_context
+from ddp_launch.warm import forkserver_context, quiet_grpc_forks
 from ddp_launch.worker import worker_main
 
 EXIT_TIMEOUT = 124
 EXIT_HUNG = 1
-# torchrun's set (TORCHELASTIC_SIGNALS_TO_HANDLE): Ctrl-\ (SIGQUIT) too stops the run cleanly.
-HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
 _PR_SET_CHILD_SUBREAPER = 36
 
 
@@ -82,10 +80,10 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         nnodes=config.nnodes,
         local_world_size=config.nproc_per_node,
         max_restarts=config.restart.max_restarts,
-        ddp_addr=config.master_addr,
+        ddp_addr=config.ddp_addr or config.master_addr,
         ddp_port=config.ddp_port,
     )
-    server = MasterServer(registry, token, host=config.master_addr, port=config.master_port or 0, tls=config.tls)
+    server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
     server.start()
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
@@ -130,18 +128,32 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                     events.emit("failure", generation=result.generation, report=summary, **summary)
                 events.emit("restart", generation=result.generation + 1, reason=result.message)
 
-        def sink(rank: int, line: str, is_stderr: bool) -> None:
-            view.write_line(f"[rank {rank}] {line}", file=stderr if is_stderr else stdout)
+        def sink(rank: int, lines: Sequence[str], is_stderr: bool) -> None:
+            view.write_lines(lines, file=stderr if is_stderr else stdout, prefix=f"[rank {rank}] ")
 
-        pump = OutputPump(run_dir, sink)
+        def live(rank: int, state: str | None, is_stderr: bool) -> None:
+            text = None if state is None else f"[rank {rank}] {state}"
+            view.write_live((rank, is_stderr), text, file=stderr if is_stderr else stdout)
+
+        pump = OutputPump(
+            run_dir,
+            sink,
+            live=live,
+            live_policy=TERMINAL if view.interactive else PIPE,
+            logs=config.logs,
+            run_id=config.run_id,
+            role=config.role,
+            node_rank=config.node_rank,
+            nproc_per_node=config.nproc_per_node,
+        )
         teardown.callback(pump.stop)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
         bootstrap = _bootstrap(config, server.address, token, run_dir)
 
-        start_worker = _worker_starter(config, forkserver_context(), pump, bootstrap)
+        start_worker = _worker_starter(config, pump, bootstrap)
 
-        with _signals_as_stop_requests() as (wakeup_fd, requests):
+        with _signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             supervisor = Supervisor(
                 config,
                 registry,
@@ -194,7 +206,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
 def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
     """Node R > 0: workers for the generations node 0's master names, until the run ends."""
     address = f"[{config.master_addr}]" if ":" in config.master_addr else config.master_addr
-    address += f":{config.master_port}"
+    address += f":{config.control_port}"
     client = MasterClient(address, config.token, tls_ca=str(config.tls.ca) if config.tls.ca else None)
     with contextlib.ExitStack() as teardown:
         teardown.callback(client.close)
@@ -204,8 +216,14 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         except OSError as e:
             raise ConfigError(f"cannot create run directory {str(run_dir)!r}: {e.strerror}") from None
 
-        def sink(rank: int, line: str, is_stderr: bool) -> None:
-            print(f"[rank {rank}] {line}", file=stderr if is_stderr else stdout, flush=True)
+        def sink(rank: int, lines: Sequence[str], is_stderr: bool) -> None:
+            stream = stderr if is_stderr else stdout
+            stream.write("".join(f"[rank {rank}] {line}\n" for line in lines))
+            stream.flush()
+
+        def live(rank: int, state: str | None, is_stderr: bool) -> None:
+            if state is not None:  # a plain line of its own: this node draws no bars
+                sink(rank, [state], is_stderr)
 
         def say(message: str) -> None:
             print(f"[ddp-launch] node {config.node_rank}: {message}", file=stderr, flush=True)
@@ -221,14 +239,23 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         )
         relay.start()
         teardown.callback(relay.stop)
-        pump = OutputPump(run_dir, sink)
+        pump = OutputPump(
+            run_dir,
+            sink,
+            live=live,
+            logs=config.logs,
+            run_id=config.run_id,
+            role=config.role,
+            node_rank=config.node_rank,
+            nproc_per_node=config.nproc_per_node,
+        )
         teardown.callback(pump.stop)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
         bootstrap = _bootstrap(config, address, config.token, run_dir) | {"heartbeat_relay": relay.address}
-        start_worker = _worker_starter(config, forkserver_context(), pump, bootstrap)
+        start_worker = _worker_starter(config, pump, bootstrap)
         started = time.monotonic()
-        with _signals_as_stop_requests() as (wakeup_fd, requests):
+        with _signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             follower = Follower(config, client, start_worker, wakeup_fd, say)
             requests.append(follower.request_stop)
             result = follower.run()
@@ -253,34 +280,59 @@ def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) 
         run_dir=str(run_dir.resolve()),
         tls_ca=str(config.tls.ca.resolve()) if config.tls.ca else "",
         launcher_pid=os.getpid(),
+        virtual_local_rank=config.virtual_local_rank,
+        unset_env=quiet_grpc_forks(),
     )
 
 
-def _worker_starter(config: RunConfig, context, pump: OutputPump, bootstrap: dict):
-    """start_worker(local_rank, generation): forks one worker from the warm forkserver, its
-    stdout and stderr on pipes that the output pump reads."""
+def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
+    """start_worker(local_rank, generation): forks one worker from the warm forkserver (or,
+    with --start-method spawn, starts a fresh interpreter), its stdout and stderr on pipes
+    that the output pump reads, its stdin the launcher's."""
+    context: Any = forkserver_context() if config.start_method == START_WARM else multiprocessing.get_context("spawn")
+    signal_names = ",".join(signal.Signals(s).name for s in config.signals)
+    node_env = env.node_env(config.nproc_per_node, os.environ, config.role, signal_names)
 
     def start_worker(local_rank: int, generation: int):
-        worker_env = env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
+        worker_env = node_env | env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        out_conn = multiprocessing.connection.Connection(out_w, readable=False)
-        err_conn = multiprocessing.connection.Connection(err_w, readable=False)
+        conns = [
+            multiprocessing.connection.Connection(out_w, readable=False),
+            multiprocessing.connection.Connection(err_w, readable=False),
+        ]
+        stdin = _shared_stdin()
+        if stdin is not None:
+            conns.append(stdin)
         rank = config.node_rank * config.nproc_per_node + local_rank
         process = context.Process(
             target=worker_main,
-            args=(worker_env, config.target, out_conn, err_conn),
+            args=(worker_env, config.target, stdin, conns[0], conns[1]),
             name=f"ddp-launch-rank-{rank}",
         )
         try:
             process.start()
         finally:
-            out_conn.close()
-            err_conn.close()
-        pump.attach(rank, out_r, err_r, f"generation {generation}, pid {process.pid}, {time.strftime('%c')}")
+            for conn in conns:
+                conn.close()
+        pump.attach(
+            rank,
+            out_r,
+            err_r,
+            f"generation {generation}, pid {process.pid}, {time.strftime('%c')}",
+            generation=generation,
+        )
         return process
 
     return start_worker
+
+
+def _shared_stdin() -> multiprocessing.connection.Connection | None:
+    """A copy of the launcher's stdin for one worker, or None when the launcher has none."""
+    try:
+        return multiprocessing.connection.Connection(os.dup(0), writable=False)
+    except OSError:
+        return None
 
 
 def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
@@ -370,8 +422,9 @@ def _stop_all_descendants(grace_s: float) -> None:
 
 
 @contextlib.contextmanager
-def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
-    """SIGINT/SIGTERM/SIGHUP/SIGQUIT become a stop request to the supervisor, and wake its wait."""
+def _signals_as_stop_requests(signals: tuple[int, ...]) -> Iterator[tuple[int, list]]:
+    """The signals of --signals-to-handle (SIGINT/SIGTERM/SIGHUP/SIGQUIT unless told) become
+    a stop request to the supervisor, and wake its wait."""
     requests: list = []
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
@@ -381,7 +434,7 @@ def _signals_as_stop_requests() -> Iterator[tuple[int, list]]:
         for request in requests:
             request(signum)
 
-    previous = {s: signal.signal(s, on_signal) for s in HANDLED_SIGNALS}
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
     try:
         yield read_fd, requests

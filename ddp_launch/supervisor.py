@@ -42,9 +42,10 @@ STACK_DUMP_WAIT_S = 2.0
 _COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
 
 
-def round_interval_s(world_size: int) -> float:
-    """Seconds between two rounds of registry-wide checks for a world of this size."""
-    return TICK_S if world_size <= LARGE_WORLD else max(TICK_S, LARGE_WORLD_ROUND_S)
+def round_interval_s(world_size: int, tick_s: float = TICK_S) -> float:
+    """Seconds between two rounds of registry-wide checks for a world of this size, when
+    the supervisor looks every `tick_s` (--monitor-interval)."""
+    return tick_s if world_size <= LARGE_WORLD else max(tick_s, LARGE_WORLD_ROUND_S)
 
 
 class WorkerHandle(Protocol):
@@ -227,7 +228,7 @@ class Supervisor:
             waitables: list = [w.sentinel for w in alive.values()]
             if self._wakeup_fd is not None:
                 waitables.append(self._wakeup_fd)
-            ready = wait_for_sentinels(waitables, timeout=TICK_S)
+            ready = wait_for_sentinels(waitables, timeout=config.monitor_interval_s)
             if self._wakeup_fd is not None and self._wakeup_fd in ready:
                 _drain(self._wakeup_fd)
             if self._pending_signal is not None:
@@ -247,7 +248,7 @@ class Supervisor:
             now = self._clock()
             is_round = now >= next_round
             if is_round:
-                next_round = now + round_interval_s(config.world_size)
+                next_round = now + round_interval_s(config.world_size, config.monitor_interval_s)
             if not failures and self.config.nnodes > 1 and is_round:
                 failures = self._failures_on_other_nodes()
             if failures:

@@ -12,8 +12,11 @@ whatever the training script prints. Two renderings, chosen once per view:
   `plain_interval_s`, plus one whenever the ranks' states change, so a log shows the
   moment a rank failed without being flooded.
 
-Worker output goes through `LiveView.write_line`, which clears and redraws the bars around
-it so lines never tear them. `format_summary` renders the end-of-run summary.
+Worker output goes through `LiveView.write_lines`, which clears and redraws the bars around
+each batch of lines so lines never tear them. A worker's unfinished line (its own progress
+bar, a `(Pdb) ` prompt) goes through `LiveView.write_live`: on a terminal it is one more
+line below the bars, redrawn in place and removed when the line is complete; elsewhere it is
+printed as a line of its own. `format_summary` renders the end-of-run summary.
 
 Usage::
 
@@ -354,6 +357,9 @@ class LiveView:
         self._overall: _Line | None = None
         self._rank_lines: list[_Line] = []
         self._layout: tuple[int, bool] | None = None  # (world size, one line per rank?)
+        # workers' unfinished lines, drawn below the view's own lines
+        self._live: dict[tuple[int, bool], str] = {}
+        self._live_lines: dict[tuple[int, bool], _Line] = {}
         # non-interactive state
         self._last_plain_at: float | None = None
         self._last_states: tuple[int, int, tuple[int, ...], str] | None = None
@@ -376,21 +382,71 @@ class LiveView:
                 self._maybe_print_plain(snap, rate)
 
     def write_line(self, line: str, file: TextIO | None = None) -> None:
-        """Print one line (worker output) above the bars without tearing them. Thread-safe.
+        """Print one line above the bars without tearing them. Thread-safe.
 
         Args:
             line: the text; a single trailing newline, if present, is not doubled.
-            file: where the line goes (default: the view's stream); tqdm clears the bars
-                around it even when it is the other of stdout/stderr.
+            file: where the line goes (default: the view's stream).
         """
-        line = line.removesuffix("\n")
+        self.write_lines([line.removesuffix("\n")], file)
+
+    def write_lines(self, lines: Sequence[str], file: TextIO | None = None, prefix: str = "") -> None:
+        """Print lines (a batch of worker output) above the bars, in one write. Thread-safe.
+
+        Args:
+            lines: the lines, without newlines.
+            file: where they go (default: the view's stream); tqdm clears the bars around
+                them even when it is the other of stdout/stderr.
+            prefix: put before every line (``"[rank 3] "``).
+        """
+        if not lines:
+            return
+        block = prefix + f"\n{prefix}".join(lines) + "\n"
         target = self.stream if file is None else file
         with self._lock:
             if self.interactive and not self._closed:
-                tqdm.write(line, file=target)
+                # One clear and one redraw of the bars for the whole batch.
+                with tqdm.external_write_mode(file=target):
+                    target.write(block)
+                    target.flush()
             else:
-                target.write(line + "\n")
+                target.write(block)
                 target.flush()
+
+    def write_live(self, key: tuple[int, bool], text: str | None, file: TextIO | None = None) -> None:
+        """Show a worker's unfinished line (its progress bar, a prompt). Thread-safe.
+
+        On a terminal, the line is drawn below the bars and redrawn in place by the next
+        call with the same key; None removes it (the line is complete and is printed by
+        `write_lines`). Elsewhere `text` is printed as a line of its own, and None is nothing.
+
+        Args:
+            key: whose line it is, (rank, is_stderr); lines are drawn in key order, the
+                first `per_rank_limit` of them.
+            text: the line as it stands, prefix included, or None.
+            file: where a non-terminal prints it (default: the view's stream).
+        """
+        with self._lock:
+            if self._closed:
+                return
+            if not self.interactive:
+                if text is not None:
+                    target = self.stream if file is None else file
+                    target.write(text + "\n")
+                    target.flush()
+                return
+            if text is None:
+                if self._live.pop(key, None) is not None:
+                    self._layout_live_lines()
+                return
+            new = key not in self._live
+            self._live[key] = text
+            line = self._live_lines.get(key)
+            if line is not None:
+                line.status = text
+                line.refresh()
+            elif new:  # else it is one past the limit, not drawn
+                self._layout_live_lines()
 
     def close(self) -> None:
         """Finish the view: the overall bar stays on screen, the rank lines go. Idempotent."""
@@ -398,6 +454,8 @@ class LiveView:
             if self._closed:
                 return
             self._closed = True
+            self._live.clear()
+            self._close_live_lines()
             self._close_rank_lines()
             if self._overall is not None:
                 self._overall.close()
@@ -463,6 +521,7 @@ class LiveView:
 
     def _rebuild(self, layout: tuple[int, bool]) -> None:
         """(Re)create the lines for a world of `layout[0]` ranks; the overall bar is kept."""
+        self._close_live_lines()  # first: they are below the rank lines
         self._close_rank_lines()
         if self._overall is None:
             self._overall = self._new_line(0, leave=True, bar_format=_BAR_FORMAT_NO_TOTAL)
@@ -470,6 +529,22 @@ class LiveView:
         count = n_ranks if per_rank else min(n_ranks, 1)
         self._rank_lines = [self._new_line(i + 1, leave=False, bar_format="{status}") for i in range(count)]
         self._layout = layout
+        self._layout_live_lines()
+
+    def _layout_live_lines(self) -> None:
+        """Draw the workers' unfinished lines, in key order, right below the view's lines.
+
+        Called when one comes or goes (at most once per worker line, not per redraw), so
+        the lines are simply drawn afresh at their new positions. Like the rank lines, at
+        most `per_rank_limit` of them: a bar on each of 64 ranks would fill the terminal.
+        """
+        self._close_live_lines()
+        first = 1 + len(self._rank_lines) if self._overall is not None else 0
+        for i, key in enumerate(sorted(self._live)[: self.per_rank_limit]):
+            line = self._new_line(first + i, leave=False, bar_format="{status}")
+            line.status = self._live[key]
+            line.refresh()
+            self._live_lines[key] = line
 
     def _new_line(self, position: int, *, leave: bool, bar_format: str) -> _Line:
         return _Line(
@@ -484,6 +559,11 @@ class LiveView:
             unit="step",
             disable=False,
         )
+
+    def _close_live_lines(self) -> None:
+        for line in reversed(list(self._live_lines.values())):
+            line.close()
+        self._live_lines = {}
 
     def _close_rank_lines(self) -> None:
         # Bottom up, so each clear happens below the lines still standing.

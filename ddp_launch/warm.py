@@ -12,9 +12,17 @@ from __future__ import annotations
 
 import multiprocessing
 import multiprocessing.forkserver
+import os
 from multiprocessing.context import BaseContext
 
+from ddp_launch import env
+
+# The environment before the preloads ran, as the warm process imports this module first:
+# importing torch._dynamo sets TORCHINDUCTOR_CACHE_DIR, which a fresh script would not see.
+ENV_BEFORE_PRELOAD = dict(os.environ)
+
 PRELOAD = [
+    "ddp_launch.warm",  # first: ENV_BEFORE_PRELOAD
     "torch",
     "torch.multiprocessing",  # torch's pickling of tensors for the worker's own use
     "torch.optim",
@@ -29,8 +37,20 @@ PRELOAD = [
 ]
 
 
+_SET_FOR_WORKERS: list[str] = []
+
+
+def quiet_grpc_forks() -> tuple[str, ...]:
+    """env.quiet_grpc_forks on the launcher's environment, once, before any worker's gRPC is
+    imported (the warm process and spawned workers inherit it); returns the names set."""
+    if not _SET_FOR_WORKERS:
+        _SET_FOR_WORKERS.extend(env.quiet_grpc_forks(os.environ) or [""])
+    return tuple(name for name in _SET_FOR_WORKERS if name)
+
+
 def forkserver_context() -> BaseContext:
     """The forkserver context, its server started (idempotent)."""
+    quiet_grpc_forks()
     context = multiprocessing.get_context("forkserver")
     context.set_forkserver_preload(PRELOAD)
     multiprocessing.forkserver.ensure_running()

@@ -9,6 +9,7 @@ script is done: interpreter teardown after gloo has been seen to abort finished 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import faulthandler
 import functools
@@ -19,9 +20,8 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
-from pathlib import Path
 
-from ddp_launch import env
+from ddp_launch import env, fresh
 from ddp_launch.config import Target
 
 # Python stacks of every thread go to the rank's log on this signal (hang reports).
@@ -32,12 +32,21 @@ EXIT_MASTER_LOST = 1
 _PR_SET_PDEATHSIG = 1
 
 
-def worker_main(environ: dict[str, str], target: Target, stdout: Connection, stderr: Connection) -> None:
+def worker_main(
+    environ: dict[str, str],
+    target: Target,
+    stdin: Connection | None,
+    stdout: Connection,
+    stderr: Connection,
+) -> None:
     """Run one worker to the end; never returns.
 
     Args:
-        environ: bootstrap variables (env.Bootstrap) to add to the inherited environment.
-        target: the script or module to run as __main__.
+        environ: bootstrap variables (env.Bootstrap) and the node's torchrun variables, to
+            add to the inherited environment.
+        target: the script, module or program to run.
+        stdin: the launcher's stdin (None when it has none): every worker shares it, as
+            torchrun's do, so `breakpoint()` reads from the terminal.
         stdout, stderr: write ends of the pipes the launcher reads (prefixes and logs them).
 
     The worker leads a session of its own, as torchrun's workers do. A terminal's Ctrl-C
@@ -48,40 +57,20 @@ def worker_main(environ: dict[str, str], target: Target, stdout: Connection, std
     load the workers get the share torchrun's do.
     """
     os.setsid()
-    _redirect_output(stdout.fileno(), stderr.fileno())
-    stdout.close()
-    stderr.close()
-    _release_forkserver()
+    fresh.install_stdio(stdin.fileno() if stdin is not None else None, stdout.fileno(), stderr.fileno())
+    for conn in (stdin, stdout, stderr):
+        if conn is not None:
+            conn.close()
+    # This also closes the worker's copy of the launcher's end of the forkserver's "alive"
+    # pipe, which multiprocessing hands to every forked child: while a worker held it, the
+    # forkserver never saw the launcher die, so it never exited, the parent-death signal
+    # below never fired, and a SIGKILLed launcher left its workers running.
+    fresh.reset_multiprocessing()
+    warm = sys.modules.get("ddp_launch.warm")  # preloaded: absent in a spawned worker
+    if warm is not None:
+        fresh.restore_environment(warm.ENV_BEFORE_PRELOAD)
     _die_with_parent()
     _run_and_exit(environ, target)
-
-
-def _redirect_output(stdout_fd: int, stderr_fd: int) -> None:
-    os.dup2(stdout_fd, 1)
-    os.dup2(stderr_fd, 2)
-    # Line buffering: the launcher shows worker output live, prefixed with the rank.
-    sys.stdout = open(1, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
-    sys.stderr = open(2, "w", buffering=1, encoding="utf-8", errors="backslashreplace", closefd=False)
-
-
-def _release_forkserver() -> None:
-    """Close this worker's copy of the launcher's end of the forkserver's "alive" pipe.
-
-    multiprocessing hands it to every forked child (so that the child could use the
-    forkserver too). While a worker holds it, the forkserver never sees the launcher die,
-    so it never exits, and the parent-death signal below never fires: a SIGKILLed launcher
-    would leave its workers running.
-    """
-    from multiprocessing import forkserver
-
-    server = forkserver._forkserver  # a private attribute: the module keeps no public handle
-    fd = getattr(server, "_forkserver_alive_fd", None)
-    if fd is not None:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        setattr(server, "_forkserver_alive_fd", None)  # noqa: B010
 
 
 def _die_with_parent() -> None:
@@ -143,8 +132,12 @@ def _run(target: Target) -> int:
             deadline_s=boot.join_timeout_s,
             any_slot=boot.node_rank < 0,
         )
-        os.environ.update(env.torchrun_env(assignment, os.environ, boot.run_dir))
-        _configure_torch(assignment, boot.backend)
+        os.environ.update(
+            env.torchrun_env(assignment, os.environ, boot.run_dir, virtual_local_rank=boot.virtual_local_rank)
+        )
+        fresh.set_title(assignment.rank, target.argv, target.is_module)
+        if not target.no_python:
+            _configure_torch(assignment, boot.backend, boot.virtual_local_rank)
         client.wait_barrier(rank=assignment.rank, generation=assignment.generation, deadline_s=boot.join_timeout_s)
     except (MasterUnavailable, RegistrationRejected) as e:
         _say(f"worker (local rank {boot.local_rank}) could not start: {e}")
@@ -171,6 +164,8 @@ def _run(target: Target) -> int:
 
     hook = register_optimizer_step_post_hook(tracker.on_optimizer_step)
     heartbeats.start()
+    for name in boot.unset_env:  # the launcher's settings for our gRPC, not the script's
+        os.environ.pop(name, None)
     try:
         code = run_target(target, on_exception=lambda e, tb: _report(client, assignment, e, tb))
     finally:
@@ -207,6 +202,10 @@ def _run_and_exit(environ: dict[str, str], target: Target) -> None:
         traceback.print_exc()
     finally:
         _flush_stdio()
+        if code < 0:  # a --no-python program died of a signal: so does this worker
+            signal.signal(-code, signal.SIG_DFL)
+            os.kill(os.getpid(), -code)
+            code = 128 - code
         os._exit(code)
 
 
@@ -217,21 +216,21 @@ def _report(client, assignment, e: BaseException, tb_text: str) -> None:
         _say(f"could not send the traceback to the master: {rpc_error!r}")
 
 
-def _configure_torch(assignment: env.Assignment, backend: str) -> None:
+def _configure_torch(assignment: env.Assignment, backend: str, virtual_local_rank: bool) -> None:
     import torch
 
-    # torch sized its thread pool when the warm parent imported it; size it for this worker
-    # (oversubscribed spinning threads cost 10x in throughput on a small machine).
-    try:
+    # torch sized its thread pool when the warm parent imported it, from the launcher's
+    # environment; size it from this worker's (oversubscribed spinning threads cost 10x in
+    # throughput on a small machine). Without OMP_NUM_THREADS torch's default stands, as
+    # in a fresh interpreter.
+    with contextlib.suppress(KeyError, ValueError):
         torch.set_num_threads(max(1, int(os.environ[env.OMP_NUM_THREADS])))
-    except ValueError:
-        pass
     if backend == "auto":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         backend = "nccl" if gpus >= assignment.local_world_size else "gloo"
     os.environ[env.BACKEND] = backend
     if backend == "nccl":
-        torch.cuda.set_device(assignment.local_rank)
+        torch.cuda.set_device(0 if virtual_local_rank else assignment.local_rank)
     _yield_gil_after_destroy_process_group()
 
 
@@ -271,33 +270,48 @@ def _yield_gil_after_destroy_process_group() -> None:
 
 
 def run_target(target: Target, on_exception=None) -> int:
-    """Run the script or module as __main__ in this process; returns its exit code.
+    """Run the script or module as __main__ in this process (or a --no-python program as a
+    child); returns its exit code (negative: the program died of that signal).
 
-    An exception is printed as Python would print it (without the launcher's frames) and
-    handed to `on_exception(exc, traceback_text)` before the code 1 is returned.
+    An exception goes to sys.excepthook, as in a plain interpreter (a script's own hook
+    included), and to `on_exception(exc, traceback_text)` before the code 1 is returned.
     """
     try:
+        if target.no_python:
+            return _run_program(target)
         if target.is_module:
-            sys.argv = [target.name, *target.args]
-            sys.path.insert(0, os.getcwd())
-            runpy.run_module(target.name, run_name="__main__", alter_sys=True)
+            fresh.run_module(target.name, target.args)
         else:
-            path = Path(target.name).resolve()
-            sys.argv = [target.name, *target.args]
-            sys.path.insert(0, str(path.parent))
-            runpy.run_path(str(path), run_name="__main__")
+            fresh.run_script(target.name, target.args)
     except SystemExit as e:
         return _exit_code(e.code)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except BaseException as e:
         tb_text = _format_user_traceback(e)
-        sys.stderr.write(tb_text)
+        if sys.excepthook is sys.__excepthook__:
+            sys.stderr.write(tb_text)
+        else:
+            sys.excepthook(type(e), e, _user_traceback(e))
         sys.stderr.flush()
         if on_exception is not None:
             on_exception(e, tb_text)
         return 1
     return 0
+
+
+def _run_program(target: Target) -> int:
+    """torchrun's --no-python: the program runs as this worker's child, with its stdio and
+    environment, while the worker keeps its heartbeats; a stop signal reaches the program
+    directly (the supervisor signals the whole tree), so the worker only waits for it."""
+    import subprocess
+
+    process = subprocess.Popen([target.name, *target.args])
+    while True:
+        try:
+            return process.wait()
+        except KeyboardInterrupt:  # the program had the SIGINT too: let it finish
+            continue
 
 
 def _exit_code(code: object) -> int:
@@ -309,9 +323,14 @@ def _exit_code(code: object) -> int:
     return 1
 
 
-def _format_user_traceback(e: BaseException) -> str:
+def _user_traceback(e: BaseException):
+    """The traceback without the launcher's frames, as the script would see it."""
     tb = e.__traceback__
-    ours = {__file__, runpy.__file__, "<frozen runpy>"}
+    ours = {__file__, fresh.__file__, runpy.__file__, "<frozen runpy>"}
     while tb is not None and tb.tb_frame.f_code.co_filename in ours:
         tb = tb.tb_next
-    return "".join(traceback.format_exception(type(e), e, tb))
+    return tb
+
+
+def _format_user_traceback(e: BaseException) -> str:
+    return "".join(traceback.format_exception(type(e), e, _user_traceback(e)))

@@ -111,3 +111,37 @@ def poll_status(run_dir: Path, until, timeout_s: float = 90.0) -> dict | None:
                     break
         time.sleep(0.3)
     return status
+
+
+def torchrun_command(*args: str) -> list[str]:
+    """torchrun itself (its console script is `python -m torch.distributed.run`)."""
+    return [sys.executable, "-m", "torch.distributed.run", *args]
+
+
+def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """torch 2.13's torchrun restarts and tears down reliably only with this setting; it also
+    makes rank 0 host the DDP store, as ddp-launch does (TORCHELASTIC_USE_AGENT_STORE=False)."""
+    return {**(base or launcher_env()), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
+
+def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 120, stdin: str = "") -> Run:
+    """Any launcher's command line in `cwd`, bounded by `timeout_s`, its tree killed after."""
+    proc = subprocess.Popen(
+        command,
+        cwd=cwd,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(input=stdin, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"{command} did not finish in {timeout_s} s\nstdout:\n{out}\nstderr:\n{err}") from None
+    finally:
+        kill_tree(proc.pid)
+    return Run(proc.returncode, out, err, cwd)

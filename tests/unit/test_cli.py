@@ -15,11 +15,12 @@ from click.testing import CliRunner
 
 import ddp_launch.launcher
 import ddp_launch.warm
-from ddp_launch import cli as cli_module
 from ddp_launch import env
-from ddp_launch.cli import cli, main, parse_nproc
+from ddp_launch import options as options_module
+from ddp_launch.cli import cli, main
 from ddp_launch.config import RestartPolicy, RunConfig, Target
 from ddp_launch.errors import ConfigError
+from ddp_launch.options import parse_nproc
 
 # -- parse_nproc ---------------------------------------------------------------------------
 
@@ -39,10 +40,10 @@ def test_parse_nproc_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_parse_nproc_gpu_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
-    monkeypatch.setattr(cli_module, "_gpu_count", lambda: 2)
+    monkeypatch.setattr(options_module, "_gpu_count", lambda: 2)
     assert parse_nproc("gpu") == 2
     assert parse_nproc("auto") == 2
-    monkeypatch.setattr(cli_module, "_gpu_count", lambda: 0)
+    monkeypatch.setattr(options_module, "_gpu_count", lambda: 0)
     assert parse_nproc("auto") == 8
     with pytest.raises(ConfigError, match="no CUDA device"):
         parse_nproc("gpu")
@@ -109,7 +110,7 @@ def test_script_args_pass_through_untouched(launched: FakeLaunch) -> None:
     [
         ["--help"],
         ["-m", "x", "--max-restarts", "3"],
-        ["--", "--x"],
+        ["--x", "--"],
         ["-q", "positional", "--timeout=5"],
         ["run", "status"],
         [],
@@ -150,7 +151,8 @@ def test_defaults(launched: FakeLaunch) -> None:
     assert config.nnodes == 1 and config.node_rank == 0
     assert config.backend == "auto"
     assert config.master_addr == "127.0.0.1"
-    assert config.master_port is None and config.ddp_port is None
+    assert config.control_port is None and config.ddp_port is None
+    assert (config.role, config.monitor_interval_s, config.start_method) == ("default", 0.25, "warm")
     assert config.timeout_s is None
     assert config.join_timeout_s == 300.0
     assert config.heartbeat_interval_s == 1.0
@@ -171,7 +173,7 @@ def test_options_reach_the_config(launched: FakeLaunch, tmp_path: Path) -> None:
             "1.5",
             "--timeout",
             "30",
-            "--ddp-port",
+            "--master-port",
             "29500",
             "--backend",
             "gloo",
@@ -192,7 +194,7 @@ def test_options_reach_the_config(launched: FakeLaunch, tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     c = launched.config
     assert c.restart == RestartPolicy(max_restarts=3, stop_grace_s=1.5, hang_timeout_s=60.0)
-    assert (c.timeout_s, c.ddp_port, c.backend, c.run_id) == (30.0, 29500, "gloo", "my-run")
+    assert (c.timeout_s, c.ddp_port, c.control_port, c.backend, c.run_id) == (30.0, 29500, 29501, "gloo", "my-run")
     assert c.run_dir == tmp_path / "out"
     assert (c.heartbeat_interval_s, c.join_timeout_s, c.quiet) == (0.5, 20.0, True)
 
@@ -235,7 +237,7 @@ def test_run_help_lists_the_defaults() -> None:
         (["--backend", "mpi", "train.py"], "--backend"),
         (["--max-restarts", "many", "train.py"], "--max-restarts"),
         (["--bogus-option", "train.py"], "--bogus-option"),
-        (["--ddp-port", "70000", "train.py"], "--ddp-port"),
+        (["--master-port", "70000", "train.py"], "--master-port"),
         (["--timeout", "0", "train.py"], "--timeout"),
         (["-m", "no_such_module_xyz"], "no_such_module_xyz"),
         ([], "SCRIPT"),
@@ -296,7 +298,7 @@ def valid_config(script: Path, **kw: object) -> RunConfig:
 def test_a_valid_config_validates(script: Path) -> None:
     valid_config(script).validate()
     valid_config(
-        script, nnodes=2, node_rank=1, master_port=29400, token="t", ddp_port=29500, backend="nccl", timeout_s=1.0
+        script, nnodes=2, node_rank=1, control_port=29401, token="t", ddp_port=29400, backend="nccl", timeout_s=1.0
     ).validate()
 
 
@@ -304,11 +306,10 @@ def test_a_valid_config_validates(script: Path) -> None:
     ("kw", "fragment"),
     [
         ({"nnodes": 2, "token": "t"}, "--master-port is required"),
-        ({"nnodes": 2, "master_port": 29400}, "token"),
-        ({"nnodes": 2, "node_rank": 1, "master_port": 29400, "token": "t", "metrics_port": 9000}, "node 0"),
+        ({"nnodes": 2, "node_rank": 1, "control_port": 29400, "token": "t", "metrics_port": 9000}, "node 0"),
     ],
 )
-def test_several_nodes_need_a_port_and_a_token(script: Path, kw: dict, fragment: str) -> None:
+def test_several_nodes_need_a_port(script: Path, kw: dict, fragment: str) -> None:
     with pytest.raises(ConfigError, match=fragment):
         valid_config(script, **kw).validate()
 
@@ -320,9 +321,10 @@ def test_several_nodes_need_a_port_and_a_token(script: Path, kw: dict, fragment:
         ({"nnodes": 0}, "--nnodes"),
         ({"node_rank": 1}, "--node-rank must be in [0, 1)"),
         ({"node_rank": -1}, "--node-rank"),
-        ({"ddp_port": 0}, "--ddp-port must be in 1..65535"),
-        ({"ddp_port": 65536}, "--ddp-port"),
-        ({"master_port": -5}, "--master-port"),
+        ({"ddp_port": 0}, "--master-port must be in 1..65535"),
+        ({"ddp_port": 65536}, "--master-port"),
+        ({"control_port": -5}, "--control-port"),
+        ({"monitor_interval_s": 0.0}, "--monitor-interval"),
         ({"backend": "mpi"}, "--backend must be one of auto, gloo, nccl"),
         ({"heartbeat_interval_s": 0.0}, "--heartbeat-interval"),
         ({"timeout_s": 0.0}, "--timeout must be > 0"),
@@ -404,14 +406,30 @@ def test_torchrun_env_values() -> None:
         "TORCHELASTIC_RESTART_COUNT": "2",
         "TORCHELASTIC_MAX_RESTARTS": "3",
         "TORCHELASTIC_USE_AGENT_STORE": "False",
-        "OMP_NUM_THREADS": "1",
         "TORCH_NCCL_ASYNC_ERROR_HANDLING": "1",
     }
 
 
-def test_torchrun_env_keeps_omp_num_threads() -> None:
-    assert env.torchrun_env(assignment(), {"OMP_NUM_THREADS": "6"})["OMP_NUM_THREADS"] == "6"
-    assert env.torchrun_env(assignment(), {"OMP_NUM_THREADS": ""})["OMP_NUM_THREADS"] == "1"
+def test_node_env_follows_torchruns_omp_rule() -> None:
+    """OMP_NUM_THREADS=1 only with more than one worker and none set, as torchrun."""
+    assert env.node_env(2, {}, "default", "SIGTERM")["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in env.node_env(1, {}, "default", "SIGTERM")
+    assert "OMP_NUM_THREADS" not in env.node_env(4, {"OMP_NUM_THREADS": "6"}, "default", "SIGTERM")
+    assert "OMP_NUM_THREADS" not in env.torchrun_env(assignment(), {})
+
+
+def test_node_env_role_and_signals_reach_the_torchrun_env() -> None:
+    node = env.node_env(2, {}, "trainer", "SIGTERM,SIGUSR1")
+    assert node["TORCHELASTIC_SIGNALS_TO_HANDLE"] == "SIGTERM,SIGUSR1"
+    worker = env.torchrun_env(assignment(), node)
+    assert worker["ROLE_NAME"] == "trainer"
+
+
+def test_virtual_local_rank() -> None:
+    got = env.torchrun_env(assignment(local_rank=1), {}, virtual_local_rank=True)
+    assert (got["LOCAL_RANK"], got["CUDA_VISIBLE_DEVICES"]) == ("0", "1")
+    got = env.torchrun_env(assignment(local_rank=1), {"CUDA_VISIBLE_DEVICES": "4,6"}, virtual_local_rank=True)
+    assert (got["LOCAL_RANK"], got["CUDA_VISIBLE_DEVICES"]) == ("0", "6")
 
 
 def test_torchrun_env_keeps_nccl_async_error_handling() -> None:
@@ -465,3 +483,185 @@ def test_bootstrap_defaults_and_in_worker() -> None:
     assert (b.node_rank, b.generation, b.backend, b.token) == (0, 0, "auto", "")
     assert math.isclose(b.heartbeat_interval_s, 1.0)
     assert not env.in_worker({"RANK": "0"})
+
+
+# -- torchrun's spellings and PET_ variables -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "field", "value"),
+    [
+        (["--nproc_per_node=3"], "nproc_per_node", 3),
+        (["--nproc-per-node", "3"], "nproc_per_node", 3),
+        (["--max_restarts", "2"], "restart", RestartPolicy(max_restarts=2)),
+        (["--monitor_interval", "0.5"], "monitor_interval_s", 0.5),
+        (["--role", "trainer"], "role", "trainer"),
+        (["--rdzv_id", "job-7"], "run_id", "job-7"),
+        (["--start_method", "spawn"], "start_method", "spawn"),
+        (["--start-method", "fork"], "start_method", "warm"),
+        (["--shutdown_timeout", "9"], "restart", RestartPolicy(stop_grace_s=9.0)),
+        (["--signals_to_handle", "SIGTERM,SIGUSR1"], "signals", (15, 10)),
+        (["--virtual_local_rank"], "virtual_local_rank", True),
+        (["--nnodes", "1:1"], "nnodes", 1),
+        (["--standalone"], "master_addr", "127.0.0.1"),
+        (["--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:29400"], "ddp_port", 29400),
+        (["--rdzv-endpoint", "[::1]:29400"], "master_addr", "::1"),
+        (["--master_addr", "127.0.0.1", "--master_port", "1"], "control_port", 2),
+        (["--local_ranks_filter", "0,1"], "logs", None),
+    ],
+)
+def test_torchrun_spellings_reach_the_config(launched: FakeLaunch, args: list[str], field: str, value: object) -> None:
+    result = invoke([*args, "train.py"])
+
+    assert result.exit_code == 0, result.output
+    got = getattr(launched.config, field)
+    if field == "logs":
+        assert got.local_ranks_filter == frozenset({0, 1})
+    else:
+        assert got == value
+
+
+@pytest.mark.parametrize(
+    ("environ", "field", "value"),
+    [
+        ({"PET_NPROC_PER_NODE": "2"}, "nproc_per_node", 2),
+        ({"PET_MAX_RESTARTS": "4"}, "restart", RestartPolicy(max_restarts=4)),
+        ({"PET_MASTER_PORT": "29600"}, "ddp_port", 29600),
+        ({"PET_STANDALONE": "1"}, "nnodes", 1),
+        ({"PET_ROLE": "worker"}, "role", "worker"),
+        ({"PET_MODULE": "1"}, "target", Target("json.tool", is_module=True)),
+    ],
+)
+def test_pet_variables_are_option_fallbacks(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch, environ: dict[str, str], field: str, value: object
+) -> None:
+    for k, v in environ.items():
+        monkeypatch.setenv(k, v)
+    script = "json.tool" if "PET_MODULE" in environ else "train.py"
+
+    result = invoke([script])
+
+    assert result.exit_code == 0, result.output
+    assert getattr(launched.config, field) == value
+
+
+def test_an_explicit_flag_wins_over_its_pet_variable(launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PET_NPROC_PER_NODE", "2")
+
+    assert invoke(["--nproc_per_node", "3", "train.py"]).exit_code == 0
+    assert launched.config.nproc_per_node == 3
+
+
+def test_several_nodes_without_a_token_share_one_derived_from_the_endpoint(launched: FakeLaunch) -> None:
+    port = free_port() - 1
+    line = ["--nnodes=2", "--master_addr=127.0.0.1", f"--master_port={port}"]
+    assert invoke([*line, "--node_rank=0", "train.py"]).exit_code == 0
+    assert invoke([*line, "--node_rank=1", "train.py"]).exit_code == 0
+    node0, node1 = launched.configs
+    assert node0.token and node0.token == node1.token
+    assert (node0.control_port, node1.node_rank) == (port + 1, 1)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--rdzv_backend", "etcd"], "--rdzv-backend 'etcd' is not supported: use c10d or static"),
+        (["--nnodes", "1:2"], "give a fixed count (--nnodes 2)"),
+        (["--nnodes", "2:1"], "--nnodes"),
+        (["--no-python", "-m"], "--no-python and -m/--module"),
+        (["--numa-binding", "node"], "numactl"),
+        (["--logs-specs", "mine"], "--log-dir"),
+        (["--event_log_handler", "console"], "events.jsonl"),
+        (["--rdzv_conf", "read_timeout=5"], "--rdzv-conf read_timeout"),
+        (["--signals_to_handle", "SIGFOO"], "SIGFOO"),
+        (["--redirects", "7"], "-r/--redirects"),
+        (["--local_ranks_filter", "a,b"], "--local-ranks-filter"),
+        (["--start_method", "thread"], "--start-method"),
+        (["--standalone", "--nnodes", "2"], "--standalone runs one node"),
+        (["--nproc_per_node", "xpu"], "xpu"),
+    ],
+)
+def test_torchrun_options_that_cannot_mean_the_same_are_one_line_exit_2(
+    launched: FakeLaunch, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "train.py"])
+
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1, err
+    assert fragment in err
+    assert launched.configs == []
+
+
+def test_nccl_without_cuda_is_refused_before_anything_starts(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(options_module, "_gpu_count", lambda: 0)
+    with pytest.raises(SystemExit) as exc:
+        main(["--backend", "nccl", "train.py"])
+
+    assert exc.value.code == 2
+    assert "--backend gloo" in capsys.readouterr().err
+    assert launched.configs == []
+
+
+def test_a_bad_pet_variable_is_named(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("PET_NNODES", "1:3")
+    with pytest.raises(SystemExit) as exc:
+        main(["train.py"])
+
+    assert exc.value.code == 2
+    assert "(from PET_NNODES)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("args", "script_args"),
+    [
+        (["--", "train.py", "--lr", "1"], ("--lr", "1")),
+        (["train.py", "--", "--lr", "1"], ("--lr", "1")),
+        (["--", "train.py", "--", "x"], ("--", "x")),
+        (["train.py", "a", "--", "x"], ("a", "--", "x")),
+        (["train.py", "--", "--", "a"], ("--", "a")),
+    ],
+)
+def test_double_dash_gives_the_script_torchruns_argv(
+    launched: FakeLaunch, args: list[str], script_args: tuple[str, ...]
+) -> None:
+    """The argv torchrun's argparse gives (checked against torch's own parser in the e2e corpus)."""
+    assert invoke(["--nproc_per_node", "2", *args]).exit_code == 0
+    assert launched.config.target.args == script_args
+
+
+def test_did_you_mean_is_gone_for_torchruns_own_options(launched: FakeLaunch) -> None:
+    """`--rdzv_backend` once failed with "Did you mean '--backend'?"."""
+    result = invoke(["--rdzv_backend", "c10d", "--rdzv_id", "x", "train.py"])
+
+    assert result.exit_code == 0 and "Did you mean" not in result.output
+    assert launched.config.run_id == "x"
+
+
+def test_c10d_on_two_nodes_the_endpoints_host_is_node_0_unless_taken(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    port = free_port() - 1
+    line = ["--nnodes=2", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py"]
+    assert invoke(line).exit_code == 0
+    assert launched.configs[-1].node_rank == 0
+    assert invoke(["--rdzv_conf", "is_host=0", *line]).exit_code == 0
+    assert launched.configs[-1].node_rank == 1
+    monkeypatch.setattr(options_module, "is_local_host", lambda host: False)
+    assert invoke(line).exit_code == 0
+    assert launched.configs[-1].node_rank == 1
+    with pytest.raises(ConfigError, match="needs --node-rank"):  # node 1 or 2? only --node_rank says
+        invoke(["--nnodes=3", *line[1:]])

@@ -1,4 +1,4 @@
-"""SLURM host lists and cluster environments (SLURM, Kubeflow's PET_*), simulated with dicts."""
+"""SLURM host lists and the SLURM environment, simulated with dicts."""
 
 from __future__ import annotations
 
@@ -147,14 +147,6 @@ SLURM = {
     "SLURM_SUBMIT_DIR": "/home/me/project",
 }
 
-PET = {
-    "PET_NNODES": "2",
-    "PET_NODE_RANK": "1",
-    "PET_MASTER_ADDR": "trainer-master-0",
-    "PET_MASTER_PORT": "23456",
-    "PET_NPROC_PER_NODE": "4",
-}
-
 
 def test_nothing_set() -> None:
     assert detect({}) == ClusterDefaults(None, None, None, None, None, "")
@@ -199,40 +191,10 @@ def test_slurm_needs_job_id_and_node_count(env: dict[str, str]) -> None:
     assert detect(env) == ClusterDefaults()
 
 
-def test_kubernetes() -> None:
-    assert detect(PET) == ClusterDefaults(
-        nnodes=2,
-        node_rank=1,
-        master_addr="trainer-master-0",
-        master_port=23456,
-        nproc_per_node="4",
-        source="kubernetes",
-    )
-
-
-@pytest.mark.parametrize(("value", "nnodes"), [("2", 2), ("1:2", 2), ("3:3", 3), (" 1 : 4 ", 4), ("7", 7)])
-def test_pet_nnodes_takes_the_max_of_a_range(value: str, nnodes: int) -> None:
-    assert detect(dict(PET, PET_NNODES=value)).nnodes == nnodes
-
-
-def test_pet_nproc_is_passed_through_as_text() -> None:
-    assert detect(dict(PET, PET_NPROC_PER_NODE="gpu")).nproc_per_node == "gpu"
-    assert detect(dict(PET, PET_NPROC_PER_NODE=" auto ")).nproc_per_node == "auto"
-
-
-def test_kubernetes_wins_over_slurm() -> None:
-    d = detect({**SLURM, **PET})
-    assert d.source == "kubernetes"
-    assert (d.nnodes, d.node_rank, d.master_addr) == (2, 1, "trainer-master-0")
-
-
-def test_any_pet_variable_means_kubernetes() -> None:
-    d = detect({**SLURM, "PET_MASTER_ADDR": "svc"})
-    assert d == ClusterDefaults(None, None, "svc", None, None, "kubernetes")
-
-
-def test_empty_pet_variables_do_not_count() -> None:
-    assert detect({**SLURM, "PET_NNODES": "", "PET_MASTER_ADDR": "  "}).source == "slurm"
+def test_pet_variables_are_not_read_here() -> None:
+    """PET_* are torchrun's option fallbacks, read by the CLI (test_cli); SLURM still counts."""
+    d = detect({**SLURM, "PET_NNODES": "9", "PET_MASTER_ADDR": "svc"})
+    assert (d.source, d.nnodes, d.master_addr) == ("slurm", 4, "gpu07")
 
 
 def test_values_are_trimmed() -> None:
@@ -254,15 +216,6 @@ def test_values_are_trimmed() -> None:
         (dict(SLURM, SLURM_NODEID="first"), "SLURM_NODEID"),
         (dict(SLURM, SLURM_JOB_NODELIST="gpu[3-1]"), "SLURM_JOB_NODELIST"),
         (dict(SLURM, SLURM_JOB_NODELIST="gpu["), "SLURM_JOB_NODELIST"),
-        (dict(PET, PET_NNODES="many"), "PET_NNODES"),
-        (dict(PET, PET_NNODES="0"), "PET_NNODES"),
-        (dict(PET, PET_NNODES="2:1"), "PET_NNODES"),
-        (dict(PET, PET_NNODES="1:"), "PET_NNODES"),
-        (dict(PET, PET_NNODES="1:2:3"), "PET_NNODES"),
-        (dict(PET, PET_NODE_RANK="1.5"), "PET_NODE_RANK"),
-        (dict(PET, PET_MASTER_PORT="http"), "PET_MASTER_PORT"),
-        (dict(PET, PET_MASTER_PORT="0"), "PET_MASTER_PORT"),
-        (dict(PET, PET_MASTER_PORT="70000"), "PET_MASTER_PORT"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], variable: str) -> None:

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import functools
+import io
 import json
 import os
 import signal
+import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from ddp_launch.config import LogOptions
 from ddp_launch.failure import build_report, flapping, format_report, write_json_atomic
-from ddp_launch.output import TAIL_LINES, OutputPump
+from ddp_launch.output import MAX_LINE_BYTES, PIPE, TAIL_LINES, TERMINAL, LivePolicy, OutputPump, collapse
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, WorkerExit
+from ddp_launch.torchrun_logs import FilterTap
 
 DEADLINE_S = 5.0
 
@@ -23,15 +28,17 @@ DEADLINE_S = 5.0
 
 
 class Sink:
-    """Collects (rank, line, is_stderr) from the pump's thread."""
+    """Collects (rank, line, is_stderr) from the pump's thread, and each call's batch."""
 
     def __init__(self) -> None:
         self.cond = threading.Condition()
         self.lines: list[tuple[int, str, bool]] = []
+        self.batches: list[tuple[int, list[str], bool]] = []
 
-    def __call__(self, rank: int, line: str, is_stderr: bool) -> None:
+    def __call__(self, rank: int, lines: Sequence[str], is_stderr: bool) -> None:
         with self.cond:
-            self.lines.append((rank, line, is_stderr))
+            self.batches.append((rank, list(lines), is_stderr))
+            self.lines += [(rank, line, is_stderr) for line in lines]
             self.cond.notify_all()
 
     def wait_for(self, n: int) -> bool:
@@ -213,7 +220,7 @@ def test_a_restarted_rank_appends_to_its_log(pump: OutputPump, tmp_path: Path) -
 
 
 def test_a_broken_sink_does_not_stop_logging(tmp_path: Path) -> None:
-    def broken(rank: int, line: str, is_stderr: bool) -> None:
+    def broken(rank: int, lines: Sequence[str], is_stderr: bool) -> None:
         raise OSError("console gone")
 
     pump = OutputPump(tmp_path, broken)
@@ -268,6 +275,407 @@ def test_tail_of_zero_lines_is_empty(pump: OutputPump) -> None:
     assert pump.wait_closed([0], timeout_s=DEADLINE_S)
 
     assert pump.tail(0, 0) == []
+
+
+def test_a_carriage_return_line_is_logged_as_a_terminal_shows_it(pump: OutputPump, sink: Sink, tmp_path: Path) -> None:
+    pipes = pump.attach_pipes(0)  # type: ignore[attr-defined]
+
+    pipes.out(b"".join(b"\r%d%%" % i for i in range(0, 101, 10)) + b"\n")  # tqdm's way
+    pipes.out(b"".join(b"step %d\r" % i for i in range(5)) + b"\n")  # print(..., end="\r")
+    pipes.out(b"done\r\n")
+    pipes.out(b"\r\r\n")  # nothing but carriage returns: an empty line
+    pipes.close_writers()
+
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    expected = ["100%", "step 4", "done", ""]
+    assert sink.of(0, False) == expected
+    assert pump.tail(0) == expected and pump.lines_seen(0) == 4
+    assert (tmp_path / "rank-0.log").read_text().splitlines()[1:] == expected
+
+
+def test_a_bar_redrawn_for_long_on_one_line_stays_small(pump: OutputPump, sink: Sink) -> None:
+    pipes = pump.attach_pipes(0)  # type: ignore[attr-defined]
+    states = b"".join(b"\rbatch %d/200000" % i for i in range(200_000))  # 3 MB, no newline
+
+    writer = threading.Thread(target=pipes.out, args=(states,))
+    writer.start()
+    writer.join(timeout=DEADLINE_S)
+    assert wait_until(lambda: any(s.partial.endswith(b"199999/200000") for s in _streams(pump)))
+
+    assert max(len(s.partial) for s in _streams(pump)) < 100  # only what can still be shown
+    pipes.out(b"\n")
+    assert sink.wait_for(1)
+    assert sink.of(0, False) == ["batch 199999/200000"]
+
+
+def test_a_line_that_never_ends_is_cut(pump: OutputPump, sink: Sink) -> None:
+    pipes = pump.attach_pipes(0)  # type: ignore[attr-defined]
+
+    writer = threading.Thread(target=pipes.out, args=(b"." * (MAX_LINE_BYTES + 10),))
+    writer.start()
+    assert sink.wait_for(1)
+    writer.join(timeout=DEADLINE_S)
+    pipes.close_writers()
+
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    assert sum(len(line) for line in sink.of(0, False)) == MAX_LINE_BYTES + 10
+    assert max(len(line) for line in sink.of(0, False)) <= MAX_LINE_BYTES
+
+
+def test_a_character_split_across_reads_is_whole(pump: OutputPump, sink: Sink) -> None:
+    pipes = pump.attach_pipes(0)  # type: ignore[attr-defined]
+
+    pipes.out(b"caf\xc3")
+    assert wait_until(lambda: any(s.partial for s in _streams(pump)))
+    pipes.out(b"\xa9\n")
+    pipes.close_writers()
+
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    assert sink.of(0, False) == ["café"]
+
+
+@pytest.mark.parametrize(
+    ("line", "shown"),
+    [("plain", "plain"), ("a\rb", "b"), ("50%\r", "50%"), ("a\rb\r\r", "b"), ("\r\r", ""), ("", ""), ("\rx", "x")],
+)
+def test_collapse(line: str, shown: str) -> None:
+    assert collapse(line) == shown
+
+
+def _streams(pump: OutputPump) -> list:
+    return [key.data for key in pump._selector.get_map().values() if key.data is not None]
+
+
+# -- live states: the line so far, before its newline ------------------------------------------------
+
+
+class Live:
+    """Collects live(rank, state, is_stderr) calls, with when they came."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.calls: list[tuple[int, str | None, bool]] = []
+        self.at: list[float] = []
+
+    def __call__(self, rank: int, state: str | None, is_stderr: bool) -> None:
+        with self.cond:
+            self.calls.append((rank, state, is_stderr))
+            self.at.append(time.monotonic())
+            self.cond.notify_all()
+
+    def wait_for(self, call: tuple[int, str | None, bool]) -> bool:
+        with self.cond:
+            return self.cond.wait_for(lambda: call in self.calls, timeout=DEADLINE_S)
+
+    def states(self) -> list[str | None]:
+        with self.cond:
+            return [state for _, state, _ in self.calls]
+
+
+@pytest.fixture
+def live_pump(tmp_path: Path, sink: Sink):
+    """A pump with a live callback; `make(policy)` builds it."""
+    made: list[tuple[OutputPump, Pipes]] = []
+
+    def make(policy: LivePolicy = TERMINAL, **kw) -> tuple[OutputPump, Pipes, Live]:
+        live = Live()
+        p = OutputPump(tmp_path, sink, live=live, live_policy=policy, **kw)
+        pipes = Pipes()
+        made.append((p, pipes))
+        p.attach(0, pipes.out_r, pipes.err_r, "generation 0")
+        return p, pipes, live
+
+    yield make
+    for p, pipes in made:
+        p.stop()
+        pipes.close_writers()
+
+
+def test_a_bars_states_are_shown_live_and_taken_down_at_its_newline(live_pump, sink: Sink, tmp_path: Path) -> None:
+    pump, pipes, live = live_pump(LivePolicy(bar_interval_s=0, bar_settle_s=0, prompt_settle_s=0))
+
+    pipes.err(b"\r 10%|#         |")
+    assert live.wait_for((0, " 10%|#         |", True))
+    pipes.err(b"\r 20%|##        |")
+    assert live.wait_for((0, " 20%|##        |", True))
+    assert sink.lines == []  # nothing is complete yet
+    pipes.err(b"\r100%|##########|\n")
+
+    assert live.wait_for((0, None, True))
+    assert sink.wait_for(1)
+    assert sink.lines == [(0, "100%|##########|", True)]
+    assert live.states()[-1] is None
+    pipes.close_writers()
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    assert (tmp_path / "rank-0.log").read_text().splitlines()[1:] == ["100%|##########|"]
+
+
+def test_a_prompt_is_shown_before_its_newline(live_pump, sink: Sink) -> None:
+    pump, pipes, live = live_pump(PIPE)
+
+    pipes.out(b"> /train.py(12)<module>()\n-> loss = model(x)\n(Pdb) ")
+
+    assert live.wait_for((0, "(Pdb) ", False))
+    assert sink.of(0, False) == ["> /train.py(12)<module>()", "-> loss = model(x)"]
+    pipes.out(b"p loss\n")  # the user's answer, echoed by the script
+    assert live.wait_for((0, None, False))
+    assert sink.wait_for(3)
+    assert sink.of(0, False)[-1] == "(Pdb) p loss"
+
+
+def test_on_a_pipe_a_bar_is_shown_at_most_once_an_interval(live_pump) -> None:
+    interval_s = 0.4
+    pump, pipes, live = live_pump(LivePolicy(bar_interval_s=interval_s, bar_settle_s=0.05, prompt_settle_s=0.05))
+
+    end = time.monotonic() + 1.0
+    i = 0
+    while time.monotonic() < end:
+        pipes.err(b"\rstep %d" % i)
+        i += 1
+        threading.Event().wait(0.01)  # a bar redrawn 100 times a second
+    with live.cond:
+        assert live.cond.wait_for(lambda: len(live.calls) >= 2, timeout=DEADLINE_S)
+
+    shown = live.states()
+    assert 2 <= len(shown) <= 4
+    assert all(s is not None and s.startswith("step ") for s in shown)
+    gaps = [b - a for a, b in zip(live.at, live.at[1:])]
+    assert min(gaps) >= interval_s - 0.05
+    # The last state is shown once it has settled, however early it came in the interval.
+    assert live.wait_for((0, f"step {i - 1}", True))
+
+
+def test_on_a_pipe_a_state_replaced_at_once_is_not_shown(live_pump, sink: Sink) -> None:
+    pump, pipes, live = live_pump(PIPE)
+
+    pipes.out(b"\rloading")
+    pipes.out(b"\rloaded\n")  # within the 0.2 s a state waits on a pipe
+    pipes.close_writers()
+
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    assert sink.of(0, False) == ["loaded"]
+    assert live.calls == []
+
+
+def test_a_stream_off_the_console_shows_no_live_state(live_pump, sink: Sink) -> None:
+    pump, pipes, live = live_pump(
+        LivePolicy(bar_interval_s=0, bar_settle_s=0, prompt_settle_s=0), logs=LogOptions(redirects="2")
+    )
+
+    pipes.err(b"(Pdb) ")
+    pipes.out(b"(Pdb) ")
+    assert live.wait_for((0, "(Pdb) ", False))
+    pipes.err(b"x\n")
+    pipes.close_writers()
+
+    assert pump.wait_closed([0], timeout_s=DEADLINE_S)
+    assert all(not is_stderr for _, _, is_stderr in live.calls)
+    assert sink.of(0, True) == [] and sorted(pump.tail(0)) == ["(Pdb) ", "(Pdb) x"]
+
+
+# -- batching ---------------------------------------------------------------------------------------
+
+
+def test_a_flood_of_lines_comes_in_batches_and_whole(pump: OutputPump, sink: Sink, tmp_path: Path) -> None:
+    n = 20_000
+    writers = []
+    expected: dict[tuple[int, bool], list[str]] = {}
+    for rank in (0, 1):
+        pipes = pump.attach_pipes(rank)  # type: ignore[attr-defined]
+        for is_stderr in (False, True):
+            lines = [f"rank {rank} {'err' if is_stderr else 'out'} line {i} " + "x" * (i % 97) for i in range(n)]
+            expected[(rank, is_stderr)] = lines
+            write = pipes.err if is_stderr else pipes.out
+
+            def flood(write=write, lines=lines) -> None:
+                for k in range(0, n, 50):  # as a line-buffered worker writes: many small writes
+                    write("".join(f"{line}\n" for line in lines[k : k + 50]).encode())
+
+            writers.append(threading.Thread(target=flood))
+        writers.append(pipes)  # type: ignore[arg-type]
+    threads = [w for w in writers if isinstance(w, threading.Thread)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for w in writers:
+        if isinstance(w, Pipes):
+            w.close_writers()
+
+    assert pump.wait_closed([0, 1], timeout_s=30)
+    for (rank, is_stderr), lines in expected.items():
+        assert sink.of(rank, is_stderr) == lines  # nothing lost, torn, reordered or crossed over
+    assert len(sink.batches) < 4 * n // 50  # whole reads, not lines, reach the console
+    for rank in (0, 1):
+        logged = (tmp_path / f"rank-{rank}.log").read_text().splitlines()[1:]
+        assert sorted(logged) == sorted(expected[(rank, False)] + expected[(rank, True)])
+
+
+def test_the_log_is_flushed_while_the_worker_lives(pump: OutputPump) -> None:
+    pipes = pump.attach_pipes(0)  # type: ignore[attr-defined]
+
+    pipes.out(b"first words\n")
+
+    # The worker is silent now: the log has the line on disk without waiting for its end.
+    assert wait_until(lambda: "first words" in pump.log_path(0).read_text())
+
+
+# -- torchrun's log files ---------------------------------------------------------------------------
+
+
+def _tree(root: Path) -> dict[str, bytes | None]:
+    """{relative path: contents, None for a directory} under root."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def _run_pump(tmp_path: Path, logs: LogOptions, script: Callable[[Callable[..., Pipes]], None], **kw) -> Sink:
+    """A pump with these options, fed by `script(attach)`; every pipe closed and drained."""
+    sink = Sink()
+    pump = OutputPump(tmp_path / "run", sink, logs=logs, run_id="run-7", **kw)
+    made: list[tuple[int, Pipes]] = []
+
+    def attach(rank: int, generation: int = 0) -> Pipes:
+        pipes = Pipes()
+        made.append((rank, pipes))
+        pump.attach(rank, pipes.out_r, pipes.err_r, f"generation {generation}", generation=generation)
+        return pipes
+
+    try:
+        script(attach)
+        for _, pipes in made:
+            pipes.close_writers()
+        assert pump.wait_closed(sorted({r for r, _ in made}), timeout_s=DEADLINE_S)
+    finally:
+        pump.stop()
+        for _, pipes in made:
+            pipes.close_writers()
+    return sink
+
+
+def _two_ranks(attach: Callable[..., Pipes]) -> None:
+    for rank in (0, 1):
+        pipes = attach(rank)
+        pipes.out(b"hello %d\n" % rank)
+        pipes.out(b"\rbar %d 0\rbar %d 1\n" % (rank, rank))
+        pipes.out(b"KEEP %d\n" % rank)
+        pipes.err(b"warn %d KEEP\n" % rank)
+
+
+def test_the_filter_splits_lines_as_torchruns_tailer_reads_them(tmp_path: Path) -> None:
+    data = b"a KEEP\r\nb\rKEEP c\r\rd KEEP\nKEEP caf\xc3\xa9\r\n\rKEEP e\rf\nKEEP end"
+    # torchrun reads the file with universal newlines and copies matching lines as read.
+    reference = io.TextIOWrapper(io.BytesIO(data), encoding="utf-8", errors="replace", newline=None).readlines()
+    expected = "".join(f"[default1]:{line}" for line in reference if "KEEP" in line)
+
+    for split in range(len(data) + 1):  # wherever the reads happen to end
+        released: list[bool] = []
+        with open(tmp_path / "filtered.log", "w", encoding="utf-8") as file:
+            tap = FilterTap(("KEEP",), "[default1]:", file, functools.partial(released.append, True))
+            tap.feed(data[:split])
+            tap.feed(data[split:])
+            tap.close()
+        assert (tmp_path / "filtered.log").read_text(encoding="utf-8") == expected, split
+        assert released == [True]
+
+
+def test_log_dir_and_tee_write_torchruns_tree(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    logs = LogOptions(log_dir=tmp_path / "D", tee="3", duplicate_stdout_filters=("KEEP", "bar"))
+    sink = _run_pump(tmp_path, logs, _two_ranks, nproc_per_node=2)
+
+    (job,) = (tmp_path / "D").iterdir()
+    assert job.name.startswith("run-7_") and len(job.name) == len("run-7_") + 8
+    tree = _tree(job)
+    assert tree == {
+        "attempt_0": None,
+        "attempt_0/0": None,
+        "attempt_0/0/stderr.log": b"warn 0 KEEP\n",
+        "attempt_0/0/stdout.log": b"hello 0\n\rbar 0 0\rbar 0 1\nKEEP 0\n",  # the bytes as written
+        "attempt_0/1": None,
+        "attempt_0/1/stderr.log": b"warn 1 KEEP\n",
+        "attempt_0/1/stdout.log": b"hello 1\n\rbar 1 0\rbar 1 1\nKEEP 1\n",
+        "attempt_0/filtered_stdout.log": tree["attempt_0/filtered_stdout.log"],
+    }
+    # torchrun's tailer: every \r piece is a line, prefixed with the role and local rank.
+    filtered = tree["attempt_0/filtered_stdout.log"].decode().splitlines()  # type: ignore[union-attr]
+    for rank in (0, 1):
+        mine = [line for line in filtered if line.startswith(f"[default{rank}]:")]
+        assert mine == [
+            f"[default{rank}]:bar {rank} 0",
+            f"[default{rank}]:bar {rank} 1",
+            f"[default{rank}]:KEEP {rank}",
+        ]
+    # --tee: the console still has everything, and the run directory's logs too.
+    assert sink.of(0, False) == ["hello 0", "bar 0 1", "KEEP 0"] and sink.of(1, True) == ["warn 1 KEEP"]
+    assert (tmp_path / "run" / "rank-1.log").read_text().splitlines()[1:4] == ["hello 1", "bar 1 1", "KEEP 1"]
+
+
+def test_redirects_without_log_dir_use_a_torchelastic_temp_dir(tmp_path: Path, monkeypatch) -> None:
+    (tmp_path / "run").mkdir()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    sink = _run_pump(tmp_path, LogOptions(redirects="3"), _two_ranks, nproc_per_node=2)
+
+    (base,) = temp.iterdir()
+    assert base.name.startswith("torchelastic_")
+    (job,) = base.iterdir()
+    assert sorted(_tree(job)) == [
+        "attempt_0",
+        "attempt_0/0",
+        "attempt_0/0/stderr.log",
+        "attempt_0/0/stdout.log",
+        "attempt_0/1",
+        "attempt_0/1/stderr.log",
+        "attempt_0/1/stdout.log",
+    ]
+    assert sink.lines == []  # -r: files only
+    assert "hello 0" in (tmp_path / "run" / "rank-0.log").read_text()  # ddp-launch's log has it all
+
+
+def test_each_restart_gets_its_attempt_and_a_filter_on_the_console(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    logs = LogOptions(
+        log_dir=tmp_path / "D", tee="0:3", local_ranks_filter=frozenset({0}), duplicate_stderr_filters=("KEEP",)
+    )
+
+    def two_generations(attach: Callable[..., Pipes]) -> None:
+        for generation in (0, 1):
+            for rank in (2, 3):  # node 1 of 2 nodes of 2: local ranks 0 and 1
+                pipes = attach(rank, generation)
+                pipes.out(b"gen %d rank %d\n" % (generation, rank))
+                pipes.err(b"KEEP %d\n" % rank)
+
+    sink = _run_pump(tmp_path, logs, two_generations, node_rank=1, nproc_per_node=2, role="trainer")
+
+    (job,) = (tmp_path / "D").iterdir()
+    tree = _tree(job)
+    for g in (0, 1):
+        assert tree[f"attempt_{g}/0/stdout.log"] == b"gen %d rank 2\n" % g
+        assert tree[f"attempt_{g}/0/stderr.log"] == b"KEEP 2\n"
+        assert tree[f"attempt_{g}/1"] is None  # a directory, empty: local rank 1 has no files
+        assert tree[f"attempt_{g}/filtered_stderr.log"] == b"[trainer0]:KEEP 2\n"  # only what is tee'd
+    assert sorted(tree) == sorted(
+        f"attempt_{g}{rest}"
+        for g in (0, 1)
+        for rest in ("", "/0", "/0/stdout.log", "/0/stderr.log", "/1", "/filtered_stderr.log")
+    )
+    # --local-ranks-filter 0: local rank 1 (rank 3) stays off the console, not out of its log.
+    assert {rank for rank, _, _ in sink.lines} == {2}
+    assert sink.of(2, False) == ["gen 0 rank 2", "gen 1 rank 2"]
+    assert "gen 1 rank 3" in (tmp_path / "run" / "rank-3.log").read_text()
+
+
+def test_no_torchrun_options_no_torchrun_files(tmp_path: Path, monkeypatch) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    (tmp_path / "run").mkdir()
+
+    _run_pump(tmp_path, LogOptions(), _two_ranks, nproc_per_node=2)
+
+    assert list(temp.iterdir()) == []
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["rank-0.log", "rank-1.log"]
 
 
 # -- the failure report --------------------------------------------------------------------

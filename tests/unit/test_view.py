@@ -215,6 +215,108 @@ def test_write_line_from_threads_during_updates_keeps_lines_whole():
             assert f"[rank {i}] line {k}\n" in text
 
 
+class CountingIO(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.flushes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+    def flush(self) -> None:
+        self.flushes += 1
+        super().flush()
+
+
+def test_write_lines_prefixes_every_line_in_one_write():
+    out = CountingIO()
+    view = LiveView(out, interactive=False)
+    view.write_lines([f"line {i}" for i in range(1000)] + [""], prefix="[rank 3] ")
+    view.write_lines([])
+
+    assert out.getvalue().splitlines() == [f"[rank 3] line {i}" for i in range(1000)] + ["[rank 3] "]
+    assert (out.writes, out.flushes) == (1, 1)
+
+
+def test_write_lines_on_a_terminal_redraws_the_bars_once_per_batch():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot(2))
+    before = out.getvalue().count("120/300")
+    view.write_lines([f"line {i}" for i in range(100)], prefix="[rank 0] ")
+    text = out.getvalue()
+    view.close()
+
+    assert text.count("120/300") == before + 1
+    for i in range(100):
+        assert f"[rank 0] line {i}\n" in text
+
+
+def test_a_workers_unfinished_line_is_drawn_below_the_bars_replaced_and_removed():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.update(snapshot(2))  # the overall bar and two rank lines: positions 0-2
+
+    view.write_live((0, True), "[rank 0]  10%|#")
+    assert "[rank 0]  10%|#" in out.getvalue()
+    view.write_live((1, False), "[rank 1] (Pdb) ")
+    assert "[rank 1] (Pdb) " in out.getvalue()
+    assert sorted(abs(bar.pos) for bar in tqdm.tqdm._instances) == [0, 1, 2, 3, 4]
+    view.write_live((0, True), "[rank 0]  20%|##")  # redrawn in place: no new line
+    assert "[rank 0]  20%|##" in out.getvalue()
+    assert len(tqdm.tqdm._instances) == 5
+
+    view.write_live((0, True), None)  # its line is complete
+    view.write_live((0, True), None)  # twice is nothing
+    lines = {abs(bar.pos): bar for bar in tqdm.tqdm._instances}
+    assert sorted(lines) == [0, 1, 2, 3] and "(Pdb)" in str(lines[3])
+    view.close()
+    view.write_live((1, False), "[rank 1] after the end")  # ignored
+    assert "after the end" not in out.getvalue()
+
+
+def test_an_unfinished_line_drawn_before_the_bars_moves_below_them():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, clock=FakeClock())
+    view.write_live((0, False), "[rank 0] loading")
+    assert [abs(bar.pos) for bar in tqdm.tqdm._instances] == [0]
+
+    view.update(snapshot(2))
+    lines = {abs(bar.pos): bar for bar in tqdm.tqdm._instances}
+    assert sorted(lines) == [0, 1, 2, 3] and "loading" in str(lines[3])
+    view.update(snapshot(16))  # one aggregate line now
+    lines = {abs(bar.pos): bar for bar in tqdm.tqdm._instances}
+    assert sorted(lines) == [0, 1, 2] and "loading" in str(lines[2])
+    view.close()
+
+
+def test_unfinished_lines_are_drawn_for_at_most_per_rank_limit_workers():
+    out = io.StringIO()
+    view = LiveView(out, interactive=True, per_rank_limit=2, clock=FakeClock())
+    for r in range(5):
+        view.write_live((r, True), f"[rank {r}] bar")
+    assert sorted(abs(bar.pos) for bar in tqdm.tqdm._instances) == [0, 1]
+    view.write_live((2, True), "[rank 2] bar 50%")  # kept, not drawn
+    assert "[rank 2]" not in out.getvalue()
+
+    view.write_live((0, True), None)  # the next one moves up, as it stands now
+    assert "[rank 2] bar 50%" in out.getvalue()
+    view.close()
+
+
+def test_an_unfinished_line_off_a_terminal_is_a_line_of_its_own():
+    out, err = io.StringIO(), io.StringIO()
+    view = LiveView(err, interactive=False)
+    view.write_live((0, False), "[rank 0] 50%", file=out)
+    view.write_live((0, False), None, file=out)
+
+    assert out.getvalue() == "[rank 0] 50%\n"
+    assert err.getvalue() == ""
+    assert not tqdm.tqdm._instances
+
+
 # -- interactive --------------------------------------------------------------------------
 
 
