@@ -16,9 +16,9 @@ from pathlib import Path
 
 from benchmarks import control_plane, figures, report
 
-FIGURES = ("startup", "throughput", "overhead", "recovery", "hang", "control")
+FIGURES = ("startup", "throughput", "overhead", "recovery", "hang", "output", "control")
 HERE = Path(__file__).resolve().parent
-_ORDER = ("startup", "throughput", "step_cpu", "overhead", "wall", "recovery", "hang", "control")
+_ORDER = ("startup", "throughput", "step_cpu", "overhead", "wall", "recovery", "hang", "output", "control")
 
 
 def settings_for(args: argparse.Namespace, tmp_root: Path) -> tuple[figures.Settings, dict]:
@@ -37,6 +37,7 @@ def settings_for(args: argparse.Namespace, tmp_root: Path) -> tuple[figures.Sett
         run_timeout_s=90.0 if quick else 180.0,
         stop_early=quick,
         tmp_root=tmp_root,
+        output_lines=20_000 if quick else 200_000,
     )
     control = {
         "workers": args.control_workers or (256 if quick else 1024),
@@ -55,7 +56,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--quick",
         action="store_true",
         help="about a minute: 1 pair, N=2, a tiny workload, --hang-timeout 3, fault runs ended once recovered, "
-        "256 simulated workers for 2 s",
+        "20,000 printed lines per rank, 256 simulated workers for 2 s",
     )
     p.add_argument("--out", type=Path, help="JSON file [default: benchmarks/results.json, or results-quick.json]")
     p.add_argument("--figures", default=",".join(FIGURES), help=f"a subset of {','.join(FIGURES)}")
@@ -121,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         if "hang" in args.wanted:
             fig = figures.hang_figure(settings, records, say)
             found.append(fig.to_json() | {"key": fig.key})
+        if "output" in args.wanted:
+            found += [fig.to_json() | {"key": fig.key} for fig in figures.output_figures(settings, records, say)]
         if "control" in args.wanted:
             found += control_plane.control_plane_figures(say=say, **control)
         found.sort(key=lambda f: _ORDER.index(next(p for p in _ORDER if f["key"].startswith(p))))

@@ -14,6 +14,10 @@ Runs and what they give:
 * hang (N=4): rank 1 sleeps forever at step K of generation 0; ddp-launch with
   ``--hang-timeout 10 --max-restarts 1``: from the hang to every rank's first step in
   generation 1. torchrun has no hang detection: it gets a bound, then its tree is killed.
+* output (N=2): every rank prints 200,000 lines as fast as it can (`print_lines.py`);
+  the script's own time to print them (its slowest rank) and the run's wall time. torchrun
+  runs with ``--tee 3 --log-dir D``: like ddp-launch, it then shows every line prefixed on
+  the console and keeps it in a file per rank.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.procs import DDP_LAUNCH, TORCHRUN, RunOutcome, base_env, launcher_command, run_launcher
+from benchmarks.procs import DDP_LAUNCH, TORCHRUN, WORKLOAD, RunOutcome, base_env, launcher_command, run_launcher
 from benchmarks.stats import Figure
+
+PRINT_LINES = Path(__file__).resolve().parent / "print_lines.py"
 
 # torch 2.13's agent shares one rendezvous TCP store across restarts; its restarts then
 # often fail in gloo's connectFullMesh. This is the setting under which torchrun recovers
@@ -49,6 +55,7 @@ class Settings:
     run_timeout_s: float
     stop_early: bool = False  # end recovery / hang runs once generation 1 has stepped
     tmp_root: Path | None = None
+    output_lines: int = 200_000  # lines each rank prints in the output figure
 
     @property
     def train_steps(self) -> int:
@@ -101,6 +108,8 @@ class _Runner:
         timeout_s: float | None = None,
         stop_when=None,
         measure_usage: bool = False,
+        script: Path = WORKLOAD,
+        torchrun_tee_logs: bool = False,
     ) -> RunOutcome:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-{figure_group}-", dir=self.settings.tmp_root))
         try:
@@ -116,6 +125,8 @@ class _Runner:
                 run_dir=tmp / "run",
                 max_restarts=max_restarts,
                 hang_timeout_s=hang_timeout_s,
+                script=script,
+                torchrun_args=("--tee", "3", "--log-dir", str(tmp / "logs")) if torchrun_tee_logs else (),
             )
             outcome = run_launcher(
                 launcher,
@@ -346,3 +357,46 @@ def hang_figure(settings: Settings, records: list[dict], say: Progress) -> Figur
                 what = "the hang was not injected" if not hang else "no restarted generation stepped"
                 fig.add(launcher, pair, None, _describe(o, what), o.exit_code)
     return fig
+
+
+OUTPUT_NPROC = 2
+
+
+def output_figures(settings: Settings, records: list[dict], say: Progress) -> list[Figure]:
+    """How fast each launcher takes a worker's output: N=2 ranks print as fast as they can."""
+    n, lines = OUTPUT_NPROC, settings.output_lines
+    printing = Figure(
+        f"output_print_n{n}",
+        f"worker output, N={n}: the script's own time to print {lines:,} lines per rank (its slowest rank)",
+        "s",
+        "lower",
+        "<= 1.0x torchrun",
+        target_ratio=1.0,
+        note="torchrun --tee 3 --log-dir D (every line on the console, prefixed, and in a file per rank, as "
+        "ddp-launch does by default); both launchers' console is a file",
+    )
+    wall = Figure(
+        f"output_wall_n{n}",
+        f"worker output, N={n}: command -> launcher exit, {lines:,} lines per rank",
+        "s",
+        "lower",
+        "(no target; start-up and shut-down included)",
+    )
+    runner = _Runner(settings, records)
+    for pair in range(settings.pairs):
+        for launcher in _order(pair):
+            say(f"output N={n} pair {pair + 1}/{settings.pairs}: {launcher}")
+            o = runner.run(
+                "output", pair, launcher, n, [], bench_env={"BENCH_LINES": str(lines)},
+                script=PRINT_LINES, torchrun_tee_logs=True,
+            )  # fmt: skip
+            marks = [o.marks.get(f"print-gen0-rank{r}") for r in range(n)]
+            if all(m and len(m) == 4 for m in marks):
+                printing.add(launcher, pair, max(m[3] - m[2] for m in marks), exit_code=o.exit_code)  # type: ignore[index]
+            else:
+                printing.add(launcher, pair, None, _describe(o, "not every rank printed its lines"), o.exit_code)
+            if o.exit_code == 0:
+                wall.add(launcher, pair, o.wall_s, exit_code=o.exit_code)
+            else:
+                wall.add(launcher, pair, None, _describe(o, "the run did not succeed"), o.exit_code)
+    return [printing, wall]

@@ -49,8 +49,11 @@ def launcher_command(
     run_dir: Path,
     max_restarts: int = 0,
     hang_timeout_s: float | None = None,
+    script: Path = WORKLOAD,
+    torchrun_args: tuple[str, ...] = (),
 ) -> list[str]:
-    """The command line a user would type for `launcher` running the workload on `nproc` workers."""
+    """The command line a user would type for `launcher` running `script` (the workload) on
+    `nproc` workers; `torchrun_args` are torchrun's only."""
     if launcher == DDP_LAUNCH:
         cmd = [sys.executable, "-m", "ddp_launch", "-n", str(nproc), "--quiet", "--run-dir", str(run_dir)]
         cmd += ["--max-restarts", str(max_restarts)]
@@ -58,10 +61,10 @@ def launcher_command(
             cmd += ["--hang-timeout", f"{hang_timeout_s:g}"]
     elif launcher == TORCHRUN:
         cmd = [*torchrun_executable(), "--standalone", "--nproc-per-node", str(nproc)]
-        cmd += ["--max-restarts", str(max_restarts)]
+        cmd += ["--max-restarts", str(max_restarts), *torchrun_args]
     else:
         raise ValueError(f"unknown launcher {launcher!r}")
-    return [*cmd, str(WORKLOAD), *script_args]
+    return [*cmd, str(script), *script_args]
 
 
 def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:

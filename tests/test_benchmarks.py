@@ -118,7 +118,7 @@ def _positive(x) -> bool:
 def test_quick_suite_measures_every_figure(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--pairs", "1", "--nproc", "2",
-           "--figures", "startup,recovery,control", "--control-workers", "32", "--out", str(out)]  # fmt: skip
+           "--figures", "startup,recovery,output,control", "--control-workers", "32", "--out", str(out)]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=220)
@@ -128,12 +128,14 @@ def test_quick_suite_measures_every_figure(tmp_path):
         pytest.fail(f"the quick suite did not finish in 220 s\n{stdout}\n{stderr}")
     assert proc.returncode == 0, stdout + stderr
     assert "startup_n2" in stdout and "recovery_n2" in stdout and "control_plane_10hz" in stdout
+    assert "output_print_n2" in stdout
 
     result = json.loads(out.read_text())
     assert {"suite", "date", "machine", "settings", "figures", "runs"} <= set(result)
     assert _positive(result["machine"]["cpus"])
     figures = result["figures"]
     assert {"startup_n2", "wall_n2", "recovery_n2", "control_plane_1hz", "control_plane_10hz"} <= set(figures)
+    assert {"output_print_n2", "output_wall_n2"} <= set(figures)
     relayed = figures["control_plane_10hz_relayed"]["ddp_launch"]
     assert relayed["relayed"] is True and relayed["nodes"] == 4  # 32 workers: nodes of 8
     assert _positive(relayed["relay_forwarded"]) and _positive(relayed["relay_cpu_percent"])
