@@ -109,3 +109,18 @@ def test_a_c10d_endpoint_line_runs_on_two_launchers_without_node_ranks(tmp_path)
     assert {e["WORLD_SIZE"] for e in seen.values()} == {"2"}
     assert {e["MASTER_PORT"] for e in seen.values()} == {str(port)}
     assert {e["TORCHELASTIC_RUN_ID"] for e in seen.values()} == {"job-1"}
+
+
+@pytest.mark.timeout(120)
+def test_a_restart_reuses_the_pinned_master_port(tmp_path) -> None:
+    """--master_port P is MASTER_PORT in every generation: rank 0's new store binds P again."""
+    port = free_port()
+    run = run_command(
+        launcher_command("-q", "--run-dir", str(tmp_path / "run"), "--master_port", str(port), "--max-restarts", "1",
+                         "-n", "2", str(SCRIPTS / "faults.py"), "exit1", "1", "5", "--epochs", "1", "--max-steps", "20"),
+        tmp_path,
+        launcher_env(),
+    )  # fmt: skip
+    assert run.returncode == 0, run.output
+    assert "restarts   1" in run.stderr
+    assert "injecting exit1 at step 5" in run.stdout
