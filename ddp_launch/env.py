@@ -59,6 +59,7 @@ VIRTUAL_LOCAL_RANK = "DDP_LAUNCH_VIRTUAL_LOCAL_RANK"  # "1": torchrun's --virtua
 # Variables the launcher set for the workers' gRPC that the script must not see (comma-separated).
 UNSET = "DDP_LAUNCH_UNSET"
 GRPC_FORK_SUPPORT = "GRPC_ENABLE_FORK_SUPPORT"
+ATTEMPT_DIR = "DDP_LAUNCH_ATTEMPT_DIR"  # this generation's torchrun log directory (--log-dir)
 
 
 def quiet_grpc_forks(environ: MutableMapping[str, str]) -> list[str]:
@@ -107,6 +108,7 @@ class Bootstrap:
     launcher_pid: int = 0
     virtual_local_rank: bool = False
     unset_env: tuple[str, ...] = ()
+    attempt_dir: str = ""  # this generation's directory in torchrun's log tree, if any
 
     def to_env(self) -> dict[str, str]:
         return {
@@ -125,6 +127,7 @@ class Bootstrap:
             LAUNCHER_PID: str(self.launcher_pid),
             VIRTUAL_LOCAL_RANK: "1" if self.virtual_local_rank else "0",
             UNSET: ",".join(self.unset_env),
+            ATTEMPT_DIR: self.attempt_dir,
         }
 
     @classmethod
@@ -146,6 +149,7 @@ class Bootstrap:
             launcher_pid=int(e.get(LAUNCHER_PID, "0")),
             virtual_local_rank=e.get(VIRTUAL_LOCAL_RANK, "0") == "1",
             unset_env=tuple(name for name in e.get(UNSET, "").split(",") if name),
+            attempt_dir=e.get(ATTEMPT_DIR, ""),
         )
 
 
@@ -166,12 +170,21 @@ class Assignment:
     max_restarts: int
 
 
-def error_file(run_dir: str, a: Assignment) -> str:
+def error_file(run_dir: str, a: Assignment, attempt_dir: str = "") -> str:
+    """TORCHELASTIC_ERROR_FILE: torchrun's attempt_<g>/<local rank>/error.json when the run
+    writes torchrun's log tree (--log-dir, -r, -t), else below the run directory."""
+    if attempt_dir:
+        return os.path.join(attempt_dir, str(a.local_rank), "error.json")
     return os.path.join(run_dir, "errors", f"generation-{a.generation}", f"rank-{a.rank}.json")
 
 
 def torchrun_env(
-    a: Assignment, environ: Mapping[str, str], run_dir: str = "", *, virtual_local_rank: bool = False
+    a: Assignment,
+    environ: Mapping[str, str],
+    run_dir: str = "",
+    *,
+    virtual_local_rank: bool = False,
+    attempt_dir: str = "",
 ) -> dict[str, str]:
     """The variables torchrun would set for this worker, to be merged into its environment.
 
@@ -180,11 +193,13 @@ def torchrun_env(
         environ: the worker's environment so far (node_env's variables and the user's
             TORCH_NCCL_ASYNC_ERROR_HANDLING are kept).
         run_dir: the run directory; TORCHELASTIC_ERROR_FILE goes below it when given.
+        attempt_dir: this generation's directory in torchrun's log tree, if the run writes
+            one: TORCHELASTIC_ERROR_FILE goes there instead, as torchrun puts it.
         virtual_local_rank: torchrun's --virtual-local-rank: LOCAL_RANK is 0 and the worker
             sees only its own GPU.
     """
     # One role holds every worker, so role ranks equal global ranks.
-    extra = {ERROR_FILE: error_file(run_dir, a)} if run_dir else {}
+    extra = {ERROR_FILE: error_file(run_dir, a, attempt_dir)} if run_dir or attempt_dir else {}
     if virtual_local_rank:
         extra[CUDA_VISIBLE_DEVICES] = _nth_visible_device(environ.get(CUDA_VISIBLE_DEVICES), a.local_rank)
     return extra | {

@@ -294,7 +294,12 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
     node_env = env.node_env(config.nproc_per_node, os.environ, config.role, signal_names)
 
     def start_worker(local_rank: int, generation: int):
-        worker_env = node_env | env.Bootstrap(local_rank=local_rank, **{**bootstrap, "generation": generation}).to_env()
+        attempt_dir = ""
+        if pump.torchrun_logs is not None:  # TORCHELASTIC_ERROR_FILE goes in torchrun's tree
+            pump.torchrun_logs.begin(generation)
+            attempt_dir = str(pump.torchrun_logs.attempt_dir(generation).resolve())
+        fields = {**bootstrap, "generation": generation, "attempt_dir": attempt_dir}
+        worker_env = node_env | env.Bootstrap(local_rank=local_rank, **fields).to_env()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         conns = [

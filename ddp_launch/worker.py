@@ -133,7 +133,13 @@ def _run(target: Target) -> int:
             any_slot=boot.node_rank < 0,
         )
         os.environ.update(
-            env.torchrun_env(assignment, os.environ, boot.run_dir, virtual_local_rank=boot.virtual_local_rank)
+            env.torchrun_env(
+                assignment,
+                os.environ,
+                boot.run_dir,
+                virtual_local_rank=boot.virtual_local_rank,
+                attempt_dir=boot.attempt_dir,
+            )
         )
         fresh.set_title(assignment.rank, target.argv, target.is_module)
         if not target.no_python:

@@ -1,5 +1,5 @@
 """Prints a known set of lines on stdout and stderr, a \r bar among them; PROBE_FAIL_LOCAL_RANK
-exits 3 in generation 0, after printing."""
+fails in generation 0, after printing, through torch's @record."""
 
 import os
 import sys
@@ -15,4 +15,10 @@ print(f"out {rank} KEEP me")
 print(f"err {rank} KEEP err", file=sys.stderr)
 print(f"out {rank} caf\u00e9 done")
 if os.environ.get("PROBE_FAIL_LOCAL_RANK") == rank and gen == "0":
-    sys.exit(3)
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    @record  # torch writes the failure to TORCHELASTIC_ERROR_FILE: error.json in the tree
+    def fail():
+        raise RuntimeError("probe failure")
+
+    fail()
