@@ -37,15 +37,16 @@ PRELOAD = [
 ]
 
 
-_SET_FOR_WORKERS: list[str] = []
+_set_for_workers: tuple[str, ...] | None = None  # what quiet_grpc_forks set, once it ran
 
 
 def quiet_grpc_forks() -> tuple[str, ...]:
     """env.quiet_grpc_forks on the launcher's environment, once, before any worker's gRPC is
     imported (the warm process and spawned workers inherit it); returns the names set."""
-    if not _SET_FOR_WORKERS:
-        _SET_FOR_WORKERS.extend(env.quiet_grpc_forks(os.environ) or [""])
-    return tuple(name for name in _SET_FOR_WORKERS if name)
+    global _set_for_workers
+    if _set_for_workers is None:
+        _set_for_workers = tuple(env.quiet_grpc_forks(os.environ))
+    return _set_for_workers
 
 
 def forkserver_context() -> BaseContext:
