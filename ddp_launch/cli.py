@@ -28,6 +28,7 @@ Example:
     ddp-launch -n 4 examples/train_mlp.py --epochs 3
     ddp-launch -n 2 --max-restarts 3 --hang-timeout 60 train.py --lr 0.1
     ddp-launch -n 2 -m my_package.train --config cfg.yaml
+    ddp-launch --standalone --nproc_per_node=8 train.py   (torchrun's own line)
 """
 
 
