@@ -145,6 +145,7 @@ def set_title(rank: int, argv: list[str], is_module: bool) -> None:
     command = " ".join([python, *(["-m"] if is_module else []), *argv])
     title = f"ddp-launch rank {rank}: {command}"
     name = f"rank{rank} {os.path.basename(argv[0]) if argv else python}"[:15]
+    users = os.environ.get("SPT_NOENV")
     try:
         # SPT_NOENV: leave /proc/<pid>/environ readable; the title fits in the forkserver's
         # long command line.
@@ -157,7 +158,10 @@ def set_title(rank: int, argv: list[str], is_module: bool) -> None:
     except ImportError:
         pass
     finally:
-        os.environ.pop("SPT_NOENV", None)
+        if users is None:
+            os.environ.pop("SPT_NOENV", None)
+        else:
+            os.environ["SPT_NOENV"] = users
     _set_process_name(name)
 
 
