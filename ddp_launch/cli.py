@@ -112,7 +112,7 @@ class _RunCommand(click.Command):
 @_pet("--no-python", "--no_python", dest="no_python", is_flag=True,
       help="SCRIPT is a program to run as it is, not a Python script.")
 @_pet("--run-path", "--run_path", dest="run_path", is_flag=True,
-      help="Run SCRIPT with runpy.run_path (what ddp-launch always does).")
+      help="Run SCRIPT in an interpreter already started (what ddp-launch always does).")
 @_pet("--log-dir", "--log_dir", dest="log_dir", default=None,
       help="Base directory for torchrun's per-attempt log files.")
 @_pet("-r", "--redirects", dest="redirects", default="0", show_default=True,
