@@ -111,21 +111,39 @@ def install_stdio(stdin_fd: int | None, stdout_fd: int, stderr_fd: int) -> None:
     """fds 0-2 and sys.std* as `python -u` makes them: stdin the launcher's own (the
     terminal, as torchrun's workers share it, so pdb works), stdout and stderr unbuffered
     (write-through) on the launcher's pipes, with Python's default encodings and errors."""
-    if stdin_fd is not None:
-        os.dup2(stdin_fd, 0)
+    _close_parked_stdin(keep={stdin_fd, stdout_fd, stderr_fd})
     os.dup2(stdout_fd, 1)
     os.dup2(stderr_fd, 2)
     encoding = getattr(sys.__stdout__, "encoding", None) or "utf-8"
-    sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
-        io.BufferedReader(io.FileIO(0, "r", closefd=False)),
-        encoding=getattr(sys.__stdin__, "encoding", None) or encoding,
-        errors=getattr(sys.__stdin__, "errors", None) or "strict",
-        line_buffering=os.isatty(0),
-        write_through=True,  # as -u sets it on every standard stream
-    )
+    if stdin_fd is None:  # the launcher has none: Python's sys.stdin for a closed fd 0
+        _close_quietly(0)
+        sys.stdin = sys.__stdin__ = None  # type: ignore[misc]
+    else:
+        os.dup2(stdin_fd, 0)
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(  # type: ignore[misc]
+            io.BufferedReader(io.FileIO(0, "r", closefd=False)),
+            encoding=getattr(sys.__stdin__, "encoding", None) or encoding,
+            errors=getattr(sys.__stdin__, "errors", None) or "strict",
+            line_buffering=os.isatty(0),
+            write_through=True,  # as -u sets it on every standard stream
+        )
     out_errors = getattr(sys.__stdout__, "errors", None) or "strict"
     sys.stdout = sys.__stdout__ = _unbuffered(1, encoding, out_errors)  # type: ignore[misc]
     sys.stderr = sys.__stderr__ = _unbuffered(2, encoding, "backslashreplace")  # type: ignore[misc]
+
+
+def _close_parked_stdin(keep: set[int | None]) -> None:
+    """multiprocessing parks stdin on /dev/null in the forkserver and again in each child,
+    and leaves the fds open: a fresh interpreter holds none beyond 0-2. `keep`: the fds
+    handed over by the launcher (its stdin may be /dev/null itself)."""
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd > 2 and fd not in keep:
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == os.devnull:
+                    os.close(fd)
 
 
 def _unbuffered(fd: int, encoding: str, errors: str) -> io.TextIOWrapper:
@@ -199,7 +217,8 @@ def run_script(path: str, args: tuple[str, ...]) -> None:
     _set_path0(os.path.dirname(os.path.realpath(absolute)))
     with io.open_code(absolute) as f:
         source = f.read()
-    code = compile(source, absolute, "exec")
+    # dont_inherit: this module's `from __future__ import annotations` must not reach the script.
+    code = compile(source, absolute, "exec", dont_inherit=True)
     exec(code, main.__dict__)
 
 

@@ -164,7 +164,9 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                 wakeup_fd=wakeup_fd,
             )
             requests.append(supervisor.request_stop)
-            with _terminal_stop_pauses(supervisor):
+            # SIGTSTP named in --signals-to-handle stops the run instead, as under torchrun.
+            pause = signal.SIGTSTP not in config.signals
+            with _terminal_stop_pauses(supervisor) if pause else contextlib.nullcontext():
                 result = supervisor.run()
         final = registry.snapshot()
         view.update(final)
@@ -334,6 +336,8 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
 
 def _shared_stdin() -> multiprocessing.connection.Connection | None:
     """A copy of the launcher's stdin for one worker, or None when the launcher has none."""
+    if sys.__stdin__ is None:  # fd 0 was closed when Python started: it may be anything now
+        return None
     try:
         return multiprocessing.connection.Connection(os.dup(0), writable=False)
     except OSError:

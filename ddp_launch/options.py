@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ddp_launch.cluster import ClusterDefaults
 from ddp_launch.cluster import detect as detect_cluster
 from ddp_launch.config import (
     START_SPAWN,
@@ -53,12 +54,12 @@ def parse_nproc(value: str) -> int:
     """-n as torchrun reads it: a count, or cpu / gpu / auto (GPUs if any, else CPUs)."""
     text = value.strip().lower()
     if text == "cpu":
-        return os.cpu_count() or 1
+        return _cpu_count()
     if text in ("gpu", "auto"):
         gpus = _gpu_count()
         if text == "gpu" and gpus == 0:
             raise ConfigError("--nproc-per-node gpu: no CUDA device is visible")
-        return gpus or (os.cpu_count() or 1)
+        return gpus or _cpu_count()
     if text == "xpu":
         raise ConfigError("--nproc-per-node xpu: ddp-launch runs CPU (gloo) and CUDA (nccl) workers only")
     try:
@@ -133,19 +134,26 @@ def _bool(key: str, value: str) -> bool:
 
 
 def split_endpoint(endpoint: str, default_port: int) -> tuple[str, int]:
-    """ "host:port", "host", "[v6]:port" -> (host, port), as torchrun parses rendezvous endpoints."""
+    """ "host:port", "host", "[v6]:port", "[v6]" -> (host, port), parsed as torchrun's
+    parse_rendezvous_endpoint does (the text after the last colon is the port)."""
     text = endpoint.strip()
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port_text = rest.removeprefix(":")
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
+    if text.startswith("[") and text.endswith("]"):
+        host, port_text = text, None
     else:
-        host, port_text = text, ""
-    try:
-        port = int(port_text) if port_text else default_port
-    except ValueError:
-        raise ConfigError(f"--rdzv-endpoint {endpoint!r}: the port is not a number") from None
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            host, port_text = text, None
+    if len(host) > 1 and host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if port_text is None:
+        port = default_port
+    else:
+        try:
+            port = int(port_text)
+        except ValueError:
+            port = -1
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"--rdzv-endpoint {endpoint!r}: the port must be a number in 0..65535")
     if not host:
         raise ConfigError(f"--rdzv-endpoint {endpoint!r}: no host")
     return host, port
@@ -173,6 +181,14 @@ def is_local_host(host: str) -> bool:
             except OSError:
                 continue
     return False
+
+
+def _cpu_count() -> int:
+    """The CPUs this process may run on (taskset, cgroups' cpusets), as torch counts them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def _can_listen(host: str, port: int) -> bool:
@@ -238,7 +254,7 @@ def _reject(o: Mapping[str, Any]) -> None:
             f"--rdzv-backend {o['rdzv_backend']!r} is not supported: use c10d or static "
             "(ddp-launch's own master is the rendezvous)"
         )
-    if o["no_python"] and o["is_module"]:
+    if o["no_python"] and o["is_module"] and not o["run_path"]:
         raise ConfigError("don't use both --no-python and -m/--module (torchrun rejects this pair too)")
 
 
@@ -259,7 +275,7 @@ def _rendezvous(o: Mapping[str, Any], cluster, nnodes: int) -> tuple[str, int | 
     elif endpoint:
         default_port = C10D_DEFAULT_PORT if o["rdzv_backend"] == "c10d" else 29500
         addr, port = split_endpoint(endpoint, default_port)
-        if o["rdzv_backend"] == "c10d" and nnodes > 1 and o["node_rank"] is None:
+        if o["rdzv_backend"] == "c10d" and nnodes > 1 and o["node_rank"] is None and cluster.node_rank is None:
             # c10d has no node rank: the node that hosts the store is node 0. As in
             # torchrun, a node at the endpoint's address hosts it unless someone already
             # does (two nodes on one machine: the first to start).
@@ -297,7 +313,8 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     """
     environ = os.environ if environ is None else environ
     _reject(o)
-    cluster = detect_cluster(environ)
+    # --standalone is one node whatever the allocation says (torchrun reads no SLURM).
+    cluster = ClusterDefaults() if o["standalone"] else detect_cluster(environ)
     nnodes = parse_nnodes(o["nnodes"]) if o["nnodes"] is not None else _first(cluster.nnodes, 1)
     addr, ddp_port, control_port, rdzv_node_rank = _rendezvous(o, cluster, nnodes)
     node_rank = _first(o["node_rank"], rdzv_node_rank, cluster.node_rank, 0)
@@ -319,6 +336,12 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     backend = o["backend"]
     if backend == "nccl" and _gpu_count() == 0:
         raise ConfigError("--backend nccl needs CUDA, and no CUDA device is visible here: use --backend gloo")
+    if o["virtual_local_rank"] and "CUDA_VISIBLE_DEVICES" in environ:
+        visible = [d for d in environ["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+        if len(visible) < nproc:
+            raise ConfigError(
+                f"--virtual-local-rank: CUDA_VISIBLE_DEVICES names {len(visible)} device(s) for {nproc} workers"
+            )
     start = o["start_method"]
     stop_grace = o["stop_grace"] if o["shutdown_timeout"] is None else float(o["shutdown_timeout"])
     filters = o["local_ranks_filter"]
@@ -332,7 +355,12 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     )
     extra = {"run_id": run_id} if run_id else {}
     return RunConfig(
-        target=Target(o["script"], tuple(o["script_args"]), is_module=o["is_module"], no_python=o["no_python"]),
+        target=Target(
+            o["script"],
+            tuple(o["script_args"]),
+            is_module=o["is_module"],
+            no_python=o["no_python"] and not o["run_path"],  # torchrun: --run-path takes precedence
+        ),
         nproc_per_node=nproc,
         nnodes=nnodes,
         node_rank=node_rank,

@@ -26,6 +26,7 @@ per-attempt files (see `torchrun_logs`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import selectors
@@ -74,7 +75,10 @@ class LivePolicy:
 TERMINAL = LivePolicy(bar_interval_s=0.1, bar_settle_s=0.0, prompt_settle_s=0.05)
 # Each state is a line of its own: one a second; a state that is replaced within 0.2 s (the
 # last state of a bar before its newline) is not worth one.
-PIPE = LivePolicy(bar_interval_s=1.0, bar_settle_s=0.2, prompt_settle_s=0.2)
+# Half a line with no carriage return is shown after a second unchanged: a prompt waits that
+# long for its answer, where a print split into several writes (python -u) on a loaded
+# machine would otherwise show its first half as a line of its own.
+PIPE = LivePolicy(bar_interval_s=1.0, bar_settle_s=0.2, prompt_settle_s=1.0)
 
 
 def collapse(line: str) -> str:
@@ -326,11 +330,14 @@ class OutputPump:
         return len(data)
 
     def _take(self, stream: _Stream, data: bytes, now: float) -> None:
+        # A full disk must not stop the pump: the workers' pipes would fill and the run stall.
         if stream.raw is not None:
-            stream.raw.write(data)
+            with contextlib.suppress(OSError):
+                stream.raw.write(data)
             self._mark_dirty(stream.raw, now)
         if stream.tap is not None:
-            stream.tap.feed(data)
+            with contextlib.suppress(OSError):
+                stream.tap.feed(data)
             self._mark_dirty(stream.tap, now)
         buf = stream.partial + data if stream.partial else data
         cut = buf.rfind(b"\n")
@@ -353,8 +360,8 @@ class OutputPump:
             text = "\n".join(lines)
         with self._lock:
             out = self._ranks[stream.rank]
-            out.log.write(text)
-            out.log.write("\n")
+            with contextlib.suppress(OSError):  # a full disk: the console and the tail go on
+                out.log.write(text + "\n")
             out.tail.extend(lines)
             out.lines_seen += len(lines)
             self._lock.notify_all()

@@ -174,6 +174,7 @@ def _run(target: Target) -> int:
         os.environ.pop(name, None)
     try:
         code = run_target(target, on_exception=lambda e, tb: _report(client, assignment, e, tb))
+        _join_script_threads()  # while the heartbeats still tell the master this rank lives
     finally:
         hook.remove()
         heartbeats.stop()
@@ -191,6 +192,17 @@ def _run(target: Target) -> int:
         relay.close()
     client.close()
     return code
+
+
+def _join_script_threads() -> None:
+    """Wait for the script's non-daemon threads, as the interpreter does before its atexit
+    handlers (an executor's last task, a checkpoint saved in the background). The
+    launcher's own threads are daemons."""
+    import threading
+
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
 
 
 def run_by_hand(environ: dict[str, str], target: Target) -> None:
@@ -233,7 +245,9 @@ def _configure_torch(assignment: env.Assignment, backend: str, virtual_local_ran
         torch.set_num_threads(max(1, int(os.environ[env.OMP_NUM_THREADS])))
     if backend == "auto":
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        backend = "nccl" if gpus >= assignment.local_world_size else "gloo"
+        # With --virtual-local-rank each worker sees its own GPU only.
+        needed = 1 if virtual_local_rank else assignment.local_world_size
+        backend = "nccl" if gpus >= needed else "gloo"
     os.environ[env.BACKEND] = backend
     if backend == "nccl":
         torch.cuda.set_device(0 if virtual_local_rank else assignment.local_rank)

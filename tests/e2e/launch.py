@@ -64,10 +64,19 @@ def run_launcher(args: list[str], cwd: Path, timeout_s: float = 120, env: dict |
 
 
 def free_port() -> int:
-    """A port nobody listens on right now on 127.0.0.1 (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port P nobody listens on right now on 127.0.0.1 (the kernel's pick), with P + 1
+    free too: `--master-port P` puts the gRPC master on P + 1."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port < 65535:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
 
 
 def kill_tree(pid: int) -> None:
@@ -124,12 +133,20 @@ def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     return {**(base or launcher_env()), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 120, stdin: str = "") -> Run:
-    """Any launcher's command line in `cwd`, bounded by `timeout_s`, its tree killed after."""
+def _close_stdin() -> None:
+    os.close(0)
+
+
+def run_command(
+    command: list[str], cwd: Path, env: dict[str, str], timeout_s: float = 120, stdin: str | None = ""
+) -> Run:
+    """Any launcher's command line in `cwd`, bounded by `timeout_s`, its tree killed after.
+    `stdin`: what it reads, or None to start it with its stdin closed."""
     proc = subprocess.Popen(
         command,
         cwd=cwd,
-        stdin=subprocess.PIPE,
+        stdin=subprocess.PIPE if stdin is not None else None,
+        preexec_fn=None if stdin is not None else _close_stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -137,7 +154,7 @@ def run_command(command: list[str], cwd: Path, env: dict[str, str], timeout_s: f
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(input=stdin, timeout=timeout_s)
+        out, err = proc.communicate(input=stdin or None, timeout=timeout_s)
     except subprocess.TimeoutExpired:
         kill_tree(proc.pid)
         out, err = proc.communicate()

@@ -50,14 +50,15 @@ def _env(extra: dict[str, str]) -> dict[str, str]:
     return {**env, **extra}
 
 
-def _records(tmp_path, name: str, command: list[str], nproc: int) -> list[dict]:
+def _records(tmp_path, name: str, command: list[str], nproc: int, stdin: str | None = "a line for rank 0\n") -> list:
     out = tmp_path / name
     out.mkdir()
     env = _env({"PROBE_DIR": str(out), "PROBE_READ_STDIN": "0"})
-    run = run_command(command, tmp_path, env, timeout_s=150, stdin="a line for rank 0\n")
+    run = run_command(command, tmp_path, env, timeout_s=150, stdin=stdin)
     # torch 2.13's torchrun sometimes exits 1 in its teardown after every rank finished.
     assert run.returncode == 0 or (name == "torchrun" and run.returncode == 1), run.output
     assert "fork_posix" not in run.output  # the probe forks: no gRPC noise
+    assert sorted(p.name for p in out.glob("thread*.done")) == [f"thread{r}.done" for r in range(nproc)]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(nproc)]
 
 
@@ -148,3 +149,16 @@ def test_breakpoint_on_rank_0_reads_the_launchers_stdin_as_under_torchrun(tmp_pa
         assert "rank 0 went on with x=41" in run.stdout and "rank 1 went on with x=42" in run.stdout
         assert "BdbQuit" not in run.output
     assert ours.returncode == 0
+
+
+@pytest.mark.timeout(200)
+def test_a_launcher_started_without_stdin_gives_its_workers_none(tmp_path) -> None:
+    """fd 0 closed (a daemon, `<&-`): Python's sys.stdin is None, and no worker reads an fd
+    the launcher opened later in its place."""
+    shutil.copy(SCRIPTS / "probe.py", tmp_path / "probe.py")
+    theirs = _records(tmp_path, "torchrun", torchrun_command("--nproc_per_node", "2", "probe.py"), 2, stdin=None)
+    command = launcher_command("-q", "--run-dir", str(tmp_path / "run"), "--nproc_per_node", "2", "probe.py")
+    ours = _records(tmp_path, "ddp", command, 2, stdin=None)
+    for rank in range(2):
+        assert theirs[rank]["stdin_is_none"] and ours[rank]["stdin_is_none"]
+        assert ours[rank]["stdin"] is None and ours[rank]["devnull_fds"] == theirs[rank]["devnull_fds"] == []

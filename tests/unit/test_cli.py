@@ -31,15 +31,15 @@ def test_parse_nproc_counts(text: str, n: int) -> None:
 
 
 def test_parse_nproc_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 12)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(12)), raising=False)
     assert parse_nproc("cpu") == 12
     assert parse_nproc("CPU") == 12
-    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "cannot be determined"
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(), raising=False)  # "cannot be determined"
     assert parse_nproc("cpu") == 1
 
 
 def test_parse_nproc_gpu_and_auto(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     monkeypatch.setattr(options_module, "_gpu_count", lambda: 2)
     assert parse_nproc("gpu") == 2
     assert parse_nproc("auto") == 2
@@ -563,11 +563,9 @@ def test_several_nodes_without_a_token_share_one_derived_from_the_endpoint(launc
 
 
 def free_port() -> int:
-    import socket
+    from tests.e2e.launch import free_port as free_pair  # P and P + 1 both free
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_pair() + 1
 
 
 @pytest.mark.parametrize(
@@ -665,3 +663,69 @@ def test_c10d_on_two_nodes_the_endpoints_host_is_node_0_unless_taken(
     assert launched.configs[-1].node_rank == 1
     with pytest.raises(ConfigError, match="needs --node-rank"):  # node 1 or 2? only --node_rank says
         invoke(["--nnodes=3", *line[1:]])
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "expected"),
+    [
+        ("localhost:29400", ("localhost", 29400)),
+        ("node0", ("node0", 29400)),
+        ("[::1]:29401", ("::1", 29401)),
+        ("[::1]", ("::1", 29400)),
+        ("fe80::1:29402", ("fe80::1", 29402)),  # torchrun reads the last colon's tail as the port
+        ("localhost:0", ("localhost", 0)),
+    ],
+)
+def test_rendezvous_endpoints_parse_as_torchruns(endpoint: str, expected: tuple[str, int]) -> None:
+    from torch.distributed.elastic.rendezvous.utils import parse_rendezvous_endpoint
+
+    assert options_module.split_endpoint(endpoint, 29400) == expected == parse_rendezvous_endpoint(endpoint, 29400)
+
+
+@pytest.mark.parametrize("endpoint", ["host:", "[::1]:", "host:99999", "host:http", ":29400"])
+def test_bad_rendezvous_endpoints_are_config_errors(endpoint: str) -> None:
+    with pytest.raises(ConfigError, match="--rdzv-endpoint"):
+        options_module.split_endpoint(endpoint, 29400)
+
+
+SLURM_TWO_NODES = {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "n[1-2]"}
+
+
+def test_under_slurm_c10d_takes_slurms_node_rank(launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in SLURM_TWO_NODES.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(options_module, "is_local_host", lambda host: True)  # it would guess node 0
+    port = free_port() - 1
+
+    assert invoke(["--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py"]).exit_code == 0
+    assert (launched.config.nnodes, launched.config.node_rank) == (2, 1)
+
+
+def test_standalone_inside_a_slurm_allocation_is_one_node(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for k, v in SLURM_TWO_NODES.items():
+        monkeypatch.setenv(k, v)
+
+    assert invoke(["--standalone", "--nproc_per_node=2", "train.py"]).exit_code == 0
+    assert (launched.config.nnodes, launched.config.node_rank, launched.config.master_addr) == (1, 0, "127.0.0.1")
+
+
+def test_run_path_takes_precedence_over_no_python(launched: FakeLaunch) -> None:
+    assert invoke(["--run-path", "--no-python", "train.py"]).exit_code == 0
+    assert launched.config.target == Target("train.py")
+
+
+def test_cpu_counts_the_cpus_this_process_may_use(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert parse_nproc("cpu") == 2
+
+
+def test_virtual_local_rank_needs_a_visible_device_per_worker(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    with pytest.raises(ConfigError, match="names 2 device"):
+        invoke(["--virtual-local-rank", "-n", "4", "train.py"])
+    assert invoke(["--virtual-local-rank", "-n", "2", "train.py"]).exit_code == 0

@@ -78,6 +78,33 @@ def _comm():
         return f.read().strip()
 
 
+def _annotated(x: int) -> str:  # a script's annotations are objects, not strings
+    return str(x)
+
+
+def _devnull_fds():
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if int(name) > 2 and os.readlink(f"/proc/self/fd/{name}") == os.devnull:
+                found.append(int(name))
+        except OSError:
+            continue
+    return found
+
+
+def _late_thread_marker():
+    """A non-daemon thread still running when the script ends: the interpreter waits for it."""
+    import time
+
+    def finish():
+        time.sleep(0.5)
+        with open(os.path.join(os.environ["PROBE_DIR"], f"thread{os.environ.get('RANK', '0')}.done"), "w") as f:
+            f.write("done")
+
+    threading.Thread(target=finish, daemon=False).start()
+
+
 def _parent_cmdline():
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
@@ -98,7 +125,8 @@ def record():
         pool_result = pool.map(_from_pool, range(3))
     from multiprocessing import forkserver, resource_tracker
 
-    stdin_line = sys.stdin.readline() if os.environ.get("PROBE_READ_STDIN") == rank else None
+    reads = os.environ.get("PROBE_READ_STDIN") == rank and sys.stdin is not None
+    stdin_line = sys.stdin.readline() if reads else None
     return {
         "torch_preloaded": TORCH_PRELOADED,
         "argv": sys.argv,
@@ -134,10 +162,13 @@ def record():
             "resource_tracker_fd": resource_tracker._resource_tracker._fd,
             "pool": pool_result,
         },
-        "stdin": {"kind": _fd_kind(0), "isatty": os.isatty(0), "line": stdin_line, **_stream(sys.stdin)},
+        "stdin": None
+        if sys.stdin is None
+        else {"kind": _fd_kind(0), "isatty": os.isatty(0), "line": stdin_line, **_stream(sys.stdin)},
         "stdout": _stream(sys.stdout),
         "stderr": _stream(sys.stderr),
         "same_std_objects": [sys.stdin is sys.__stdin__, sys.stdout is sys.__stdout__, sys.stderr is sys.__stderr__],
+        "stdin_is_none": sys.stdin is None,
         "signals": _signals(),
         "blocked_signals": sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, [])),
         "session_leader": os.getsid(0) == os.getpid(),
@@ -164,6 +195,8 @@ def record():
             )
         },
         "env_keys": sorted(os.environ),
+        "annotations": {k: repr(v) for k, v in _annotated.__annotations__.items()},
+        "devnull_fds": _devnull_fds(),
         "cmdline_has_script": "probe" in _cmdline(),
         "parent_is_forkserver": "forkserver" in _parent_cmdline(),
         "comm": _comm(),
@@ -187,4 +220,5 @@ with open(os.path.join(os.environ["PROBE_DIR"], f"rank{os.environ.get('RANK', '0
 if os.fork() == 0:  # a script that forks: no gRPC output may follow
     os._exit(0)
 os.wait()
+_late_thread_marker()
 print(f"probe rank {os.environ.get('RANK')} done")
