@@ -258,15 +258,15 @@ def _reject(o: Mapping[str, Any]) -> None:
         raise ConfigError("don't use both --no-python and -m/--module (torchrun rejects this pair too)")
 
 
-def _rendezvous(o: Mapping[str, Any], cluster, nnodes: int) -> tuple[str, int | None, int | None, int | None]:
+def _rendezvous(
+    o: Mapping[str, Any], conf: Mapping[str, str], cluster: ClusterDefaults, nnodes: int
+) -> tuple[str, int | None, int | None, int | None]:
     """(master address, DDP store port, control port, node rank from the rendezvous) from
-    --standalone, --rdzv-* and --master-*, as torchrun reads them."""
-    conf = parse_rdzv_conf(o["rdzv_conf"] or "")
+    --standalone, --rdzv-* (`conf` is --rdzv-conf parsed) and --master-*, as torchrun reads them."""
     if o["standalone"] and nnodes > 1:
         raise ConfigError("--standalone runs one node; drop it or --nnodes")
     addr = _first(o["master_addr"], cluster.master_addr, "127.0.0.1")
     port = _first(o["master_port"], cluster.master_port)
-    node_rank = None
     endpoint = o["rdzv_endpoint"]
     if o["standalone"]:
         # torchrun: a local store on free ports, whatever --rdzv-* says. An explicit
@@ -275,33 +275,34 @@ def _rendezvous(o: Mapping[str, Any], cluster, nnodes: int) -> tuple[str, int | 
     elif endpoint:
         default_port = C10D_DEFAULT_PORT if o["rdzv_backend"] == "c10d" else 29500
         addr, port = split_endpoint(endpoint, default_port)
-        if o["rdzv_backend"] == "c10d" and nnodes > 1 and o["node_rank"] is None and cluster.node_rank is None:
-            # c10d has no node rank: the node that hosts the store is node 0. As in
-            # torchrun, a node at the endpoint's address hosts it unless someone already
-            # does (two nodes on one machine: the first to start).
-            if "is_host" in conf:
-                host = _bool("is_host", conf["is_host"])
-            else:
-                control = o["control_port"] or (port + 1 if port else None)
-                host = is_local_host(addr) and (control is None or _can_listen(addr, control))
-            if host:
-                node_rank = 0
-            elif nnodes == 2:
-                node_rank = 1
-            else:
-                raise ConfigError(
-                    "--rdzv-backend c10d with more than 2 nodes needs --node-rank on each node "
-                    "(node ranks by arrival come with elastic membership)"
-                )
     if port == 0:  # torchrun's "localhost:0": any free port
         port = None
-    if addr.startswith("[") and addr.endswith("]"):  # torchrun's IPv6 spelling
+    if addr.startswith("[") and addr.endswith("]"):  # torchrun's IPv6 spelling of --master-addr
         addr = addr[1:-1]
     control = o["control_port"]
     if control is None and port is not None:
         if not 1 <= port <= 65534:
             raise ConfigError(f"--master-port must be in 1..65534 (the master listens on port + 1), got {port}")
         control = port + 1
+    node_rank = None
+    guess = o["rdzv_backend"] == "c10d" and nnodes > 1 and o["node_rank"] is None and cluster.node_rank is None
+    if endpoint and not o["standalone"] and guess:
+        # c10d has no node rank: the node that hosts the store is node 0. As in torchrun, a
+        # node at the endpoint's address hosts it unless someone already does (two nodes on
+        # one machine: the first to start).
+        if "is_host" in conf:
+            host = _bool("is_host", conf["is_host"])
+        else:
+            host = is_local_host(addr) and (control is None or _can_listen(addr, control))
+        if host:
+            node_rank = 0
+        elif nnodes == 2:
+            node_rank = 1
+        else:
+            raise ConfigError(
+                "--rdzv-backend c10d with more than 2 nodes needs --node-rank on each node "
+                "(node ranks by arrival come with elastic membership)"
+            )
     return addr, port, control, node_rank
 
 
@@ -316,9 +317,9 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     # --standalone is one node whatever the allocation says (torchrun reads no SLURM).
     cluster = ClusterDefaults() if o["standalone"] else detect_cluster(environ)
     nnodes = parse_nnodes(o["nnodes"]) if o["nnodes"] is not None else _first(cluster.nnodes, 1)
-    addr, ddp_port, control_port, rdzv_node_rank = _rendezvous(o, cluster, nnodes)
-    node_rank = _first(o["node_rank"], rdzv_node_rank, cluster.node_rank, 0)
     conf = parse_rdzv_conf(o["rdzv_conf"] or "")
+    addr, ddp_port, control_port, rdzv_node_rank = _rendezvous(o, conf, cluster, nnodes)
+    node_rank = _first(o["node_rank"], rdzv_node_rank, cluster.node_rank, 0)
     join_timeout = o["join_timeout"]
     for key in ("join_timeout", "timeout"):
         if key in conf:
