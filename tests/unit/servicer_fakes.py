@@ -1,4 +1,4 @@
-"""What the servicer tests call it with instead of gRPC: a clock, a context, async handlers."""
+"""What the servicer tests call it with instead of gRPC: a context, async handlers (the clock: tests.fakes)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,6 @@ from collections.abc import Callable
 import grpc
 
 from ddp_launch.progress import Progress
-
-
-class FakeClock:
-    def __init__(self, now: float = 500.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class Aborted(Exception):

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from ddp_launch.events import EVENT_KINDS, SCHEMA_VERSION, SLOWEST_LIMIT, EventLog, read_events, validate_event
 from ddp_launch.registry import RankState, RankView, RunSnapshot
+from tests.fakes import FakeClock
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,17 +83,9 @@ def snapshot(ranks: list[RankView], **kw: object) -> RunSnapshot:
     return RunSnapshot(**fields)  # type: ignore[arg-type]
 
 
-class FakeClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1_700_000_000.0)
 
 
 @pytest.fixture
@@ -577,7 +570,7 @@ _ENDS = [RankState.HUNG, RankState.FAILED, RankState.DONE]
 )
 def test_any_history_gives_valid_events_once_per_transition(tmp_path_factory, history) -> None:
     path = tmp_path_factory.mktemp("events") / "events.jsonl"
-    clock = FakeClock()
+    clock = FakeClock(1_700_000_000.0)
     generation = 0
     reached = [0, 0, 0]
     expected_registers = 0
@@ -627,7 +620,7 @@ def test_the_documented_examples_validate_and_every_kind_is_documented() -> None
 def test_events_from_a_real_registry_through_a_restart(log_path: Path) -> None:
     from ddp_launch.registry import Registry
 
-    wall = FakeClock()
+    wall = FakeClock(1_700_000_000.0)
     mono = FakeClock(50.0)
     registry = Registry(
         run_id="r", nnodes=1, local_world_size=2, max_restarts=1, ddp_addr="127.0.0.1", ddp_port=29500, clock=mono

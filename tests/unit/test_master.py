@@ -16,14 +16,15 @@ from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
-from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, counting_progress, run_async
+from tests.fakes import FakeClock
+from tests.unit.servicer_fakes import Aborted, FakeContext, counting_progress, run_async
 
 DDP_PORT = 29555
 
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(500.0)
 
 
 def make_registry(clock: FakeClock, *, nnodes: int = 1, local_world_size: int = 2) -> Registry:
@@ -337,7 +338,7 @@ def test_a_real_server_serves_a_client_refuses_a_wrong_token_and_owns_its_port(s
         client.close()
 
     # The port is taken: a second master must say so, not share it silently.
-    other = MasterServer(make_registry(FakeClock()), token="secret", host="127.0.0.1", port=server.port)
+    other = MasterServer(make_registry(FakeClock(500.0)), token="secret", host="127.0.0.1", port=server.port)
     try:
         with pytest.raises(ConfigError, match=f"127.0.0.1:{server.port}"):
             other.start()

@@ -21,6 +21,7 @@ from ddp_launch.output import MAX_LINE_BYTES, PIPE, TAIL_LINES, TERMINAL, LivePo
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, WorkerExit
 from ddp_launch.torchrun_logs import FilterTap
+from tests.fakes import FakeClock
 
 DEADLINE_S = 5.0
 
@@ -681,14 +682,6 @@ def test_no_torchrun_options_no_torchrun_files(tmp_path: Path, monkeypatch) -> N
 # -- the failure report --------------------------------------------------------------------
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 500.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 TRACEBACK = """\
 Traceback (most recent call last):
   File "/home/user/train.py", line 41, in <module>
@@ -701,7 +694,7 @@ class History:
     """Generations played on a real Registry with a fake clock."""
 
     def __init__(self, world: int = 2) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(500.0)
         self.registry = Registry(
             run_id="run-1",
             nnodes=1,

@@ -11,21 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ddp_launch.registry import RATE_WINDOW_S, RankState, Registry, Rejected
+from tests.fakes import FakeClock
 
 DDP_ADDR = "127.0.0.1"
-
-
-class FakeClock:
-    """A clock that moves only when the test says so."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakePorts:
@@ -56,7 +44,7 @@ class ObservedCondition(threading.Condition):
 
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
@@ -155,7 +143,7 @@ def test_two_nodes_second_node_gets_the_upper_ranks(clock):
     order=st.randoms(use_true_random=False),
 )
 def test_any_registration_order_gives_each_rank_once_and_opens_the_barrier(nnodes, local_world_size, order):
-    reg = make_registry(FakeClock(), nnodes=nnodes, local_world_size=local_world_size)
+    reg = make_registry(FakeClock(1000.0), nnodes=nnodes, local_world_size=local_world_size)
     slots = [(n, lr) for n in range(nnodes) for lr in range(local_world_size)]
     order.shuffle(slots)
     ranks = []

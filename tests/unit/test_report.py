@@ -20,17 +20,10 @@ from ddp_launch.errors import ConfigError
 from ddp_launch.events import EVENT_KINDS, EventLog, read_events
 from ddp_launch.registry import RankState, RankView, RunSnapshot
 from ddp_launch.run_report import load_report_data, nice_ticks, render_html, render_png
+from tests.fakes import FakeClock
 
 RUN_ID = "<script>alert(1)</script>"
 T0 = 1_700_000_000.0
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def view(i: int, generation: int, state: RankState, step: int, loss: float | None, **kw: object) -> RankView:
@@ -75,7 +68,7 @@ def write_fake_run(
     run_dir: Path, *, world: int = 2, finished: bool = True, with_failure_json: bool = False, run_id: str = RUN_ID
 ) -> None:
     """Generation 0 trains 20 s, rank 1 fails; generation 1 resumes and trains 30 s to the end."""
-    clock = FakeClock()
+    clock = FakeClock(T0)
     with EventLog(run_dir / "events.jsonl", clock=clock, progress_interval_s=1.0) as log:
         log.emit(
             "run_start",
@@ -244,7 +237,7 @@ def test_a_report_during_the_run_reads_what_is_there(tmp_path: Path) -> None:
 
 
 def test_a_run_that_has_barely_started(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     with EventLog(tmp_path / "events.jsonl", clock=clock) as log:
         log.emit(
             "run_start",
@@ -277,7 +270,7 @@ def test_only_the_last_run_in_an_appended_file_is_shown(tmp_path: Path) -> None:
 
 
 def test_a_large_world_is_plotted_as_an_aggregate(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     with EventLog(tmp_path / "events.jsonl", clock=clock, progress_interval_s=1.0, per_rank_limit=4) as log:
         for tick in range(10):
             ranks = [
@@ -295,7 +288,7 @@ def test_a_large_world_is_plotted_as_an_aggregate(tmp_path: Path) -> None:
 
 
 def test_a_large_world_plots_its_persistently_slow_ranks_not_the_noise(tmp_path: Path) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0)
     world, slow = 20, 7
     with EventLog(tmp_path / "events.jsonl", clock=clock, progress_interval_s=1.0, per_rank_limit=4) as log:
         for tick in range(40):

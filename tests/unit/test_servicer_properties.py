@@ -29,7 +29,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from ddp_launch.master import OrchestratorServicer
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.registry import MAX_METRICS, MAX_TEXT, Registry
-from tests.unit.servicer_fakes import Aborted, FakeClock, FakeContext, run_async
+from tests.fakes import FakeClock
+from tests.unit.servicer_fakes import Aborted, FakeContext, run_async
 
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -61,7 +62,7 @@ def make_servicer(nnodes: int, local_world_size: int, clock: FakeClock | None = 
         max_restarts=3,
         ddp_addr="10.0.0.1",
         port_picker=FakePorts(),
-        clock=clock or FakeClock(),
+        clock=clock or FakeClock(500.0),
     )
     return OrchestratorServicer(registry)
 
@@ -154,7 +155,7 @@ class ServicerMachine(RuleBasedStateMachine):
 
     @initialize(nnodes=st.integers(1, 3), lws=st.integers(1, 3))
     def setup(self, nnodes: int, lws: int) -> None:
-        self.clock = FakeClock()
+        self.clock = FakeClock(500.0)
         self.s = make_servicer(nnodes, lws, self.clock)
         self.reg = self.s.registry
         self.nnodes, self.lws, self.world = nnodes, lws, nnodes * lws

@@ -33,20 +33,10 @@ from ddp_launch.supervisor import (
     shell_exit_code,
 )
 from ddp_launch.worker import STACK_DUMP_SIGNAL
+from tests.fakes import FakeClock
 
 START = 1000.0
 TICK_S = 1.0  # fake seconds per watch-loop tick
-
-
-class FakeClock:
-    def __init__(self, now: float = START) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 class FakePorts:
@@ -156,7 +146,7 @@ class Script:
     ) -> None:
         self.config = config
         self.fates = fates or {}
-        self.clock = FakeClock()
+        self.clock = FakeClock(START)
         self.registry = Registry(
             run_id="run-1",
             nnodes=config.nnodes,

@@ -11,8 +11,10 @@ import tqdm
 
 from ddp_launch.registry import RankState, RankView, RunSnapshot
 from ddp_launch.view import LiveView, format_rate, format_summary
+from tests.fakes import FakeClock
 
 ANSI = "\x1b"
+CLOCK_START = 100.0
 
 
 def rank(i: int, **kw: object) -> RankView:
@@ -55,14 +57,6 @@ def snapshot(world: int = 4, *, ranks: list[RankView] | None = None, **kw: objec
     return RunSnapshot(**fields)  # type: ignore[arg-type]
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture(autouse=True)
 def no_leaked_bars():
     yield
@@ -81,7 +75,7 @@ def lines_of(out: io.StringIO) -> list[str]:
 
 def test_plain_line_has_step_total_rate_loss_and_no_escape_codes():
     out = io.StringIO()
-    view = LiveView(out, interactive=False, clock=FakeClock())
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
     view.update(snapshot())
     view.close()
 
@@ -96,7 +90,7 @@ def test_plain_line_has_step_total_rate_loss_and_no_escape_codes():
 
 def test_plain_line_eta_from_world_rate():
     out = io.StringIO()
-    clock = FakeClock()
+    clock = FakeClock(CLOCK_START)
     view = LiveView(out, interactive=False, clock=clock, plain_interval_s=5.0)
     view.update(snapshot(ranks=[rank(i, step=100) for i in range(2)], world=2, elapsed_s=10.0))
     clock.now += 5.0
@@ -110,7 +104,7 @@ def test_plain_line_eta_from_world_rate():
 
 def test_plain_line_without_total_or_loss():
     out = io.StringIO()
-    view = LiveView(out, interactive=False, clock=FakeClock())
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
     view.update(snapshot(total_steps=0, ranks=[rank(i, loss=None) for i in range(4)]))
     view.close()
 
@@ -121,7 +115,7 @@ def test_plain_line_without_total_or_loss():
 
 def test_plain_respects_interval_by_the_clock():
     out = io.StringIO()
-    clock = FakeClock()
+    clock = FakeClock(CLOCK_START)
     view = LiveView(out, interactive=False, plain_interval_s=5.0, clock=clock)
 
     view.update(snapshot())
@@ -140,7 +134,7 @@ def test_plain_respects_interval_by_the_clock():
 
 def test_plain_prints_at_once_when_rank_states_change():
     out = io.StringIO()
-    clock = FakeClock()
+    clock = FakeClock(CLOCK_START)
     view = LiveView(out, interactive=False, plain_interval_s=5.0, clock=clock)
 
     view.update(snapshot(ranks=[rank(i, state=RankState.WAITING, step=0) for i in range(4)]))
@@ -163,7 +157,7 @@ def test_plain_prints_at_once_when_rank_states_change():
 
 def test_plain_prints_on_new_generation():
     out = io.StringIO()
-    clock = FakeClock()
+    clock = FakeClock(CLOCK_START)
     view = LiveView(out, interactive=False, clock=clock)
     view.update(snapshot())
     clock.now += 0.5
@@ -177,7 +171,7 @@ def test_plain_prints_on_new_generation():
 def test_write_line_is_verbatim_in_both_modes():
     for interactive in (False, True):
         out = io.StringIO()
-        view = LiveView(out, interactive=interactive, clock=FakeClock())
+        view = LiveView(out, interactive=interactive, clock=FakeClock(CLOCK_START))
         view.update(snapshot())
         view.write_line("[rank 1] epoch 3: {acc: 0.9} 100%")
         view.close()
@@ -193,7 +187,7 @@ def test_write_line_does_not_double_a_trailing_newline():
 
 def test_write_line_from_threads_during_updates_keeps_lines_whole():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot())
 
     def pump(rank_id: int) -> None:
@@ -242,7 +236,7 @@ def test_write_lines_prefixes_every_line_in_one_write():
 
 def test_write_lines_on_a_terminal_redraws_the_bars_once_per_batch():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot(2))
     before = out.getvalue().count("120/300")
     view.write_lines([f"line {i}" for i in range(100)], prefix="[rank 0] ")
@@ -256,7 +250,7 @@ def test_write_lines_on_a_terminal_redraws_the_bars_once_per_batch():
 
 def test_a_workers_unfinished_line_is_drawn_below_the_bars_replaced_and_removed():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot(2))  # the overall bar and two rank lines: positions 0-2
 
     view.write_live((0, True), "[rank 0]  10%|#")
@@ -279,7 +273,7 @@ def test_a_workers_unfinished_line_is_drawn_below_the_bars_replaced_and_removed(
 
 def test_an_unfinished_line_drawn_before_the_bars_moves_below_them():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.write_live((0, False), "[rank 0] loading")
     assert [abs(bar.pos) for bar in tqdm.tqdm._instances] == [0]
 
@@ -294,7 +288,7 @@ def test_an_unfinished_line_drawn_before_the_bars_moves_below_them():
 
 def test_unfinished_lines_are_drawn_for_at_most_per_rank_limit_workers():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, per_rank_limit=2, clock=FakeClock())
+    view = LiveView(out, interactive=True, per_rank_limit=2, clock=FakeClock(CLOCK_START))
     for r in range(5):
         view.write_live((r, True), f"[rank {r}] bar")
     assert sorted(abs(bar.pos) for bar in tqdm.tqdm._instances) == [0, 1]
@@ -322,7 +316,7 @@ def test_an_unfinished_line_off_a_terminal_is_a_line_of_its_own():
 
 def test_interactive_draws_a_line_per_rank_for_small_worlds():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot(ranks=[rank(i, step=120 + i) for i in range(4)]))
     text = out.getvalue()
     view.close()
@@ -339,7 +333,7 @@ def test_rank_lines_show_failures_and_silent_ranks():
     ranks = [rank(i) for i in range(3)]
     ranks[1] = rank(1, state=RankState.FAILED, exit_code=1, exception_type="ValueError")
     ranks[2] = rank(2, heartbeat_age_s=7.0)
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot(3, ranks=ranks))
     text = out.getvalue()
     view.close()
@@ -353,7 +347,7 @@ def test_interactive_aggregate_line_names_slowest_rank_for_large_worlds():
     out = io.StringIO()
     ranks = [rank(i, steps_per_s=43.0 + i / 100) for i in range(16)]
     ranks[11] = rank(11, step=118, steps_per_s=40.1)
-    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock())
+    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock(CLOCK_START))
     view.update(snapshot(16, ranks=ranks))
     text = out.getvalue()
     view.close()
@@ -366,7 +360,7 @@ def test_interactive_aggregate_line_names_slowest_rank_for_large_worlds():
 
 def test_interactive_rebuilds_lines_when_world_size_changes():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock())
+    view = LiveView(out, interactive=True, per_rank_limit=8, clock=FakeClock(CLOCK_START))
     view.update(snapshot(2))
     assert len(tqdm.tqdm._instances) == 3
     view.update(snapshot(16))
@@ -378,7 +372,7 @@ def test_interactive_rebuilds_lines_when_world_size_changes():
 
 def test_interactive_bar_without_total_and_with_restarts():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot(total_steps=0, generation=2))
     text = out.getvalue()
     assert "ddp-launch step 120 [" in text
@@ -390,7 +384,7 @@ def test_interactive_bar_without_total_and_with_restarts():
 
 def test_close_is_idempotent_and_leaves_no_bars():
     out = io.StringIO()
-    view = LiveView(out, interactive=True, clock=FakeClock())
+    view = LiveView(out, interactive=True, clock=FakeClock(CLOCK_START))
     view.update(snapshot())
     assert tqdm.tqdm._instances
     view.close()
@@ -403,7 +397,7 @@ def test_close_is_idempotent_and_leaves_no_bars():
 def test_disabled_view_draws_nothing_but_prints_lines():
     for interactive in (False, True):
         out = io.StringIO()
-        view = LiveView(out, interactive=interactive, enabled=False, clock=FakeClock())
+        view = LiveView(out, interactive=interactive, enabled=False, clock=FakeClock(CLOCK_START))
         view.update(snapshot())
         assert out.getvalue() == ""
         view.write_line("worker says hi")
