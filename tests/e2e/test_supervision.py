@@ -13,7 +13,16 @@ import psutil
 import pytest
 
 from ddp_launch.events import read_events
-from tests.e2e.launch import EXAMPLE, SCRIPTS, digests, kill_tree, launcher_command, launcher_env, run_launcher
+from tests.e2e.launch import (
+    EXAMPLE,
+    SCRIPTS,
+    digests,
+    kill_tree,
+    launcher_command,
+    launcher_env,
+    poll_status,
+    run_launcher,
+)
 
 pytestmark = [pytest.mark.e2e]
 
@@ -225,8 +234,8 @@ def test_ctrl_c_in_a_terminal_reaches_each_script_once(tmp_path):
         start_new_session=True,
     )  # fmt: skip
     try:
+        # Each script writes its pid file inside the `try` that saves on KeyboardInterrupt.
         _wait_for(lambda: len(list(out.glob("pids-*.txt"))) == 2, proc)
-        time.sleep(0.3)  # both scripts are inside their sleep
         os.killpg(proc.pid, signal.SIGINT)
         stdout, err = proc.communicate(timeout=30)
     finally:
@@ -251,12 +260,24 @@ def test_ctrl_z_pauses_the_whole_run_and_fg_continues_it(tmp_path):
     try:
         events = run_dir / "events.jsonl"
         _wait_for(lambda: events.exists() and any(e["event"] == "barrier_open" for e in read_events(events)), proc)
-        time.sleep(1.5)  # steps are moving: the step rule of the hang check applies
+        # The master has seen every rank's step move: the step rule of the hang check applies.
+        first_seen: dict[int, int] = {}
+
+        def steps_moved(status: dict) -> bool:
+            training = [r for r in status["ranks"] if r["state"] == "training"]
+            for r in training:
+                first_seen.setdefault(r["rank"], r["step"])
+            return len(training) == 2 and all(r["step"] != first_seen[r["rank"]] for r in training)
+
+        status = poll_status(run_dir, until=steps_moved, timeout_s=60)
+        assert status is not None and steps_moved(status), f"steps did not move: {status}"
         workers = [e["pid"] for e in read_events(events) if e["event"] == "register"]
         os.killpg(proc.pid, signal.SIGTSTP)
         _wait_for(lambda: all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in [proc.pid, *workers]))
+        # Not a synchronisation: the pause itself, longer than the 2 s hang timeout, is what the
+        # launcher must excuse. Nothing runs meanwhile, so there is nothing to poll for.
         time.sleep(4)
-        assert all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in workers)
+        assert all(psutil.Process(p).status() == psutil.STATUS_STOPPED for p in [proc.pid, *workers])
         os.killpg(proc.pid, signal.SIGCONT)
         _, err = proc.communicate(timeout=60)
     finally:

@@ -1,7 +1,9 @@
-"""Each rank prints 'ready', then sleeps; a Ctrl-C makes it save for a moment and leave.
+"""Each rank records its pid in OUTDIR, prints 'ready', then sleeps; a Ctrl-C makes it save
+for a moment and leave.
 
-The save takes SAVE_S seconds, as a checkpoint would; a second interrupt during it would
-cut it short, and the file `saved-<rank>` in OUTDIR would be missing.
+The pid file is written inside the `try`: once it exists, a Ctrl-C is one the script
+handles. The save takes SAVE_S seconds, as a checkpoint would; a second interrupt during it
+would cut it short, and the file `saved-<rank>` in OUTDIR would be missing.
 """
 
 import os
@@ -13,9 +15,9 @@ SAVE_S = 1.5
 
 out = Path(sys.argv[1])
 rank = os.environ["RANK"]
-(out / f"pids-{rank}.txt").write_text(f"{os.getpid()}\n")
-print(f"rank {rank} ready", flush=True)
 try:
+    (out / f"pids-{rank}.txt").write_text(f"{os.getpid()}\n")
+    print(f"rank {rank} ready", flush=True)
     time.sleep(120)
 except KeyboardInterrupt:
     print(f"rank {rank} got KeyboardInterrupt, saving", flush=True)
