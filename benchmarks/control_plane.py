@@ -204,9 +204,10 @@ async def _load(args: argparse.Namespace) -> dict:
     its workers' heartbeats per interval. The answered heartbeats always go to the master."""
     import grpc
 
-    from ddp_launch.client import ACK_EVERY_S, TOKEN_METADATA_KEY, channel_options
+    from ddp_launch.client import ACK_EVERY_S
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
+    from ddp_launch.wire import TOKEN_METADATA_KEY, channel_options
 
     metadata = ((TOKEN_METADATA_KEY, os.environ[TOKEN_ENV]),)
     local_world_size = args.local_world_size

@@ -1,5 +1,7 @@
 """The worker's side of the control protocol: a gRPC client and the heartbeat thread.
 
+The protocol's constants and message conversions live in wire.py.
+
 Created only after the worker is forked (a gRPC channel made before a fork breaks the
 child). Every unary RPC has a deadline. Heartbeats go on one long-lived stream, except one
 every `ACK_EVERY_S`, which is sent as an answered RPC. A failed stream warns and is opened
@@ -25,17 +27,13 @@ from typing import Any
 
 import grpc
 
+from ddp_launch import wire
 from ddp_launch.env import Assignment
 from ddp_launch.errors import MasterUnavailable, RegistrationRejected
 from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 
-TOKEN_METADATA_KEY = "x-ddp-launch-token"
-# Requests are small (a heartbeat is ~100 bytes, a traceback at most 64 KiB); replies can be
-# larger (the status of a big world). The master refuses anything bigger.
-MAX_REQUEST_BYTES = 256 * 1024
-MAX_REPLY_BYTES = 16 * 1024 * 1024
 RPC_TIMEOUT_S = 5.0
 # How often a worker's heartbeat is an answered RPC instead of a stream message: often enough
 # to notice a lost master well within its timeout, rarely enough that the RPCs cost the master
@@ -46,25 +44,18 @@ ACK_EVERY_S = 5.0
 _TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-def channel_options() -> list[tuple[str, int]]:
-    return [
-        ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
-        ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
-    ]
-
-
 class MasterClient:
     """A connection to the master, authenticated with the run's token; over TLS when
     `tls_ca` (a PEM file of the CA that signed the master's certificate) is given."""
 
     def __init__(self, address: str, token: str, *, tls_ca: str | None = None) -> None:
         self.address = address
-        self._metadata = ((TOKEN_METADATA_KEY, token),)
+        self._metadata = ((wire.TOKEN_METADATA_KEY, token),)
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-            self._channel = grpc.secure_channel(address, credentials, options=channel_options())
+            self._channel = grpc.secure_channel(address, credentials, options=wire.channel_options())
         else:
-            self._channel = grpc.insecure_channel(address, options=channel_options())
+            self._channel = grpc.insecure_channel(address, options=wire.channel_options())
         self._stub = pb_grpc.OrchestratorStub(self._channel)
 
     def close(self) -> None:
@@ -98,19 +89,7 @@ class MasterClient:
             any_slot=any_slot,
         )
         r = self._retry_transient(lambda: self._call(self._stub.Register, request), deadline_s, "register")
-        return Assignment(
-            rank=r.rank,
-            local_rank=r.local_rank,
-            world_size=r.world_size,
-            local_world_size=r.local_world_size,
-            node_rank=r.node_rank,
-            nnodes=r.nnodes,
-            ddp_addr=r.ddp_addr,
-            ddp_port=r.ddp_port,
-            run_id=r.run_id,
-            generation=r.generation,
-            max_restarts=r.max_restarts,
-        )
+        return wire.assignment_from_proto(r)
 
     def wait_barrier(self, *, rank: int, generation: int, deadline_s: float) -> None:
         """Return when every rank has registered.
@@ -183,18 +162,7 @@ class MasterClient:
 
 
 def heartbeat_request(a: Assignment, progress: Progress) -> pb.Heartbeat:
-    return pb.Heartbeat(
-        rank=a.rank,
-        generation=a.generation,
-        pid=os.getpid(),
-        step=progress.step,
-        samples=progress.samples,
-        has_loss=progress.loss is not None,
-        loss=progress.loss if progress.loss is not None else 0.0,
-        metrics=progress.metrics,
-        total_steps=progress.total_steps,
-        step_age_s=progress.step_age_s,
-    )
+    return wire.heartbeat_to_proto(rank=a.rank, generation=a.generation, pid=os.getpid(), progress=progress)
 
 
 class HeartbeatThread:

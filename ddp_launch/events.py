@@ -9,37 +9,11 @@ heartbeat rate times the number of ranks: progress is sampled once every
 ``per_rank_limit`` ranks (64) gets one aggregate per sample instead of one entry per rank.
 
 Every line has ``v`` (the schema version, `SCHEMA_VERSION`), ``t`` (unix time, seconds,
-3 decimals) and ``event`` (one of `EVENT_KINDS`), then the fields of its kind:
-
-=================  =========================================================================
-event              fields (``?``: optional; ``|null``: may be null)
-=================  =========================================================================
-run_start          run_id: str, config: object, world_size: int, nnodes: int,
-                   nproc_per_node: int, versions: object {python, torch?, ddp_launch, grpc},
-                   host: str
-register           rank, node_rank, pid, generation: int, hostname: str, local_rank?: int
-barrier_open       generation, world_size: int
-state              rank, generation: int, state, previous: str (RankState values; hung,
-                   failed and done are recorded, starting, waiting and training are not;
-                   previous is the state last observed), step?: int, exit_code?: int|null
-straggler          rank, generation: int, steps_per_s: number,
-                   median_steps_per_s: number|null, step?: int
-straggler_cleared  rank, generation: int, steps_per_s?: number|null
-progress           generation: int, elapsed_s: number, world_size?: int, and either
-                   ranks: [sample, ...] (every registered rank, worlds of <= 64 ranks) or
-                   aggregate: {ranks: int, step, steps_per_s: {min, median, max},
-                   loss: {min, median, max}|null, rss_bytes_max: int,
-                   heartbeat_age_s_max: number|null} with slowest: [sample, ...] (up to 8,
-                   slowest first), where sample = {rank: int, step: int,
-                   steps_per_s: number, loss: number|null, samples: int, rss_bytes: int,
-                   cpu_percent: number, heartbeat_age_s: number|null}
-failure            generation: int, report: object (failure.build_report's report, or the
-                   generation's summary {outcome, message, root_rank}), outcome?: str,
-                   message?: str, root_rank?: int|null
-restart            generation: int (the new one), reason: str
-run_end            outcome: str, exit_code: int, wall_s: number, restarts: int,
-                   final_step: int, summary: object
-=================  =========================================================================
+3 decimals: when it happened, not when it was written) and ``event`` (one of
+`EVENT_KINDS`), then the fields of its kind. The fields of every kind are defined once, in
+``events.schema.json`` beside this module (`schema()`); ``docs/events.md`` explains them.
+A rank's fields have the names of `record.rank_json`, as in ``status --json`` and
+``failure.json``.
 
 Readers ignore fields they do not know; a new field is added without a version change, a
 changed or removed one bumps `SCHEMA_VERSION`. The file is opened for appending: a run
@@ -60,13 +34,14 @@ Usage::
         log.close()
 
     for event in read_events(run_dir / "events.jsonl"):
-        validate_event(event)
+        validate_event(event)                # with jsonschema installed
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -78,9 +53,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ddp_launch.registry import RankState, RankView, RunSnapshot
+from ddp_launch.record import SAMPLE_FIELDS, RankRecord, RankState, rank_json, significant
+from ddp_launch.registry import RunSnapshot, Transition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EVENT_KINDS = (
     "run_start",
     "register",
@@ -97,8 +73,6 @@ EVENT_KINDS = (
 PER_RANK_LIMIT = 64
 # Ranks named (with their full sample) in an aggregate progress event.
 SLOWEST_LIMIT = 8
-# The states a "state" event records; the others are covered by register and barrier_open.
-RECORDED_STATES = (RankState.HUNG, RankState.FAILED, RankState.DONE)
 
 _RESERVED = ("v", "t", "event")
 _log = logging.getLogger(__name__)
@@ -142,11 +116,9 @@ class EventLog:
         self._file: Any = open(self.path, "a", buffering=1, encoding="utf-8")
         if torn:
             self._write("\n")
-        # observe()'s memory of the previous snapshot, for the current generation only.
+        # The newest generation observed: an older snapshot (taken before a restart) gets no
+        # progress sample.
         self._generation: int | None = None
-        self._states: dict[int, RankState] = {}
-        self._stragglers: set[int] = set()
-        self._barrier_seen = False
         self._last_progress_at: float | None = None
         self._force_progress = False
 
@@ -161,7 +133,7 @@ class EventLog:
         return self._file is None
 
     def emit(self, event: str, **fields: Any) -> None:
-        """Write one event now: ``{"v": 1, "t": <now>, "event": event, **fields}``.
+        """Write one event now: ``{"v": 2, "t": <now>, "event": event, **fields}``.
 
         Values are made JSON-safe on the way: enums become their value, paths and unknown
         objects their ``str``, dataclasses dicts, NaN and infinities null.
@@ -181,93 +153,42 @@ class EventLog:
         with self._lock:
             self._emit_locked(event, fields)
 
-    def observe(self, snap: RunSnapshot) -> None:
-        """Derive events from the registry's latest snapshot (call it a few times a second).
+    def observe(self, snap: RunSnapshot, transitions: Sequence[Transition] = ()) -> None:
+        """Write what happened (the registry's transitions) and, when due, a progress sample.
 
-        Writes, compared with the previous snapshot of the same generation: ``register``
-        when a rank leaves STARTING, ``barrier_open`` once per generation, ``state`` when a
-        rank becomes hung, failed or done, ``straggler`` / ``straggler_cleared`` when a
-        rank's straggler flag changes, and a ``progress`` sample every
-        ``progress_interval_s`` (and on the first call after a rank ended, so the final
-        steps are recorded). A new generation starts with a clean slate; a snapshot of an
-        older generation than one already observed is ignored.
+        Each transition becomes one event dated when it happened (the registry's clock at
+        the transition, turned into unix time through the snapshot's own time): ``register``,
+        ``barrier_open``, ``state`` (a rank entered a final state: done, failed, hung,
+        stopped, interrupted), ``straggler`` and ``straggler_cleared``. A ``progress`` sample
+        is written every ``progress_interval_s``, and once more after a rank ended, so the
+        final steps are recorded. Events are written in the order they happened.
 
-        Observe the registry once more when a generation ends, before the next one begins:
-        that is where the failed ranks' ``state`` events come from when the supervisor stops
-        the group before its next tick.
+        Drain the registry once more when a generation ends, before the next one begins:
+        that is where the stopped ranks' ``state`` events come from.
 
         Args:
-            snap: the registry's snapshot.
+            snap: the registry's snapshot, taken just before `transitions` were drained.
+            transitions: `Registry.drain_transitions()`.
         """
         with self._lock:
             if self._file is None:
                 return
-            if self._generation is not None and snap.generation < self._generation:
-                return  # a stale snapshot (taken before a restart): its news is old
-            if snap.generation != self._generation:
+            # The registry's clock -> unix time, through the moment of the snapshot.
+            offset = self._clock() - snap.taken_at
+            lines: list[tuple[float, str, dict[str, Any]]] = []
+            for tr in transitions:
+                fields = _transition_fields(tr)
+                if fields is not None:
+                    lines.append((tr.at + offset, tr.kind, fields))
+                    if tr.kind == "state":
+                        self._force_progress = True
+            if self._generation is None or snap.generation >= self._generation:
                 self._generation = snap.generation
-                self._states = {}
-                self._stragglers = set()
-                self._barrier_seen = False
-            ranks = snap.ranks
-            ended = False
-            for r in ranks:  # registrations first, so they precede the barrier they opened
-                before = self._states.get(r.rank, RankState.STARTING)
-                if before is RankState.STARTING and r.state is not RankState.STARTING and r.pid > 0:
-                    self._emit_locked(
-                        "register",
-                        {
-                            "rank": r.rank,
-                            "node_rank": r.node_rank,
-                            "local_rank": r.local_rank,
-                            "pid": r.pid,
-                            "hostname": r.hostname,
-                            "generation": snap.generation,
-                        },
-                    )
-            if snap.barrier_open and not self._barrier_seen:
-                self._barrier_seen = True
-                self._emit_locked("barrier_open", {"generation": snap.generation, "world_size": snap.world_size})
-            median = None
-            for r in ranks:
-                before = self._states.get(r.rank, RankState.STARTING)
-                self._states[r.rank] = r.state
-                if r.state is not before and r.state in RECORDED_STATES:
-                    ended = True
-                    self._emit_locked(
-                        "state",
-                        {
-                            "rank": r.rank,
-                            "generation": snap.generation,
-                            "state": r.state.value,
-                            "previous": before.value,
-                            "step": r.step,
-                            "exit_code": r.exit_code,
-                        },
-                    )
-                flagged = bool(getattr(r, "straggler", False))
-                if flagged and r.rank not in self._stragglers:
-                    self._stragglers.add(r.rank)
-                    if median is None:
-                        median = _median_rate(ranks)
-                    self._emit_locked(
-                        "straggler",
-                        {
-                            "rank": r.rank,
-                            "generation": snap.generation,
-                            "steps_per_s": _round(r.steps_per_s, 3),
-                            "median_steps_per_s": _round(median, 3),
-                            "step": r.step,
-                        },
-                    )
-                elif not flagged and r.rank in self._stragglers:
-                    self._stragglers.discard(r.rank)
-                    self._emit_locked(
-                        "straggler_cleared",
-                        {"rank": r.rank, "generation": snap.generation, "steps_per_s": _round(r.steps_per_s, 3)},
-                    )
-            self._force_progress = self._force_progress or ended
-            self._maybe_progress(snap)
+                progress = self._progress_fields(snap)
+                if progress is not None:
+                    lines.append((snap.taken_at + offset, "progress", progress))
+            for t, kind, fields in sorted(lines, key=lambda line: line[0]):
+                self._emit_locked(kind, fields, t=t)
 
     def close(self) -> None:
         """Flush and close the file. Idempotent."""
@@ -282,10 +203,10 @@ class EventLog:
 
     # -- internals (the lock is held) -----------------------------------------------------------
 
-    def _emit_locked(self, event: str, fields: Mapping[str, Any]) -> None:
+    def _emit_locked(self, event: str, fields: Mapping[str, Any], t: float | None = None) -> None:
         if self._file is None:
             return
-        record = {"v": SCHEMA_VERSION, "t": round(self._clock(), 3), "event": event}
+        record = {"v": SCHEMA_VERSION, "t": round(self._clock() if t is None else t, 3), "event": event}
         record.update(fields)
         line = json.dumps(_jsonable(record), separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         self._write(line + "\n")
@@ -302,16 +223,17 @@ class EventLog:
             self._write_failed = True
             _log.warning("cannot write the event log %s: %s (further errors are not reported)", self.path, e)
 
-    def _maybe_progress(self, snap: RunSnapshot) -> None:
+    def _progress_fields(self, snap: RunSnapshot) -> dict[str, Any] | None:
+        """A progress sample's fields when one is due, else None."""
         live = [r for r in snap.ranks if r.state is not RankState.STARTING]
         if not live:
-            return
+            return None
         now = self._clock()
         last = self._last_progress_at
         # A clock that went backwards (the wall clock was set) restarts the interval.
         due = last is None or now - last >= self.progress_interval_s or now < last
         if not (due or self._force_progress):
-            return
+            return None
         self._last_progress_at = now
         self._force_progress = False
         fields: dict[str, Any] = {
@@ -320,12 +242,40 @@ class EventLog:
             "world_size": snap.world_size,
         }
         if len(snap.ranks) <= self.per_rank_limit:
-            fields["ranks"] = [_sample(r) for r in live]
+            fields["ranks"] = [rank_json(r, SAMPLE_FIELDS) for r in live]
         else:
             fields["aggregate"] = _aggregate(live)
             slowest = sorted(live, key=lambda r: (r.steps_per_s, r.step, r.rank))[:SLOWEST_LIMIT]
-            fields["slowest"] = [_sample(r) for r in slowest]
-        self._emit_locked("progress", fields)
+            fields["slowest"] = [rank_json(r, SAMPLE_FIELDS) for r in slowest]
+        return fields
+
+
+# A transition's event: which of the rank's fields it carries (rank_json's names).
+_REGISTER_FIELDS = ("rank", "node_rank", "local_rank", "pid", "hostname", "generation")
+_STATE_FIELDS = ("rank", "generation", "state", "step", "optimizer_steps", "reported_step", "exit_code", "exit")
+
+
+def _transition_fields(tr: Transition) -> dict[str, Any] | None:
+    r = tr.record
+    if tr.kind == "barrier_open":
+        return {"generation": tr.generation, **tr.fields}
+    if r is None:
+        return None
+    if tr.kind == "register":
+        return rank_json(r, _REGISTER_FIELDS)
+    if tr.kind == "state":
+        if not r.state.final:
+            return None
+        fields = rank_json(r, _STATE_FIELDS)
+        fields["previous"] = tr.fields.get("previous", "")
+        return fields
+    if tr.kind == "straggler":
+        fields = rank_json(r, ("rank", "generation", "steps_per_s", "step"))
+        fields["median_steps_per_s"] = _round(tr.fields.get("median_steps_per_s"), 3)
+        return fields
+    if tr.kind == "straggler_cleared":
+        return rank_json(r, ("rank", "generation", "steps_per_s"))
+    return None
 
 
 def _ends_without_newline(path: Path) -> bool:
@@ -346,46 +296,21 @@ def _round(x: float | None, digits: int) -> float | None:
     return round(float(x), digits)
 
 
-def _significant(x: float | None) -> float | None:
-    """Six significant digits: a loss of 2.3e-05 keeps its precision, 2.302585093 loses noise."""
-    if x is None or not math.isfinite(x):
-        return None
-    return float(f"{x:.6g}")
-
-
-def _sample(r: RankView) -> dict[str, Any]:
-    return {
-        "rank": r.rank,
-        "step": r.step,
-        "steps_per_s": _round(r.steps_per_s, 3) or 0.0,
-        "loss": _significant(r.loss),
-        "samples": r.samples,
-        "rss_bytes": r.rss_bytes,
-        "cpu_percent": _round(r.cpu_percent, 1) or 0.0,
-        "heartbeat_age_s": _round(r.heartbeat_age_s, 2),
-    }
-
-
 def _spread(values: Sequence[float], fmt: Callable[[float], Any]) -> dict[str, Any]:
     return {"min": fmt(min(values)), "median": fmt(statistics.median(values)), "max": fmt(max(values))}
 
 
-def _aggregate(ranks: Sequence[RankView]) -> dict[str, Any]:
+def _aggregate(ranks: Sequence[RankRecord]) -> dict[str, Any]:
     losses = [r.loss for r in ranks if r.loss is not None]
     ages = [r.heartbeat_age_s for r in ranks if r.heartbeat_age_s is not None]
     return {
         "ranks": len(ranks),
         "step": _spread([r.step for r in ranks], lambda x: int(round(x))),
         "steps_per_s": _spread([r.steps_per_s for r in ranks], lambda x: _round(x, 3) or 0.0),
-        "loss": _spread(losses, _significant) if losses else None,
+        "loss": _spread(losses, significant) if losses else None,
         "rss_bytes_max": max(r.rss_bytes for r in ranks),
         "heartbeat_age_s_max": _round(max(ages), 2) if ages else None,
     }
-
-
-def _median_rate(ranks: Sequence[RankView]) -> float | None:
-    rates = [r.steps_per_s for r in ranks if r.steps_per_s > 0]
-    return statistics.median(rates) if rates else None
 
 
 def _jsonable(value: Any) -> Any:
@@ -439,83 +364,17 @@ def read_events(path: Path) -> list[dict]:
     return events
 
 
-_NUMBER = (int, float)
-_SAMPLE = {
-    "rank": int,
-    "step": int,
-    "steps_per_s": _NUMBER,
-    "loss": (*_NUMBER, type(None)),
-    "samples": int,
-    "rss_bytes": int,
-    "cpu_percent": _NUMBER,
-    "heartbeat_age_s": (*_NUMBER, type(None)),
-}
-# kind -> ({required field: types}, {optional field: types})
-_SCHEMA: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
-    "run_start": (
-        {
-            "run_id": str,
-            "config": dict,
-            "world_size": int,
-            "nnodes": int,
-            "nproc_per_node": int,
-            "versions": dict,
-            "host": str,
-        },
-        {},
-    ),
-    "register": (
-        {"rank": int, "node_rank": int, "pid": int, "hostname": str, "generation": int},
-        {"local_rank": int},
-    ),
-    "barrier_open": ({"generation": int, "world_size": int}, {}),
-    "state": (
-        {"rank": int, "generation": int, "state": str, "previous": str},
-        {"step": int, "exit_code": (int, type(None))},
-    ),
-    "straggler": (
-        {"rank": int, "generation": int, "steps_per_s": _NUMBER, "median_steps_per_s": (*_NUMBER, type(None))},
-        {"step": int},
-    ),
-    "straggler_cleared": ({"rank": int, "generation": int}, {"steps_per_s": (*_NUMBER, type(None))}),
-    "progress": (
-        {"generation": int, "elapsed_s": _NUMBER},
-        {"world_size": int, "ranks": list, "aggregate": dict, "slowest": list},
-    ),
-    "failure": (
-        {"generation": int, "report": dict},
-        {"outcome": str, "message": str, "root_rank": (int, type(None))},
-    ),
-    "restart": ({"generation": int, "reason": str}, {}),
-    "run_end": (
-        {
-            "outcome": str,
-            "exit_code": int,
-            "wall_s": _NUMBER,
-            "restarts": int,
-            "final_step": int,
-            "summary": dict,
-        },
-        {},
-    ),
-}
-_STATE_VALUES = frozenset(s.value for s in RankState)
+SCHEMA_FILE = Path(__file__).with_name("events.schema.json")
 
 
-def _check(obj: Mapping[str, Any], key: str, types: Any, where: str, *, required: bool = True) -> None:
-    if key not in obj:
-        if required:
-            raise ValueError(f"{where}: missing field {key!r}")
-        return
-    value = obj[key]
-    # bool is an int to isinstance, never to this schema.
-    if isinstance(value, bool) or not isinstance(value, types):
-        names = [t.__name__ for t in (types if isinstance(types, tuple) else (types,))]
-        raise ValueError(f"{where}: field {key!r} is {type(value).__name__}, expected {' or '.join(names)}")
+@functools.cache
+def schema() -> dict[str, Any]:
+    """The event schema (JSON Schema, draft 2020-12): the one definition of every kind's fields."""
+    return json.loads(SCHEMA_FILE.read_text(encoding="utf-8"))
 
 
 def validate_event(obj: dict) -> None:
-    """Check one event against the schema (required fields and their types, per kind).
+    """Check one event against `schema()`. Needs the jsonschema package.
 
     Unknown extra fields are allowed: readers ignore them.
 
@@ -524,48 +383,12 @@ def validate_event(obj: dict) -> None:
 
     Raises:
         ValueError: it does not match; the message says which field and why.
+        ImportError: jsonschema is not installed.
     """
-    if not isinstance(obj, dict):
-        raise ValueError(f"an event is a JSON object, not {type(obj).__name__}")
-    if obj.get("v") != SCHEMA_VERSION or isinstance(obj.get("v"), bool):
-        raise ValueError(f"unsupported schema version {obj.get('v')!r} (expected {SCHEMA_VERSION})")
-    _check(obj, "t", _NUMBER, "event")
-    kind = obj.get("event")
-    if kind not in _SCHEMA:
-        raise ValueError(f"unknown event kind {kind!r}")
-    where = f"{kind} event"
-    required, optional = _SCHEMA[kind]
-    for key, types in required.items():
-        _check(obj, key, types, where)
-    for key, types in optional.items():
-        _check(obj, key, types, where, required=False)
+    import jsonschema
 
-    if kind == "state":
-        for key in ("state", "previous"):
-            if obj[key] not in _STATE_VALUES:
-                raise ValueError(f"{where}: {key} {obj[key]!r} is not a rank state")
-    elif kind == "progress":
-        if ("ranks" in obj) == ("aggregate" in obj):
-            raise ValueError(f"{where}: needs exactly one of 'ranks' and 'aggregate'")
-        samples = obj["ranks"] if "ranks" in obj else obj.get("slowest", [])
-        if "aggregate" in obj:
-            _check_aggregate(obj["aggregate"], where)
-            _check(obj, "slowest", list, where)
-        for i, sample in enumerate(samples):
-            if not isinstance(sample, dict):
-                raise ValueError(f"{where}: sample {i} is not an object")
-            for key, types in _SAMPLE.items():
-                _check(sample, key, types, f"{where}, sample {i}")
-
-
-def _check_aggregate(agg: Mapping[str, Any], where: str) -> None:
-    where = f"{where}, aggregate"
-    _check(agg, "ranks", int, where)
-    for key, nullable in (("step", False), ("steps_per_s", False), ("loss", True)):
-        if nullable and key in agg and agg[key] is None:
-            continue
-        _check(agg, key, dict, where)
-        for part in ("min", "median", "max"):
-            _check(agg[key], part, _NUMBER, f"{where}.{key}")
-    _check(agg, "rss_bytes_max", int, where, required=False)
-    _check(agg, "heartbeat_age_s_max", (*_NUMBER, type(None)), where, required=False)
+    validator = jsonschema.Draft202012Validator(schema())
+    error = jsonschema.exceptions.best_match(validator.iter_errors(obj))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "event"
+        raise ValueError(f"{obj.get('event', '?') if isinstance(obj, dict) else '?'} event, {where}: {error.message}")

@@ -13,10 +13,35 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ddp_launch.registry import RankView
-from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, describe_exit
+from ddp_launch.record import RankRecord, describe_exit, rank_json
+from ddp_launch.supervisor import GenerationResult, Outcome, RunResult
 
 LOG_TAIL_LINES = 20
+# rank_json's fields in the report: the root cause's, and every rank's as it ended.
+_ROOT_FIELDS = (
+    "rank",
+    "node_rank",
+    "local_rank",
+    "hostname",
+    "pid",
+    "state",
+    "step",
+    "optimizer_steps",
+    "reported_step",
+)
+_RANK_FIELDS = (
+    "rank",
+    "node_rank",
+    "hostname",
+    "pid",
+    "state",
+    "step",
+    "optimizer_steps",
+    "reported_step",
+    "heartbeat_age_s",
+    "exit_code",
+    "exit",
+)
 
 
 def build_report(result: RunResult, tails: dict[int, list[str]]) -> dict[str, Any]:
@@ -41,7 +66,8 @@ def build_report(result: RunResult, tails: dict[int, list[str]]) -> dict[str, An
             for f in last.failures
             if f.rank != last.root_rank
         ],
-        "ranks": [_rank_progress(r) for r in ranks.values()],
+        # Every rank of the last generation as it ended (read after its last heartbeat).
+        "ranks": [rank_json(r, _RANK_FIELDS) for r in ranks.values()],
         "generations": [
             {"generation": g.generation, "outcome": g.outcome.value, "message": g.message, "root_rank": g.root_rank}
             for g in result.generations
@@ -49,20 +75,16 @@ def build_report(result: RunResult, tails: dict[int, list[str]]) -> dict[str, An
     }
 
 
-def _root_cause(g: GenerationResult, ranks: dict[int, RankView], tails: dict[int, list[str]]) -> dict | None:
+def _root_cause(g: GenerationResult, ranks: dict[int, RankRecord], tails: dict[int, list[str]]) -> dict | None:
     if g.root_rank is None:
         return None
-    view = ranks.get(g.root_rank)
+    record = ranks.get(g.root_rank)
     failure = next((f for f in g.failures if f.rank == g.root_rank), None)
-    cause: dict[str, Any] = {
-        "rank": g.root_rank,
-        "node_rank": view.node_rank if view else None,
-        "hostname": view.hostname if view else "",
-        "pid": failure.pid if failure else (view.pid if view else None),
-        "generation": g.generation,
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(failure.at)) if failure else None,
-        "step": view.step if view else None,
-    }
+    cause: dict[str, Any] = rank_json(record, _ROOT_FIELDS) if record else {"rank": g.root_rank}
+    cause["generation"] = g.generation
+    if failure:
+        cause["pid"] = failure.pid
+    cause["time"] = time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(failure.at)) if failure else None
     if failure:
         cause["exit_code"] = failure.exit_code
         cause["exit"] = describe_exit(failure.exit_code)
@@ -71,22 +93,11 @@ def _root_cause(g: GenerationResult, ranks: dict[int, RankView], tails: dict[int
     if g.outcome is Outcome.HUNG:
         cause["hang"] = next((v.reason for v in g.hung if v.rank == g.root_rank), g.message)
         cause["stack"] = g.stacks.get(g.root_rank, "")
-    if view and view.traceback:
-        cause["exception_type"] = view.exception_type
-        cause["traceback"] = view.traceback
+    if record and record.traceback:
+        cause["exception_type"] = record.exception_type
+        cause["traceback"] = record.traceback
     cause["log_tail"] = tails.get(g.root_rank, [])[-LOG_TAIL_LINES:]
     return cause
-
-
-def _rank_progress(r: RankView) -> dict[str, Any]:
-    return {
-        "rank": r.rank,
-        "state": r.state.value,
-        "pid": r.pid,
-        "step": r.step,
-        "heartbeat_age_s": None if r.heartbeat_age_s is None else round(r.heartbeat_age_s, 2),
-        "exit_code": r.exit_code,
-    }
 
 
 def flapping(result: RunResult) -> bool:
@@ -126,7 +137,8 @@ def format_report(report: dict[str, Any], run_dir: Path) -> str:
         for r in report["ranks"]:
             age = r["heartbeat_age_s"]
             age_text = "no heartbeat" if age is None else f"last heartbeat {age:.1f} s ago"
-            lines.append(f"  rank {r['rank']}: {r['state']}, step {r['step']}, {age_text}")
+            step = f"step {r['step']}" if r["reported_step"] is not None else f"optimizer step {r['step']}"
+            lines.append(f"  rank {r['rank']}: {r['state']}, {step}, {age_text}")
     lines.append(f"  report: {run_dir / 'failure.json'}; logs: {run_dir}/rank-<i>.log")
     return "\n".join(lines)
 

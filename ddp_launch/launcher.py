@@ -40,12 +40,13 @@ from ddp_launch.failure import build_report, format_report, write_json_atomic
 from ddp_launch.follower import Follower
 from ddp_launch.master import MasterServer
 from ddp_launch.output import PIPE, TERMINAL, OutputPump
+from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.relay import HeartbeatRelay
 from ddp_launch.run_report import EVENTS_FILE
 from ddp_launch.status import MASTER_FILE, write_token
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
-from ddp_launch.view import LiveView, format_summary
+from ddp_launch.view import LiveView, format_restart_line, format_summary
 from ddp_launch.warm import forkserver_context, quiet_grpc_forks
 from ddp_launch.worker import worker_main
 
@@ -112,13 +113,14 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
 
         def on_tick(snap: RunSnapshot) -> None:
             view.update(snap)
-            events.observe(snap)
+            events.observe(snap, registry.drain_transitions())
 
         def on_generation_end(result: GenerationResult, restarting: bool) -> None:
-            # The generation ended between two ticks: record what it looked like at the end.
-            events.observe(registry.snapshot())
+            # The generation ended between two ticks: record what happened up to its end.
+            events.observe(registry.snapshot(), registry.drain_transitions())
             # The last generation's failure is logged with the full report, further below.
             if restarting:
+                root = _root_record(result)
                 if result.outcome in (Outcome.FAILED, Outcome.HUNG):
                     summary = {
                         "outcome": result.outcome.value,
@@ -126,7 +128,16 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                         "root_rank": result.root_rank,
                     }
                     events.emit("failure", generation=result.generation, report=summary, **summary)
-                events.emit("restart", generation=result.generation + 1, reason=result.message)
+                events.emit(
+                    "restart",
+                    generation=result.generation + 1,
+                    reason=result.message,
+                    rank=result.root_rank,
+                    exit=root.exit if root else None,
+                )
+                view.write_line(
+                    format_restart_line(root, result.message, result.generation + 1, config.restart.max_restarts)
+                )
 
         def sink(rank: int, lines: Sequence[str], is_stderr: bool) -> None:
             view.write_lines(lines, file=stderr if is_stderr else stdout, prefix=f"[rank {rank}] ")
@@ -171,10 +182,12 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         final = registry.snapshot()
         view.update(final)
         view.close()
-        events.observe(final)
+        events.observe(final, registry.drain_transitions())
         local_ranks = [config.node_rank * config.nproc_per_node + i for i in range(config.nproc_per_node)]
         pump.wait_closed(local_ranks, timeout_s=2.0)
-        summary = format_summary(final, wall_s=result.wall_s, restarts=result.restarts)
+        summary = format_summary(
+            final, wall_s=result.wall_s, restarts=result.restarts, optimizer_steps_all=_optimizer_steps_all(result)
+        )
         report_text = ""
         if result.outcome is not Outcome.SUCCEEDED:
             report = build_report(result, {r: pump.tail(r, 50) for r in local_ranks})
@@ -344,14 +357,29 @@ def _shared_stdin() -> multiprocessing.connection.Connection | None:
         return None
 
 
+def _root_record(result: GenerationResult) -> RankRecord | None:
+    """The rank that ended the generation, as the snapshot taken after the stop saw it."""
+    if result.root_rank is None or result.snapshot is None:
+        return None
+    return next((r for r in result.snapshot.ranks if r.rank == result.root_rank), None)
+
+
+def _optimizer_steps_all(result: RunResult) -> int:
+    """The slowest rank's optimizer steps summed over every generation (redone ones too)."""
+    return sum(g.snapshot.optimizer_steps for g in result.generations if g.snapshot is not None)
+
+
 def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
     rates = sorted(r.steps_per_s for r in snap.ranks)
     slowest = min(snap.ranks, key=lambda r: r.steps_per_s, default=None)
     return {
         "final_step": snap.step,
+        "step_reported": snap.step_reported,
+        "optimizer_steps": snap.optimizer_steps,
+        "optimizer_steps_all_generations": _optimizer_steps_all(result),
         "total_steps": snap.total_steps,
-        "samples": max((r.samples for r in snap.ranks), default=0),
-        "loss": snap.loss,
+        "samples": snap.samples,
+        "last_loss_mean_over_ranks": snap.loss,
         "steps_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]} if rates else None,
         "slowest_rank": slowest.rank if slowest else None,
         "generations": len(result.generations),

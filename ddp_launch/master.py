@@ -21,10 +21,11 @@ from typing import Any
 
 import grpc
 
+from ddp_launch import wire
 from ddp_launch.config import TlsFiles
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-from ddp_launch.registry import RUNNING, Registry, Rejected, RunSnapshot
+from ddp_launch.registry import RUNNING, Registry, Rejected
 from ddp_launch.server_thread import ServerThread
 
 MAX_BARRIER_WAIT_S = 10.0
@@ -70,19 +71,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 generation=request.generation,
                 any_slot=request.any_slot,
             )
-        return pb.RegisterReply(
-            rank=a.rank,
-            world_size=a.world_size,
-            local_world_size=a.local_world_size,
-            nnodes=a.nnodes,
-            generation=a.generation,
-            ddp_addr=a.ddp_addr,
-            ddp_port=a.ddp_port,
-            run_id=a.run_id,
-            max_restarts=a.max_restarts,
-            node_rank=a.node_rank,
-            local_rank=a.local_rank,
-        )
+        return wire.assignment_to_proto(a)
 
     def CanStartTraining(self, request: pb.BarrierRequest, context: Any) -> pb.BarrierReply:
         with self._rejections_as_errors(context):
@@ -127,12 +116,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             rank=request.rank,
             generation=request.generation,
             pid=request.pid,
-            step=request.step,
-            samples=request.samples,
-            loss=request.loss if request.has_loss else None,
-            metrics=request.metrics,
-            total_steps=request.total_steps,
-            step_age_s=request.step_age_s,
+            progress=wire.progress_from_proto(request),
         )
 
     def ReportFailure(self, request: pb.FailureReport, context: Any) -> pb.Ack:
@@ -147,7 +131,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.Ack()
 
     def GetStatus(self, request: pb.StatusRequest, context: Any) -> pb.RunStatus:
-        return snapshot_to_proto(self.registry.snapshot())
+        return wire.snapshot_to_proto(self.registry.snapshot())
 
     def ReportExit(self, request: pb.ExitReport, context: Any) -> pb.Ack:
         with self._rejections_as_errors(context):
@@ -167,40 +151,6 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 seen = state
             if state.state != RUNNING:
                 return
-
-
-def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
-    return pb.RunStatus(
-        run_id=snap.run_id,
-        world_size=snap.world_size,
-        generation=snap.generation,
-        restarts=snap.generation,
-        max_restarts=snap.max_restarts,
-        elapsed_s=snap.elapsed_s,
-        total_steps=snap.total_steps,
-        ranks=[
-            pb.RankStatus(
-                rank=r.rank,
-                node_rank=r.node_rank,
-                local_rank=r.local_rank,
-                pid=r.pid,
-                hostname=r.hostname,
-                state=r.state.value,
-                generation=r.generation,
-                step=r.step,
-                samples=r.samples,
-                steps_per_s=r.steps_per_s,
-                has_loss=r.loss is not None,
-                loss=r.loss or 0.0,
-                rss_bytes=r.rss_bytes,
-                cpu_percent=r.cpu_percent,
-                heartbeat_age_s=r.heartbeat_age_s if r.heartbeat_age_s is not None else -1.0,
-                metrics=r.metrics,
-                straggler=r.straggler,
-            )
-            for r in snap.ranks
-        ],
-    )
 
 
 class MasterServer(ServerThread):

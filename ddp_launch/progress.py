@@ -25,12 +25,20 @@ MAX_METRIC_NAME = 64
 
 @dataclass(frozen=True)
 class Progress:
-    step: int = 0
+    """What one heartbeat says about a worker's training (see record.py for the two steps)."""
+
+    optimizer_steps: int = 0  # this generation's, counted by the step hook
+    reported_step: int | None = None  # the script's own, when it reported one
     samples: int = 0
     loss: float | None = None
     total_steps: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     step_age_s: float = 0.0  # seconds since the step last changed
+
+    @property
+    def step(self) -> int:
+        """The progress step: the reported one when there is one, else optimizer steps."""
+        return self.optimizer_steps if self.reported_step is None else self.reported_step
 
 
 class _Tracker:
@@ -80,9 +88,16 @@ class _Tracker:
 
     def snapshot(self) -> Progress:
         with self._lock:
-            step = self._explicit_step if self._explicit_step is not None else self._auto_step
             age = time.monotonic() - self._last_step_at
-            return Progress(step, self._samples, self._loss, self._total_steps, dict(self._metrics), age)
+            return Progress(
+                self._auto_step,
+                self._explicit_step,
+                self._samples,
+                self._loss,
+                self._total_steps,
+                dict(self._metrics),
+                age,
+            )
 
 
 tracker = _Tracker()

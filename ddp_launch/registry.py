@@ -4,30 +4,28 @@ Thread-safe (the gRPC servicer calls it from its thread pool, the supervisor and
 view from theirs) and free of I/O: it imports neither grpc nor torch, and takes its clock
 as an argument, so it is tested as a plain object with a fake clock.
 
-A rank's life within one generation (RankState)::
-
-    STARTING --register--> WAITING --barrier opens--> TRAINING --exit 0--> DONE
-                                                          |
-                                                          +--> HUNG (verdict) / FAILED (exit != 0)
-
-A restart begins a new generation: every slot goes back to STARTING and workers of an
-older generation are told they are superseded.
+A rank's life within one generation is `record.RankState` (documented there, with who makes
+each transition). Every transition is also journaled with the registry's clock at the moment
+it happened (`drain_transitions`), so the event log dates an event when it happened, not
+when a tick noticed it. `snapshot` gives every rank as an immutable `RankRecord`.
 """
 
 from __future__ import annotations
 
-import enum
 import math
 import socket
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from ddp_launch.env import Assignment
 from ddp_launch.errors import DdpLaunchError
+from ddp_launch.progress import Progress
+from ddp_launch.record import RankRecord, RankState
 
 RATE_WINDOW_S = 10.0
 MAX_METRICS = 32
@@ -36,13 +34,11 @@ MAX_HOSTNAME = 256
 MAX_TEXT = 64 * 1024
 
 
-class RankState(enum.Enum):
-    STARTING = "starting"
-    WAITING = "waiting"
-    TRAINING = "training"
-    HUNG = "hung"
-    FAILED = "failed"
-    DONE = "done"
+# Transitions kept for the event log between two drains; beyond this the oldest are dropped
+# (a reader that never drains must not grow the master's memory).
+JOURNAL_LIMIT = 100_000
+
+__all__ = ["RankRecord", "RankState", "Registry", "RunSnapshot"]
 
 
 class Rejected(DdpLaunchError):
@@ -68,23 +64,27 @@ def free_port(host: str) -> int:
 
 @dataclass
 class _Slot:
-    """One rank's live record in the current generation (mutable, guarded by the lock)."""
+    """One rank's live state in the current generation (mutable, guarded by the lock).
+
+    Only the registry sees it; everyone else gets a `RankRecord` built by `_record`.
+    """
 
     rank: int
     node_rank: int
     local_rank: int
     state: RankState = RankState.STARTING
+    state_since: float = 0.0
     pid: int = 0
     hostname: str = ""
     registered_at: float | None = None
     last_heartbeat_at: float | None = None
-    step: int = 0
-    samples: int = 0
-    loss: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    progress: Progress = field(default_factory=Progress)
+    loss: float | None = None  # the last finite loss: a heartbeat without one keeps it
     last_step_change_at: float | None = None
     heartbeats: int = 0
+    # (time, rate step) of this generation's recent heartbeats; see _rate_step
     rate_window: deque[tuple[float, int]] = field(default_factory=deque)
+    rate_source: str = ""
     rss_bytes: int = 0
     cpu_percent: float = 0.0
     exit_code: int | None = None
@@ -94,33 +94,10 @@ class _Slot:
     traceback: str = ""
 
 
-@dataclass(frozen=True, slots=True)  # slots: half the cost to build, a thousand per snapshot
-class RankView:
-    """A rank as the live view, the status command and the failure report see it."""
-
-    rank: int
-    node_rank: int
-    local_rank: int
-    state: RankState
-    generation: int
-    pid: int
-    hostname: str
-    step: int
-    samples: int
-    steps_per_s: float
-    loss: float | None
-    metrics: Mapping[str, float]
-    rss_bytes: int
-    cpu_percent: float
-    heartbeat_age_s: float | None
-    exit_code: int | None
-    exception_type: str
-    traceback: str
-    straggler: bool = False
-
-
 @dataclass(frozen=True)
 class RunSnapshot:
+    """The whole run at one moment of the registry's clock (`taken_at`)."""
+
     run_id: str
     world_size: int
     generation: int
@@ -128,7 +105,8 @@ class RunSnapshot:
     elapsed_s: float
     total_steps: int  # 0 when no script reported one
     barrier_open: bool
-    ranks: tuple[RankView, ...]
+    ranks: tuple[RankRecord, ...]
+    taken_at: float = 0.0
 
     @property
     def step(self) -> int:
@@ -136,9 +114,50 @@ class RunSnapshot:
         return min((r.step for r in self.ranks), default=0)
 
     @property
+    def step_reported(self) -> bool:
+        """Whether `step` is the script's own (every rank reported one), not optimizer steps."""
+        return bool(self.ranks) and all(r.reported_step is not None for r in self.ranks)
+
+    @property
+    def optimizer_steps(self) -> int:
+        """The slowest rank's optimizer steps in this generation."""
+        return min((r.optimizer_steps for r in self.ranks), default=0)
+
+    @property
+    def samples(self) -> int:
+        """Samples processed, as the script reported them: by `report()`'s contract each rank
+        reports the world's count, so the largest report is the world's progress."""
+        return max((r.samples for r in self.ranks), default=0)
+
+    @property
     def loss(self) -> float | None:
+        """The mean over ranks of each rank's last reported loss (not the script's own
+        reduction of it)."""
         losses = [r.loss for r in self.ranks if r.loss is not None]
         return sum(losses) / len(losses) if losses else None
+
+    @property
+    def steps_per_s(self) -> float | None:
+        """The median of the training ranks' rates (of all ranks' once none trains), the
+        world's rate: DDP ranks move together. None while no rank has one."""
+        training = [r.steps_per_s for r in self.ranks if r.steps_per_s > 0 and r.state is RankState.TRAINING]
+        rates = training or [r.steps_per_s for r in self.ranks if r.steps_per_s > 0]
+        return statistics.median(rates) if rates else None
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One thing that happened to the run, at `at` (the registry's clock).
+
+    kind is "register", "barrier_open", "state", "straggler" or "straggler_cleared";
+    `record` is the rank as it was right after (None for barrier_open).
+    """
+
+    at: float
+    kind: str
+    generation: int
+    record: RankRecord | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -200,6 +219,9 @@ class Registry:
         self._slots: list[_Slot] = []
         self._registered = 0
         self._end: RunState | None = None
+        # The state a worker's exit is recorded as once the group is being stopped (begin_stop).
+        self._stopping: RankState | None = None
+        self._journal: deque[Transition] = deque(maxlen=JOURNAL_LIMIT)
         self.begin_generation(0)
 
     # -- generations and registration --------------------------------------------------
@@ -211,11 +233,15 @@ class Registry:
                 raise ValueError(f"generation {generation} is not after {self.generation}")
             self.generation = generation
             self.ddp_port = self._fixed_ddp_port or self._port_picker(self.ddp_addr)
+            now = self._clock()
             self._slots = [
-                _Slot(rank=r, node_rank=r // self.local_world_size, local_rank=r % self.local_world_size)
+                _Slot(
+                    rank=r, node_rank=r // self.local_world_size, local_rank=r % self.local_world_size, state_since=now
+                )
                 for r in range(self.world_size)
             ]
             self._registered = 0
+            self._stopping = None
             self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
 
     def register(
@@ -261,16 +287,19 @@ class Registry:
                     )
                 raise Rejected(Rejected.DUPLICATE, f"rank {rank} is already registered by pid {slot.pid}")
             now = self._clock()
-            slot.state = RankState.WAITING
             slot.pid = pid
             slot.hostname = hostname
             slot.registered_at = now
+            self._set_state(slot, RankState.WAITING, now, "register")
             self._registered += 1
             if self._registered == self.world_size:
                 for s in self._slots:
                     if s.state is RankState.WAITING:  # not one that already exited
-                        s.state = RankState.TRAINING
+                        s.state, s.state_since = RankState.TRAINING, now
                         s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
+                self._journal.append(
+                    Transition(now, "barrier_open", generation, fields={"world_size": self.world_size})
+                )
                 self._cond.notify_all()
             return self._assignment(slot)
 
@@ -327,63 +356,65 @@ class Registry:
 
     # -- progress ------------------------------------------------------------------------
 
-    def heartbeat(
-        self,
-        *,
-        rank: int,
-        generation: int,
-        pid: int,
-        step: int,
-        samples: int = 0,
-        loss: float | None = None,
-        metrics: Mapping[str, float] | None = None,
-        total_steps: int = 0,
-        step_age_s: float = 0.0,
-    ) -> bool:
+    def heartbeat(self, *, rank: int, generation: int, pid: int, progress: Progress) -> bool:
         """Record a worker's progress. Returns True when its generation is over (superseded).
 
         Raises:
             Rejected: unknown rank, a pid that does not hold the slot, or bad values.
         """
-        if step < 0 or samples < 0 or total_steps < 0:
-            raise Rejected(Rejected.INVALID, "step, samples and total_steps must be >= 0")
-        if loss is not None and not math.isfinite(loss):
-            loss = None  # a diverged loss is reported as missing, not allowed to poison means
-        metrics = dict(metrics or {})
-        if len(metrics) > MAX_METRICS:
-            raise Rejected(Rejected.INVALID, f"{len(metrics)} metrics in one heartbeat; at most {MAX_METRICS}")
-        for name, value in metrics.items():
+        p = progress
+        if p.optimizer_steps < 0 or (p.reported_step or 0) < 0 or p.samples < 0 or p.total_steps < 0:
+            raise Rejected(Rejected.INVALID, "steps, samples and total_steps must be >= 0")
+        if len(p.metrics) > MAX_METRICS:
+            raise Rejected(Rejected.INVALID, f"{len(p.metrics)} metrics in one heartbeat; at most {MAX_METRICS}")
+        for name, value in p.metrics.items():
             if not name or len(name) > MAX_NAME:
                 raise Rejected(Rejected.INVALID, f"metric names must have 1..{MAX_NAME} characters")
             if not math.isfinite(value):
                 raise Rejected(Rejected.INVALID, f"metric {name!r} is not a finite number ({value})")
+        # A diverged loss is reported as missing, not allowed to poison means.
+        loss = p.loss if p.loss is not None and math.isfinite(p.loss) else None
         with self._cond:
             if generation < self.generation:
                 return True
             slot = self._registered_slot(rank, generation, pid)
             now = self._clock()
+            step = p.step
             # The first heartbeat sets the baseline (a resumed run may start at any step);
             # the step rule of find_hung applies once the step has moved from it.
-            if slot.heartbeats and step != slot.step:
+            if slot.heartbeats and step != slot.progress.step:
                 # Dated by the worker's own clock where it can be: a stall then counts from the
                 # step itself, not from the heartbeat that saw it (up to an interval later),
                 # but never from before the previous heartbeat.
-                age = step_age_s if math.isfinite(step_age_s) and step_age_s > 0 else 0.0
+                age = p.step_age_s if math.isfinite(p.step_age_s) and p.step_age_s > 0 else 0.0
                 slot.last_step_change_at = max(now - age, slot.last_heartbeat_at or now)
             slot.heartbeats += 1
             slot.last_heartbeat_at = now
-            slot.step = step
-            slot.samples = samples
+            slot.progress = p
             if loss is not None:
                 slot.loss = loss
-            slot.metrics = metrics  # each heartbeat carries the worker's whole set
-            if total_steps:
-                self._total_steps = total_steps
-            window = slot.rate_window
-            window.append((now, step))
-            while len(window) > 2 and now - window[0][0] > RATE_WINDOW_S:
-                window.popleft()
+            if p.total_steps:
+                self._total_steps = p.total_steps
+            self._add_rate_point(slot, now, p)
             return False
+
+    @staticmethod
+    def _add_rate_point(slot: _Slot, now: float, p: Progress) -> None:
+        """The rate counts optimizer steps when the script steps an optimizer (they are this
+        generation's own work, whatever step a resume starts from), else its reported steps.
+        A change of source, or a step going backwards, starts the window afresh, so a jump to
+        a checkpoint's step is never a rate."""
+        if p.optimizer_steps == 0 and p.reported_step is not None:
+            source, value = "reported", p.reported_step
+        else:
+            source, value = "optimizer", p.optimizer_steps
+        window = slot.rate_window
+        if source != slot.rate_source or (window and value < window[-1][1]):
+            window.clear()
+            slot.rate_source = source
+        window.append((now, value))
+        while len(window) > 2 and now - window[0][0] > RATE_WINDOW_S:
+            window.popleft()
 
     def report_failure(self, *, rank: int, generation: int, pid: int, exception_type: str, traceback: str) -> None:
         with self._cond:
@@ -412,13 +443,27 @@ class Registry:
             if generation < self.generation:
                 return
             slot = self._slots[rank]
+            if slot.exit_code is not None:
+                return  # reported twice (the follower and a retry): the first one counts
             slot.exit_code = exit_code
-            slot.state = RankState.DONE if exit_code == 0 else RankState.FAILED
+            now = self._clock()
+            if slot.state is RankState.HUNG:  # the verdict stands; the exit is how it ended
+                return
+            state = RankState.DONE if exit_code == 0 else self._stopping or RankState.FAILED
+            self._set_state(slot, state, now, "state")
 
-    def failed_ranks(self) -> list[tuple[int, int]]:
-        """(rank, exit code) of the current generation's failed ranks."""
+    def begin_stop(self, generation: int, *, interrupted: bool) -> None:
+        """Node 0's launcher is stopping generation `generation`'s group: a worker that ends
+        from now on was ended by it (STOPPED), or by the user's signal it forwarded
+        (INTERRUPTED), and did not fail."""
         with self._cond:
-            return [(s.rank, s.exit_code or 0) for s in self._slots if s.state is RankState.FAILED]
+            if generation == self.generation:
+                self._stopping = RankState.INTERRUPTED if interrupted else RankState.STOPPED
+
+    def failed_ranks(self) -> list[tuple[int, int, int]]:
+        """(rank, pid, exit code) of the current generation's failed ranks."""
+        with self._cond:
+            return [(s.rank, s.pid, s.exit_code or 0) for s in self._slots if s.state is RankState.FAILED]
 
     @property
     def all_done(self) -> bool:
@@ -451,7 +496,9 @@ class Registry:
 
     def mark_hung(self, rank: int) -> None:
         with self._cond:
-            self._slots[rank].state = RankState.HUNG
+            slot = self._slots[rank]
+            if not slot.state.final:
+                self._set_state(slot, RankState.HUNG, self._clock(), "state")
 
     def excuse_pause(self) -> None:
         """The whole run was paused (Ctrl-Z) and goes on: nobody was silent or stalled by
@@ -490,12 +537,12 @@ class Registry:
                         verdicts.append(
                             HangVerdict(
                                 s.rank,
-                                f"step {s.step} has not advanced for {stalled_for:.0f} s",
+                                f"step {s.progress.step} has not advanced for {stalled_for:.0f} s",
                                 stalled_for,
                                 s.last_step_change_at,
                             )
                         )
-            verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].step, v.rank))
+            verdicts.sort(key=lambda v: (v.last_sign_of_life, self._slots[v.rank].progress.step, v.rank))
         return verdicts
 
     def update_stragglers(self, fraction: float, window_s: float) -> list[int]:
@@ -518,6 +565,12 @@ class Registry:
                 rate = rates.get(s.rank)
                 if rate is None or len(s.rate_window) < 2 or rate >= fraction * median:
                     s.slow_since = None
+                    # Cleared as an event only when it recovered: a rank that stopped training
+                    # (it failed, it finished) did not catch up.
+                    if s.straggler and rate is not None:
+                        s.straggler = False
+                        record = self._record(s, self.generation, now, rate or 0.0)
+                        self._journal.append(Transition(now, "straggler_cleared", self.generation, record))
                     s.straggler = False
                     continue
                 if s.slow_since is None:
@@ -525,6 +578,15 @@ class Registry:
                 if not s.straggler and now - s.slow_since >= window_s:
                     s.straggler = True
                     flagged.append(s.rank)
+                    self._journal.append(
+                        Transition(
+                            now,
+                            "straggler",
+                            self.generation,
+                            self._record(s, self.generation, now, rate),
+                            {"median_steps_per_s": median},
+                        )
+                    )
         return flagged
 
     def unregistered_ranks(self) -> list[int]:
@@ -535,12 +597,13 @@ class Registry:
 
     def snapshot(self) -> RunSnapshot:
         now = self._clock()
-        # Under the lock only a flat copy of each slot: the views (thousands of objects at a
-        # large world) are built after it is released, so heartbeats never wait for them.
+        # Under the lock only a flat copy of each slot (its attribute dict) and its rate: the
+        # records (thousands at a large world) are built after the lock is released, so
+        # heartbeats never wait for them.
         with self._cond:
             generation, total_steps = self.generation, self._total_steps
             barrier_open = self._registered == self.world_size
-            rows = [self._copy(s) for s in self._slots]
+            rows = [(vars(s).copy(), self._rate(s)) for s in self._slots]
         return RunSnapshot(
             run_id=self.run_id,
             world_size=self.world_size,
@@ -549,8 +612,27 @@ class Registry:
             elapsed_s=now - self._started_at,
             total_steps=total_steps,
             barrier_open=barrier_open,
-            ranks=tuple(self._view(row, generation, now) for row in rows),
+            ranks=tuple(_record_of(row, rate, generation, now, total_steps) for row, rate in rows),
+            taken_at=now,
         )
+
+    def drain_transitions(self) -> list[Transition]:
+        """What happened since the last call, oldest first, each dated when it happened."""
+        with self._cond:
+            out = list(self._journal)
+            self._journal.clear()
+        return out
+
+    # -- internals (the lock is held) ------------------------------------------------------
+
+    def _set_state(self, slot: _Slot, state: RankState, now: float, kind: str) -> None:
+        previous = slot.state
+        slot.state, slot.state_since = state, now
+        record = self._record(slot, self.generation, now)
+        self._journal.append(Transition(now, kind, self.generation, record, {"previous": previous.value}))
+
+    def _record(self, s: _Slot, generation: int, now: float, rate: float | None = None) -> RankRecord:
+        return _record_of(vars(s), self._rate(s) if rate is None else rate, generation, now, self._total_steps)
 
     @staticmethod
     def _rate(s: _Slot) -> float:
@@ -559,35 +641,33 @@ class Registry:
         (t0, s0), (t1, s1) = s.rate_window[0], s.rate_window[-1]
         return (s1 - s0) / (t1 - t0) if t1 > t0 else 0.0
 
-    @classmethod
-    def _copy(cls, s: _Slot) -> tuple:
-        # A heartbeat replaces a slot's metrics dict, never changes it: the reference is enough.
-        return (s.rank, s.node_rank, s.local_rank, s.state, s.pid, s.hostname, s.step, s.samples, cls._rate(s),
-                s.loss, s.metrics, s.rss_bytes, s.cpu_percent, s.last_heartbeat_at, s.exit_code,
-                s.exception_type, s.traceback, s.straggler)  # fmt: skip
 
-    @staticmethod
-    def _view(row: tuple, generation: int, now: float) -> RankView:
-        (rank, node_rank, local_rank, state, pid, hostname, step, samples, rate, loss, metrics, rss_bytes,
-         cpu_percent, last_heartbeat_at, exit_code, exception_type, traceback, straggler) = row  # fmt: skip
-        return RankView(
-            rank=rank,
-            node_rank=node_rank,
-            local_rank=local_rank,
-            state=state,
-            generation=generation,
-            pid=pid,
-            hostname=hostname,
-            step=step,
-            samples=samples,
-            steps_per_s=rate,
-            loss=loss,
-            metrics=dict(metrics),
-            rss_bytes=rss_bytes,
-            cpu_percent=cpu_percent,
-            heartbeat_age_s=None if last_heartbeat_at is None else now - last_heartbeat_at,
-            exit_code=exit_code,
-            exception_type=exception_type,
-            traceback=traceback,
-            straggler=straggler,
-        )
+def _record_of(slot: dict[str, Any], rate: float, generation: int, now: float, total_steps: int) -> RankRecord:
+    """The one place a rank's record is built: from a slot's attributes (`vars(slot)`)."""
+    p: Progress = slot["progress"]
+    last_heartbeat_at = slot["last_heartbeat_at"]
+    return RankRecord(
+        rank=slot["rank"],
+        node_rank=slot["node_rank"],
+        local_rank=slot["local_rank"],
+        generation=generation,
+        state=slot["state"],
+        pid=slot["pid"],
+        hostname=slot["hostname"],
+        optimizer_steps=p.optimizer_steps,
+        reported_step=p.reported_step,
+        samples=p.samples,
+        steps_per_s=rate,
+        loss=slot["loss"],
+        # A heartbeat replaces a progress's metrics dict, never changes it: no copy needed.
+        metrics=p.metrics,
+        total_steps=total_steps,
+        rss_bytes=slot["rss_bytes"],
+        cpu_percent=slot["cpu_percent"],
+        heartbeat_age_s=None if last_heartbeat_at is None else now - last_heartbeat_at,
+        exit_code=slot["exit_code"],
+        exception_type=slot["exception_type"],
+        traceback=slot["traceback"],
+        straggler=slot["straggler"],
+        state_since_s=slot["state_since"],
+    )

@@ -34,7 +34,7 @@ from typing import Any
 
 from ddp_launch.errors import ConfigError
 from ddp_launch.events import SLOWEST_LIMIT, read_events
-from ddp_launch.view import format_duration, format_loss, format_rate
+from ddp_launch.format import format_duration, format_loss, format_rate
 
 EVENTS_FILE = "events.jsonl"
 FAILURE_FILE = "failure.json"
@@ -63,7 +63,7 @@ PALETTE = (
     "#bcbd22",
     "#17becf",
 )
-MARKER_COLORS = {"restart": "#1f77b4", "failure": "#d62728", "straggler": "#ff7f0e"}
+MARKER_COLORS = {"restart": "#1f77b4", "failure": "#d62728", "straggler": "#ff7f0e", "interrupted": "#7f7f7f"}
 # (data key, chart title, y-axis label, file stem for the PNG, y axis starts at 0)
 CHARTS = (
     ("loss", "Loss", "loss", "report-loss", False),
@@ -113,6 +113,7 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
     markers: list[dict[str, Any]] = []
     generations_failed: set[int] = set()
     rank_end_markers: dict[int, dict[str, Any]] = {}
+    interrupted: set[int] = set()
     failure_event: dict[str, Any] | None = None
     restarts = 0
     counts: dict[str, int] = {}
@@ -134,11 +135,16 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
         elif kind == "state" and rank is not None:
             state = str(e.get("state"))
             states[rank] = (-1 if gen is None else gen, state)
+            # Only a rank's own failure counts: a rank the launcher stopped (after another
+            # rank failed, or on the user's signal) is "stopped" or "interrupted".
             if state in ("failed", "hung"):
                 failures_by_rank[rank] = failures_by_rank.get(rank, 0) + 1
                 if gen is not None and gen not in rank_end_markers:
-                    exit_text = f" (exit {e['exit_code']})" if e.get("exit_code") is not None else ""
+                    exit_text = f" ({e['exit']})" if e.get("exit") else ""
                     rank_end_markers[gen] = _marker(t, "failure", gen, f"rank {rank} {state}{exit_text}")
+            elif state == "interrupted" and gen is not None and gen not in interrupted:
+                interrupted.add(gen)
+                markers.append(_marker(t, "interrupted", gen, "interrupted: the launcher got a stop signal"))
         elif kind == "straggler" and rank is not None:
             stragglers_by_rank[rank] = stragglers_by_rank.get(rank, 0) + 1
             label = f"rank {rank} is a straggler: {_rate(e.get('steps_per_s'))}"
@@ -807,7 +813,7 @@ def render_png(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError:
-        raise ConfigError("PNG plots need matplotlib: pip install matplotlib") from None
+        raise ConfigError("PNG plots need matplotlib: pip install 'ddp-launch[report]'") from None
     run_dir = Path(run_dir)
     data = load_report_data(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir

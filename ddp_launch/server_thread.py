@@ -18,9 +18,9 @@ from typing import Any
 
 import grpc
 
-from ddp_launch.client import MAX_REPLY_BYTES, MAX_REQUEST_BYTES, TOKEN_METADATA_KEY
 from ddp_launch.config import TlsFiles, check_can_listen
 from ddp_launch.errors import ConfigError
+from ddp_launch.wire import TOKEN_METADATA_KEY, server_options
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):
@@ -126,12 +126,8 @@ class ServerThread:
         self._server = grpc.aio.server(
             migration_thread_pool=self._pool,
             interceptors=[self.interceptor],
-            options=[
-                ("grpc.max_send_message_length", MAX_REPLY_BYTES),
-                ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                # Without this a second server could silently share a port already in use.
-                ("grpc.so_reuseport", 0),
-            ],
+            # Without so_reuseport 0 a second server could silently share a port already in use.
+            options=[*server_options(), ("grpc.so_reuseport", 0)],
         )
         self._add_servicers(self._server)
         try:

@@ -11,8 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ddp_launch import env
+from ddp_launch import env, wire
 from ddp_launch.errors import DdpLaunchError
+from ddp_launch.format import format_bytes, format_loss
+from ddp_launch.record import rank_json
 
 MASTER_FILE = "master.json"
 TOKEN_FILE = "token"
@@ -88,49 +90,35 @@ def fetch_status(address: str, token: str, tls_ca: str | None = None, timeout_s:
         "max_restarts": reply.max_restarts,
         "elapsed_s": round(reply.elapsed_s, 3),
         "total_steps": reply.total_steps,
-        "ranks": [
-            {
-                "rank": r.rank,
-                "node": r.node_rank,
-                "hostname": r.hostname,
-                "pid": r.pid,
-                "state": r.state,
-                "generation": r.generation,
-                "step": r.step,
-                "steps_per_s": round(r.steps_per_s, 3),
-                "loss": r.loss if r.has_loss else None,
-                "rss_bytes": r.rss_bytes,
-                "cpu_percent": round(r.cpu_percent, 1),
-                "heartbeat_age_s": None if r.heartbeat_age_s < 0 else round(r.heartbeat_age_s, 3),
-                "straggler": r.straggler,
-                "metrics": dict(r.metrics),
-            }
-            for r in reply.ranks
-        ],
+        "ranks": [rank_json(wire.record_from_proto(r)) for r in reply.ranks],
     }
 
 
 def format_table(status: dict[str, Any]) -> str:
-    """The status as a table a person reads."""
+    """The status as a table a person reads: ``step`` is the step the script reported (``-``
+    when it reported none), ``opt steps`` the optimizer steps of this generation."""
     head = (
         f"run {status['run_id']}: {status['world_size']} ranks, generation {status['generation']}, "
         f"restarts {status['restarts']}/{status['max_restarts']}, up {status['elapsed_s']:.0f} s"
     )
-    columns = ["rank", "node", "pid", "state", "gen", "step", "steps/s", "loss", "rss", "cpu%", "hb age"]
+    columns = ["rank", "node", "pid", "state", "gen", "step", "opt steps", "steps/s", "loss", "rss", "cpu%", "hb age"]
     rows = []
     for r in status["ranks"]:
         state = r["state"] + (" straggler" if r["straggler"] else "")
+        if r["exit"]:
+            state += f" ({r['exit']})"
         rows.append(
             [
                 str(r["rank"]),
-                str(r["node"]),
+                str(r["node_rank"]),
                 str(r["pid"] or "-"),
                 state,
                 str(r["generation"]),
-                str(r["step"]),
+                "-" if r["reported_step"] is None else str(r["reported_step"]),
+                str(r["optimizer_steps"]),
                 f"{r['steps_per_s']:.1f}",
-                "-" if r["loss"] is None else f"{r['loss']:.4g}",
-                f"{r['rss_bytes'] / 2**20:.0f} MB" if r["rss_bytes"] else "-",
+                format_loss(r["loss"]),
+                format_bytes(r["rss_bytes"]),
                 f"{r['cpu_percent']:.0f}",
                 "-" if r["heartbeat_age_s"] is None else f"{r['heartbeat_age_s']:.1f} s",
             ]

@@ -25,6 +25,7 @@ import psutil
 
 from ddp_launch.config import RunConfig
 from ddp_launch.output import OutputPump
+from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, Registry, RunSnapshot
 from ddp_launch.worker import STACK_DUMP_SIGNAL
 
@@ -65,21 +66,14 @@ WorkerStarter = Callable[[int, int], WorkerHandle]
 
 
 class Outcome(enum.Enum):
+    """How a generation, and so the run, ended. The launcher's exit code follows from it:
+    0, the first failed rank's code, 128+N for signal N, 124 for a timeout, 1 for a hang."""
+
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     HUNG = "hung"
     INTERRUPTED = "interrupted"
     TIMED_OUT = "timed out"
-
-
-def describe_exit(code: int) -> str:
-    """'exit code 3' or 'signal SIGKILL' from a multiprocessing exit code (negative: signal)."""
-    if code < 0:
-        try:
-            return f"signal {signal.Signals(-code).name}"
-        except ValueError:
-            return f"signal {-code}"
-    return f"exit code {code}"
 
 
 def shell_exit_code(code: int) -> int:
@@ -89,6 +83,9 @@ def shell_exit_code(code: int) -> int:
 
 @dataclass(frozen=True)
 class WorkerExit:
+    """A worker that ended with a non-zero code while its generation ran (not while the
+    launcher stopped the group): a failure."""
+
     rank: int
     pid: int
     exit_code: int  # multiprocessing's: negative for a signal
@@ -101,6 +98,13 @@ class WorkerExit:
 
 @dataclass
 class GenerationResult:
+    """How one generation ended, as the supervisor saw it.
+
+    `failures` are in the order they died; the first is the root cause unless a hang verdict
+    named one (`root_rank`). `snapshot` is the registry's state after the group was stopped,
+    so it holds every rank's last heartbeat and how each one ended.
+    """
+
     generation: int
     outcome: Outcome
     failures: list[WorkerExit] = field(default_factory=list)  # in the order they died
@@ -109,11 +113,13 @@ class GenerationResult:
     root_rank: int | None = None  # the rank that failed or stopped first
     message: str = ""
     signal_number: int | None = None
-    snapshot: RunSnapshot | None = None  # the state just before the group was stopped
+    snapshot: RunSnapshot | None = None
 
 
 @dataclass
 class RunResult:
+    """The supervisor's whole run: every generation's result, the last one decisive."""
+
     outcome: Outcome
     generations: list[GenerationResult]
     wall_s: float
@@ -207,14 +213,17 @@ class Supervisor:
         for local_rank in range(self.config.nproc_per_node):
             self._workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
         result = self._watch(generation)
-        result.snapshot = self.registry.snapshot()
         if result.outcome is Outcome.HUNG and result.hung:
             result.stacks = self._dump_stacks()
             result.root_rank = _root_of_hang(result.hung, result.stacks)
+        if result.outcome is not Outcome.SUCCEEDED:
+            self.registry.begin_stop(generation, interrupted=result.outcome is Outcome.INTERRUPTED)
         # An interrupted run forwards the signal the user sent (Ctrl-C reaches the script as
         # KeyboardInterrupt, which it may catch to save); every other stop is a SIGTERM.
         self.stop_group(result.signal_number or signal.SIGTERM)
-        self._collect_collateral(result)
+        self._record_remaining_exits(result.generation)
+        # Read after the stop: every worker's last heartbeat (sent as it exits) is in.
+        result.snapshot = self.registry.snapshot()
         return result
 
     def _watch(self, generation: int) -> GenerationResult:
@@ -298,11 +307,8 @@ class Supervisor:
             self._on_tick(self.registry.snapshot())
 
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
-        failed = [(rank, code) for rank, code in self.registry.failed_ranks() if rank not in self._workers]
-        if not failed:  # the usual case: no snapshot of the whole world needed
-            return []
-        views = {r.rank: r for r in self.registry.snapshot().ranks}
-        return [WorkerExit(rank, views[rank].pid, code, time.time()) for rank, code in failed]
+        failed = self.registry.failed_ranks()
+        return [WorkerExit(rank, pid, code, time.time()) for rank, pid, code in failed if rank not in self._workers]
 
     def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
         for rank, w in alive.items():
@@ -334,12 +340,12 @@ class Supervisor:
         self._pump.wait_quiet(list(marks), quiet_s=0.3, timeout_s=STACK_DUMP_WAIT_S)
         return {rank: "\n".join(self._pump.lines_since(rank, mark)) for rank, mark in marks.items()}
 
-    def _collect_collateral(self, result: GenerationResult) -> None:
-        """Ranks that died while we stopped the group died because of the first failure."""
+    def _record_remaining_exits(self, generation: int) -> None:
+        """How the workers that were still running ended (the registry keeps the first report
+        of each: those already recorded are unchanged)."""
         for rank, w in self._workers.items():
-            code = w.exitcode
-            if code is not None and code != 0 and all(f.rank != rank for f in result.failures):
-                self.registry.record_exit(rank, result.generation, code)
+            if w.exitcode is not None:
+                self.registry.record_exit(rank, generation, w.exitcode)
 
     # -- stopping ------------------------------------------------------------------------
 

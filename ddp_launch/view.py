@@ -31,24 +31,22 @@ Usage::
 
 from __future__ import annotations
 
-import math
 import os
 import statistics
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from ddp_launch.registry import RATE_WINDOW_S, RankState, RankView, RunSnapshot
+from ddp_launch.format import format_bytes, format_duration, format_loss, format_rate, rate_number
+from ddp_launch.record import RankRecord, RankState
+from ddp_launch.registry import RunSnapshot
 
 PREFIX = "[ddp-launch]"
 
-# A world-step rate over less time than this is mostly quantisation noise (a step or two
-# between snapshots); below it the ranks' own windowed rates are used instead.
-_MIN_RATE_SPAN_S = 1.0
 # A training rank that has been silent this long is flagged on its line, before the hang
 # verdict (which takes the full hang timeout) arrives.
 _STALE_HEARTBEAT_S = 5.0
@@ -57,78 +55,15 @@ _MAX_NAMED_RANKS = 4
 _STATE_ORDER = tuple(RankState)
 
 
-# -- formatting helpers -------------------------------------------------------------------
+# -- lines --------------------------------------------------------------------------------
 
 
-def format_rate(steps_per_s: float) -> str:
-    """Format a step rate the way tqdm users read it.
-
-    Args:
-        steps_per_s: steps per second; 0 means no progress, negative or non-finite unknown.
-
-    Returns:
-        ``"43.1 it/s"``, ``"1234 it/s"``, ``"0.52 it/s"``, or ``"12.5 s/it"`` below 0.1 it/s
-        (where seconds per step is the number people can picture); ``"? it/s"`` when unknown.
-    """
-    if not math.isfinite(steps_per_s) or steps_per_s < 0:
-        return "? it/s"
-    if steps_per_s == 0:
-        return "0.0 it/s"
-    if steps_per_s < 0.1:
-        return f"{1.0 / steps_per_s:.1f} s/it"
-    return f"{_rate_number(steps_per_s)} it/s"
-
-
-def _rate_number(steps_per_s: float) -> str:
-    if steps_per_s >= 1000:
-        return f"{steps_per_s:.0f}"
-    if steps_per_s >= 1:
-        return f"{steps_per_s:.1f}"
-    return f"{steps_per_s:.2f}"
-
-
-def format_duration(seconds: float) -> str:
-    """Format a duration compactly: ``"4s"``, ``"1m05s"``, ``"2h03m"``.
-
-    Args:
-        seconds: a non-negative duration; negative values count as 0.
-
-    Returns:
-        The duration; tenths of a second only below one second.
-    """
-    seconds = max(0.0, seconds)
-    if seconds < 1:
-        return f"{seconds:.1f}s"
-    s = round(seconds)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def format_bytes(n_bytes: int) -> str:
-    """Format a memory size in decimal units (``"312 MB"``, ``"1.2 GB"``); ``"-"`` when 0 (unknown)."""
-    if n_bytes <= 0:
-        return "-"
-    if n_bytes >= 10**9:
-        return f"{n_bytes / 1e9:.1f} GB"
-    if n_bytes >= 10**6:
-        return f"{n_bytes / 1e6:.0f} MB"
-    return f"{n_bytes / 1e3:.0f} kB"
-
-
-def format_loss(loss: float | None) -> str:
-    """Four significant digits (``"0.231"``, ``"2.346"``, ``"1.235e+04"``); ``"-"`` when unknown."""
-    return "-" if loss is None else f"{loss:.4g}"
-
-
-def _state_counts(ranks: Sequence[RankView]) -> tuple[int, ...]:
+def _state_counts(ranks: Sequence[RankRecord]) -> tuple[int, ...]:
     counts = Counter(r.state for r in ranks)
     return tuple(counts.get(s, 0) for s in _STATE_ORDER)
 
 
-def format_states(ranks: Sequence[RankView]) -> str:
+def format_states(ranks: Sequence[RankRecord]) -> str:
     """Summarise rank states: ``"4/4 training"``, or ``"3 training, 1 failed (rank 2)"``.
 
     Failed and hung ranks are named (the first few), since they are what the user looks for.
@@ -157,7 +92,7 @@ def _generation_text(snap: RunSnapshot) -> str:
     return f"gen {snap.generation} (restart {snap.generation}/{snap.max_restarts})"
 
 
-def _slowest(ranks: Sequence[RankView]) -> RankView | None:
+def _slowest(ranks: Sequence[RankRecord]) -> RankRecord | None:
     """The rank with the lowest step rate among those that have one; training ranks first."""
     rated = [r for r in ranks if r.steps_per_s > 0]
     training = [r for r in rated if r.state is RankState.TRAINING]
@@ -165,12 +100,7 @@ def _slowest(ranks: Sequence[RankView]) -> RankView | None:
     return min(pool, key=lambda r: (r.steps_per_s, r.step, r.rank)) if pool else None
 
 
-def _median_rate(ranks: Sequence[RankView]) -> float | None:
-    rates = [r.steps_per_s for r in ranks if r.steps_per_s > 0]
-    return statistics.median(rates) if rates else None
-
-
-def _rank_state_text(r: RankView) -> str:
+def _rank_state_text(r: RankRecord) -> str:
     if r.state is RankState.FAILED:
         detail = [f"exit {r.exit_code}"] if r.exit_code is not None else []
         if r.exception_type:
@@ -183,28 +113,37 @@ def _rank_state_text(r: RankView) -> str:
     return r.state.value
 
 
-def format_stragglers(ranks: Sequence[RankView]) -> str:
+def format_stragglers(ranks: Sequence[RankRecord]) -> str:
     """``stragglers: rank 3, rank 7`` or the empty string."""
     slow = [r.rank for r in ranks if r.straggler]
     return "stragglers: " + ", ".join(f"rank {r}" for r in slow[:8]) + (" ..." if len(slow) > 8 else "") if slow else ""
 
 
-def format_rank_line(r: RankView, *, rank_width: int = 1, step_width: int = 1) -> str:
+def step_word(reported: bool) -> str:
+    """What a step count is: the script's own step, or optimizer steps of this generation."""
+    return "step" if reported else "opt step"
+
+
+def format_rank_line(r: RankRecord, *, rank_width: int = 1, step_width: int = 1) -> str:
     """One rank's status line: ``rank 2  step 120  43.1 it/s  loss 0.231  rss 312 MB  cpu 98%  training``.
+
+    ``step`` is the step the script reported; without one the line shows ``opt step``, the
+    optimizer steps of this generation.
 
     Args:
         r: the rank.
         rank_width: digits to pad the rank number to, so lines of a world align.
         step_width: digits to pad the step to.
     """
+    word = step_word(r.reported_step is not None)
     return (
-        f"rank {r.rank:>{rank_width}}  step {r.step:>{step_width}}  {format_rate(r.steps_per_s):>10}"
+        f"rank {r.rank:>{rank_width}}  {word} {r.step:>{step_width}}  {format_rate(r.steps_per_s):>10}"
         f"  loss {format_loss(r.loss)}  rss {format_bytes(r.rss_bytes)}  cpu {r.cpu_percent:.0f}%"
         f"  {_rank_state_text(r)}"
     )
 
 
-def format_aggregate_line(ranks: Sequence[RankView]) -> str:
+def format_aggregate_line(ranks: Sequence[RankRecord]) -> str:
     """One line for a world too large for a line per rank.
 
     ``ranks 256: step min/median/max 118/120/121  it/s min/median/max 40.1/43.0/44.2  slowest rank 17``,
@@ -216,8 +155,8 @@ def format_aggregate_line(ranks: Sequence[RankView]) -> str:
     rates = sorted(r.steps_per_s for r in ranks)
     text = (
         f"ranks {len(ranks)}: step min/median/max {steps[0]}/{statistics.median_low(steps)}/{steps[-1]}"
-        f"  it/s min/median/max {_rate_number(rates[0])}/{_rate_number(statistics.median(rates))}"
-        f"/{_rate_number(rates[-1])}"
+        f"  it/s min/median/max {rate_number(rates[0])}/{rate_number(statistics.median(rates))}"
+        f"/{rate_number(rates[-1])}"
     )
     slowest = _slowest(ranks)
     if slowest is not None:
@@ -227,36 +166,6 @@ def format_aggregate_line(ranks: Sequence[RankView]) -> str:
     if stragglers := format_stragglers(ranks):
         text += f"  {stragglers}"
     return text
-
-
-class _WorldRate:
-    """Steps/s of the world step over a sliding window, timed by the snapshots' own clock.
-
-    The world step is what the ETA is about; the registry's clock (`elapsed_s`) is used
-    rather than ours so the rate does not depend on when `update()` happened to be called.
-    A new generation, or a step going backwards (a restart resumed from a checkpoint),
-    starts the window afresh.
-    """
-
-    def __init__(self, window_s: float = RATE_WINDOW_S) -> None:
-        self._window_s = window_s
-        self._points: deque[tuple[float, int]] = deque()
-        self._generation: int | None = None
-
-    def feed(self, snap: RunSnapshot) -> float | None:
-        """Add a snapshot; returns steps/s, or None while there is nothing to go on."""
-        t, step = snap.elapsed_s, snap.step
-        last = self._points[-1] if self._points else None
-        if snap.generation != self._generation or (last and (step < last[1] or t < last[0])):
-            self._points.clear()
-            self._generation = snap.generation
-        self._points.append((t, step))
-        while len(self._points) > 2 and t - self._points[0][0] > self._window_s:
-            self._points.popleft()
-        t0, s0 = self._points[0]
-        if t - t0 >= _MIN_RATE_SPAN_S and step > 0:
-            return (step - s0) / (t - t0)
-        return _median_rate(snap.ranks)
 
 
 def _eta_s(snap: RunSnapshot, rate: float | None) -> float | None:
@@ -274,7 +183,7 @@ def format_plain_line(snap: RunSnapshot, rate: float | None) -> str:
         snap: the run's state.
         rate: the world's steps/s, or None when unknown.
     """
-    step = f"step {snap.step}"
+    step = f"{step_word(snap.step_reported)} {snap.step}"
     if snap.total_steps:
         step += f"/{snap.total_steps} ({100 * snap.step / snap.total_steps:.0f}%)"
     parts = [f"{PREFIX} {step}", format_rate(-1.0 if rate is None else rate)]
@@ -312,7 +221,7 @@ class _Line(tqdm):
 
 
 _BAR_FORMAT_TOTAL = "ddp-launch {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{status}]"
-_BAR_FORMAT_NO_TOTAL = "ddp-launch step {n_fmt} [{status}]"
+_BAR_FORMAT_NO_TOTAL = "ddp-launch {step} {{n_fmt}} [{{status}}]"
 
 
 class LiveView:
@@ -352,7 +261,6 @@ class LiveView:
         self._clock = clock
         self._lock = threading.RLock()
         self._closed = False
-        self._rate = _WorldRate()
         # interactive state
         self._overall: _Line | None = None
         self._rank_lines: list[_Line] = []
@@ -375,7 +283,7 @@ class LiveView:
         with self._lock:
             if self._closed:
                 return
-            rate = self._rate.feed(snap)
+            rate = snap.steps_per_s
             if self.interactive:
                 self._draw(snap, rate)
             else:
@@ -485,9 +393,10 @@ class LiveView:
         overall = self._overall
         assert overall is not None
         total = snap.total_steps or None
-        if overall.total != total:
+        bar_format = _BAR_FORMAT_TOTAL if total else _BAR_FORMAT_NO_TOTAL.format(step=step_word(snap.step_reported))
+        if overall.total != total or overall.bar_format != bar_format:
             overall.total = total
-            overall.bar_format = _BAR_FORMAT_TOTAL if total else _BAR_FORMAT_NO_TOTAL
+            overall.bar_format = bar_format
         overall.n = snap.step
         overall.status = self._overall_status(snap, rate)
         overall.refresh()
@@ -524,7 +433,7 @@ class LiveView:
         self._close_live_lines()  # first: they are below the rank lines
         self._close_rank_lines()
         if self._overall is None:
-            self._overall = self._new_line(0, leave=True, bar_format=_BAR_FORMAT_NO_TOTAL)
+            self._overall = self._new_line(0, leave=True, bar_format=_BAR_FORMAT_NO_TOTAL.format(step="step"))
         n_ranks, per_rank = layout
         count = n_ranks if per_rank else min(n_ranks, 1)
         self._rank_lines = [self._new_line(i + 1, leave=False, bar_format="{status}") for i in range(count)]
@@ -584,37 +493,35 @@ class LiveView:
 # -- the end-of-run summary ---------------------------------------------------------------
 
 
-def format_summary(snap: RunSnapshot, *, wall_s: float, restarts: int) -> str:
+def format_summary(snap: RunSnapshot, *, wall_s: float, restarts: int, optimizer_steps_all: int | None = None) -> str:
     """The end-of-run summary, several lines, no trailing newline.
 
     Args:
-        snap: the run's final state (the last generation's ranks).
+        snap: the run's final state (the last generation's ranks, after they ended).
         wall_s: the run's wall time, launch to end.
         restarts: how many times the group was restarted.
+        optimizer_steps_all: optimizer steps of the slowest rank summed over every
+            generation (redone steps included), when there were restarts.
 
     Returns:
-        Wall time, final step (of the total when known), samples/s when samples were
-        reported, restarts, per-rank step rate min/median/max with the slowest rank, and
-        the final mean loss when known.
+        Wall time; the step (the script's own, of the total when known) and this
+        generation's optimizer steps; samples; restarts; the recent per-rank step rate
+        min/median/max with the slowest rank; and the mean of each rank's last reported
+        loss, when known.
     """
     ranks = snap.ranks
     lines = [f"{PREFIX} run {snap.run_id}: {len(ranks)} ranks, {format_states(ranks)}"]
     lines.append(f"  wall time  {format_duration(wall_s)}")
+    lines.append(f"  step       {_summary_step(snap, restarts, optimizer_steps_all)}")
+    if wall_s > 0 and snap.step > 0 and restarts == 0:
+        # Over the whole wall time, start-up included: what the user got.
+        lines[-1] += f" ({format_rate(snap.step / wall_s)} overall)"
 
-    step = f"{snap.step}/{snap.total_steps}" if snap.total_steps else f"{snap.step}"
-    if wall_s > 0 and snap.step > 0:
-        # Steps over the whole wall time, restarts and start-up included: what the user got.
-        step += f" ({format_rate(snap.step / wall_s)} overall)"
-    lines.append(f"  step       {step}")
-
-    samples = sum(r.samples for r in ranks)
-    if samples:
+    if snap.samples:
         if restarts == 0 and wall_s > 0:
-            lines.append(f"  samples/s  {samples / wall_s:.1f} ({samples} samples)")
+            lines.append(f"  samples/s  {snap.samples / wall_s:.1f} ({snap.samples} samples)")
         else:
-            # Samples are counted per generation, and the snapshot does not say when the
-            # last one began, so a rate over the whole wall time would understate it.
-            lines.append(f"  samples    {samples} in the final generation")
+            lines.append(f"  samples    {snap.samples} (as the script reported them)")
 
     lines.append(f"  restarts   {restarts}")
 
@@ -622,13 +529,60 @@ def format_summary(snap: RunSnapshot, *, wall_s: float, restarts: int) -> str:
     slowest = _slowest(ranks)
     if rates and slowest is not None:
         lines.append(
-            f"  step rate  min/median/max {_rate_number(rates[0])}/{_rate_number(statistics.median(rates))}"
-            f"/{_rate_number(rates[-1])} it/s, slowest rank {slowest.rank}"
+            f"  step rate  min/median/max {rate_number(rates[0])}/{rate_number(statistics.median(rates))}"
+            f"/{rate_number(rates[-1])} it/s (recent), slowest rank {slowest.rank}"
             f" ({format_rate(slowest.steps_per_s)})"
         )
     else:
         lines.append("  step rate  unknown (too few heartbeats)")
 
+    losses = [r.loss for r in ranks if r.loss is not None]
     if snap.loss is not None:
-        lines.append(f"  final loss {format_loss(snap.loss)} (mean over ranks)")
+        over = (
+            f"mean over {len(losses)} ranks"
+            if len(losses) > 1
+            else "rank " + str(next(r.rank for r in ranks if r.loss is not None))
+        )
+        lines.append(f"  loss       {format_loss(snap.loss)} (each rank's last report(loss=...), {over})")
     return "\n".join(lines)
+
+
+def _summary_step(snap: RunSnapshot, restarts: int, optimizer_steps_all: int | None) -> str:
+    """``20/20 (the script's step); 10 optimizer steps in generation 1`` and the like."""
+    low = min((r.optimizer_steps for r in snap.ranks), default=0)
+    high = max((r.optimizer_steps for r in snap.ranks), default=0)
+    opt = f"{low}" if low == high else f"{low}-{high} (by rank)"
+    opt += " optimizer steps" + (f" in generation {snap.generation}" if snap.generation else "")
+    if restarts and optimizer_steps_all is not None:
+        opt += f", {optimizer_steps_all} in all {restarts + 1} generations"
+    if not snap.step_reported:
+        return opt
+    step = f"{snap.step}/{snap.total_steps}" if snap.total_steps else f"{snap.step}"
+    return f"{step} (the script's step); {opt}"
+
+
+def format_restart_line(root: RankRecord | None, reason: str, generation: int, max_restarts: int) -> str:
+    """The console line of a restart: who ended the generation, how, where, and what comes.
+
+    ``[ddp-launch] rank 2 died (signal SIGKILL) at step 347; restarting as generation 1
+    (restart 1/3)``
+
+    Args:
+        root: the rank that ended the generation, as it was last seen, or None.
+        reason: the supervisor's message, used when no rank is to blame.
+        generation: the generation that starts now.
+        max_restarts: --max-restarts.
+    """
+    what = reason
+    if root is not None:
+        if root.state is RankState.HUNG:
+            what = reason
+        elif root.exit_code is not None:
+            verb = "died" if root.exit_code < 0 else "failed"
+            detail = root.exit or ""
+            if root.exception_type:
+                detail += f", {root.exception_type}"
+            what = f"rank {root.rank} {verb} ({detail})"
+        where = f"step {root.step}" if root.reported_step is not None else f"optimizer step {root.step}"
+        what += f" at {where}"
+    return f"{PREFIX} {what}; restarting as generation {generation} (restart {generation}/{max_restarts})"

@@ -95,7 +95,7 @@ class BarrierReply(_message.Message):
     def __init__(self, open: _Optional[bool] = ..., superseded: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps", "step_age_s")
+    __slots__ = ("rank", "generation", "pid", "step", "samples", "has_loss", "loss", "metrics", "total_steps", "step_age_s", "step_reported", "optimizer_steps")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +113,8 @@ class Heartbeat(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_STEPS_FIELD_NUMBER: _ClassVar[int]
     STEP_AGE_S_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
     rank: int
     generation: int
     pid: int
@@ -123,7 +125,9 @@ class Heartbeat(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     total_steps: int
     step_age_s: float
-    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ...) -> None: ...
+    step_reported: bool
+    optimizer_steps: int
+    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ..., step_reported: _Optional[bool] = ..., optimizer_steps: _Optional[int] = ...) -> None: ...
 
 class HeartbeatBatch(_message.Message):
     __slots__ = ("node_rank", "heartbeats")
@@ -162,7 +166,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class RankStatus(_message.Message):
-    __slots__ = ("rank", "node_rank", "local_rank", "pid", "hostname", "state", "generation", "step", "samples", "steps_per_s", "has_loss", "loss", "rss_bytes", "cpu_percent", "heartbeat_age_s", "metrics", "straggler")
+    __slots__ = ("rank", "node_rank", "local_rank", "pid", "hostname", "state", "generation", "step", "samples", "steps_per_s", "has_loss", "loss", "rss_bytes", "cpu_percent", "heartbeat_age_s", "metrics", "straggler", "step_reported", "optimizer_steps", "has_exit_code", "exit_code", "exception_type")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -187,6 +191,11 @@ class RankStatus(_message.Message):
     HEARTBEAT_AGE_S_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     STRAGGLER_FIELD_NUMBER: _ClassVar[int]
+    STEP_REPORTED_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_STEPS_FIELD_NUMBER: _ClassVar[int]
+    HAS_EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    EXCEPTION_TYPE_FIELD_NUMBER: _ClassVar[int]
     rank: int
     node_rank: int
     local_rank: int
@@ -204,7 +213,12 @@ class RankStatus(_message.Message):
     heartbeat_age_s: float
     metrics: _containers.ScalarMap[str, float]
     straggler: bool
-    def __init__(self, rank: _Optional[int] = ..., node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., straggler: _Optional[bool] = ...) -> None: ...
+    step_reported: bool
+    optimizer_steps: int
+    has_exit_code: bool
+    exit_code: int
+    exception_type: str
+    def __init__(self, rank: _Optional[int] = ..., node_rank: _Optional[int] = ..., local_rank: _Optional[int] = ..., pid: _Optional[int] = ..., hostname: _Optional[str] = ..., state: _Optional[str] = ..., generation: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., steps_per_s: _Optional[float] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., rss_bytes: _Optional[int] = ..., cpu_percent: _Optional[float] = ..., heartbeat_age_s: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., straggler: _Optional[bool] = ..., step_reported: _Optional[bool] = ..., optimizer_steps: _Optional[int] = ..., has_exit_code: _Optional[bool] = ..., exit_code: _Optional[int] = ..., exception_type: _Optional[str] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("run_id", "world_size", "generation", "restarts", "max_restarts", "elapsed_s", "total_steps", "ranks")

@@ -46,7 +46,7 @@ def test_status_metrics_and_straggler_flag_on_a_live_run(tmp_path):
         for r in status["ranks"]:
             assert r["state"] == "training" and r["pid"] > 0 and r["step"] > 0
             assert r["rss_bytes"] > 0 and r["heartbeat_age_s"] is not None
-            assert set(r) >= {"node", "generation", "steps_per_s", "loss", "cpu_percent"}
+            assert set(r) >= {"node_rank", "generation", "optimizer_steps", "reported_step", "exit", "steps_per_s", "loss", "cpu_percent"}
         assert status["ranks"][2]["steps_per_s"] < status["ranks"][0]["steps_per_s"]
 
         table = _status("--run-dir", str(run_dir))

@@ -95,10 +95,11 @@ def test_a_cert_without_its_key_is_bad_input(tmp_path, pki):
 
 @pytest.mark.timeout(60)
 def test_a_node_relay_forwards_heartbeats_to_a_tls_master(pki):
-    from ddp_launch.client import TOKEN_METADATA_KEY, MasterClient
+    from ddp_launch.client import MasterClient
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
     from ddp_launch.relay import HeartbeatRelay
+    from ddp_launch.wire import TOKEN_METADATA_KEY
 
     server = _tls_master(pki, nnodes=2)
     registry = server.registry

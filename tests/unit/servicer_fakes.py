@@ -36,6 +36,6 @@ def counting_progress() -> Callable[[], Progress]:
     def progress() -> Progress:
         nonlocal step
         step += 1
-        return Progress(step=step, samples=step * 8)
+        return Progress(optimizer_steps=step, samples=step * 8)
 
     return progress

@@ -42,7 +42,7 @@ def step(t: _Tracker, optimizer: object) -> None:
 def test_a_fresh_tracker_is_at_step_zero() -> None:
     snap = _Tracker().snapshot()
     assert dataclasses.replace(snap, step_age_s=0.0) == Progress(
-        step=0, samples=0, loss=None, total_steps=0, metrics={}
+        optimizer_steps=0, reported_step=None, samples=0, loss=None, total_steps=0, metrics={}
     )
     assert 0 <= snap.step_age_s < 5
 
@@ -466,7 +466,7 @@ def test_a_local_error_is_not_a_lost_master(heartbeats, capsys: pytest.CaptureFi
     def progress() -> Progress:
         nonlocal reads
         reads += 1
-        return Progress(step=reads, total_steps=0 if reads % 4 == 0 else 2**63)
+        return Progress(optimizer_steps=reads, total_steps=0 if reads % 4 == 0 else 2**63)
 
     client = FakeClient()
     hb, lost = heartbeats(client, progress, master_lost_timeout_s=0.05)

@@ -9,13 +9,14 @@ from collections import Counter
 import grpc
 import pytest
 
-from ddp_launch.client import TOKEN_METADATA_KEY, MasterClient
+from ddp_launch.client import MasterClient
 from ddp_launch.errors import ConfigError, RegistrationRejected
 from ddp_launch.master import MasterServer, OrchestratorServicer
 from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
+from ddp_launch.wire import TOKEN_METADATA_KEY
 from tests.fakes import FakeClock
 from tests.unit.servicer_fakes import Aborted, FakeContext, counting_progress, run_async
 
@@ -327,7 +328,7 @@ def test_a_real_server_serves_a_client_refuses_a_wrong_token_and_owns_its_port(s
         assert registry.snapshot().ranks[0].pid == os.getpid()
         client.register(node_rank=0, local_rank=1, generation=0, deadline_s=10, pid=os.getpid() + 1)
         client.wait_barrier(rank=0, generation=0, deadline_s=10)  # returns: the world is complete
-        progress = Progress(step=12, samples=384, loss=0.5, total_steps=100, metrics={"acc": 0.75})
+        progress = Progress(reported_step=12, samples=384, loss=0.5, total_steps=100, metrics={"acc": 0.75})
         assert client.heartbeat(a, progress) is False
         r0 = registry.snapshot().ranks[0]
         assert (r0.step, r0.samples, r0.loss, dict(r0.metrics)) == (12, 384, 0.5, {"acc": 0.75})
@@ -364,11 +365,11 @@ class CallContext(FakeContext):
 def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servicer):
     register_all(servicer)
     servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-9), FakeContext())
-    assert servicer.registry.failed_ranks() == [(1, -9)]
+    assert servicer.registry.failed_ranks() == [(1, 101, -9)]
     err = rejected(servicer.ReportExit, pb.ExitReport(rank=1, generation=5, exit_code=0))  # not begun
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "generation 5 has not begun" in err.details
-    assert servicer.registry.failed_ranks() == [(1, -9)]
+    assert servicer.registry.failed_ranks() == [(1, 101, -9)]
     servicer.registry.begin_generation(1)
     servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-15), FakeContext())  # old: ignored
     assert servicer.registry.failed_ranks() == []

@@ -18,6 +18,7 @@ import pytest
 from ddp_launch.config import LogOptions
 from ddp_launch.failure import build_report, flapping, format_report, write_json_atomic
 from ddp_launch.output import MAX_LINE_BYTES, PIPE, TAIL_LINES, TERMINAL, LivePolicy, OutputPump, collapse
+from ddp_launch.progress import Progress
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, WorkerExit
 from ddp_launch.torchrun_logs import FilterTap
@@ -717,9 +718,11 @@ class History:
         for rank in range(self.world):
             self.registry.register(node_rank=0, local_rank=rank, pid=self.pid(rank), hostname="node-a", generation=g)
         for rank, step in enumerate(steps):
-            self.registry.heartbeat(rank=rank, generation=g, pid=self.pid(rank), step=0)
+            self.registry.heartbeat(rank=rank, generation=g, pid=self.pid(rank), progress=Progress())
             self.clock.now += 1.0
-            self.registry.heartbeat(rank=rank, generation=g, pid=self.pid(rank), step=step)
+            self.registry.heartbeat(
+                rank=rank, generation=g, pid=self.pid(rank), progress=Progress(optimizer_steps=step)
+            )
 
     def failed(self, root: int, code: int, *, also: dict[int, int] | None = None) -> GenerationResult:
         g = self.registry.generation
@@ -820,8 +823,8 @@ def test_the_report_of_a_hang(tmp_path: Path) -> None:
     assert "  where it was stuck (Python stacks, all threads):" in text
     assert '    File "/home/user/data.py", line 17 in load_shard' in text
     # A hang lists every rank's state for the reader.
-    assert "  rank 0: training, step 5, last heartbeat 401.0 s ago" in text
-    assert "  rank 1: training, step 5, last heartbeat 400.0 s ago" in text
+    assert "  rank 0: training, optimizer step 5, last heartbeat 401.0 s ago" in text
+    assert "  rank 1: training, optimizer step 5, last heartbeat 400.0 s ago" in text
 
 
 def test_an_interrupted_run_has_no_root_cause(tmp_path: Path) -> None:
@@ -840,7 +843,7 @@ def test_an_interrupted_run_has_no_root_cause(tmp_path: Path) -> None:
     text = format_report(report, tmp_path)
     assert text.splitlines()[0] == "ddp-launch: run interrupted: stopped by SIGINT"
     assert "root cause" not in text
-    assert "  rank 0: starting, step 0, no heartbeat" in text
+    assert "  rank 0: starting, optimizer step 0, no heartbeat" in text
 
 
 def test_three_generations_failing_at_step_zero_are_flapping(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ddp_launch.progress import Progress
 from ddp_launch.registry import RATE_WINDOW_S, RankState, Registry, Rejected
 from tests.fakes import FakeClock
 
@@ -92,8 +93,13 @@ def register_all(reg: Registry, generation: int = 0) -> None:
         register(reg, rank, generation)
 
 
+def progress(step: int | None = None, **kw) -> Progress:
+    """A heartbeat's progress in which the script reported `step` (the tests' usual case)."""
+    return Progress(reported_step=step, **kw)
+
+
 def beat(reg: Registry, rank: int, step: int, generation: int = 0, **kw) -> bool:
-    return reg.heartbeat(rank=rank, generation=generation, pid=pid_of(rank, generation), step=step, **kw)
+    return reg.heartbeat(rank=rank, generation=generation, pid=pid_of(rank, generation), progress=progress(step, **kw))
 
 
 def states(reg: Registry) -> list[RankState]:
@@ -444,15 +450,15 @@ def test_an_oversized_hostname_is_invalid(clock):
     assert reg.unregistered_ranks() == [0, 1]
 
 
-@pytest.mark.parametrize("field", ["step", "samples", "total_steps"])
+@pytest.mark.parametrize("field", ["reported_step", "optimizer_steps", "samples", "total_steps"])
 def test_negative_counts_are_invalid_and_change_nothing(clock, field):
     reg = make_registry(clock)
     register_all(reg)
     beat(reg, 0, step=3)
     before = reg.snapshot()
-    kw = {"step": 4, "samples": 0, "total_steps": 0} | {field: -1}
+    kw = {"reported_step": 4, "samples": 0, "total_steps": 0} | {field: -1}
     with pytest.raises(Rejected) as e:
-        reg.heartbeat(rank=0, generation=0, pid=pid_of(0), **kw)
+        reg.heartbeat(rank=0, generation=0, pid=pid_of(0), progress=Progress(**kw))
     assert e.value.reason == Rejected.INVALID
     assert reg.snapshot() == before
 
@@ -464,7 +470,7 @@ def test_heartbeat_from_an_unregistered_rank_is_unknown(clock):
         beat(reg, 1, step=1)
     assert e.value.reason == Rejected.UNKNOWN
     with pytest.raises(Rejected) as e:
-        reg.heartbeat(rank=2, generation=0, pid=1, step=1)  # not a rank at all
+        reg.heartbeat(rank=2, generation=0, pid=1, progress=progress(1))  # not a rank at all
     assert e.value.reason == Rejected.INVALID
 
 
@@ -473,7 +479,7 @@ def test_heartbeat_from_a_pid_that_does_not_hold_the_slot_is_a_duplicate(clock):
     register_all(reg)
     before = reg.snapshot()
     with pytest.raises(Rejected) as e:
-        reg.heartbeat(rank=0, generation=0, pid=pid_of(1), step=9)
+        reg.heartbeat(rank=0, generation=0, pid=pid_of(1), progress=progress(9))
     assert e.value.reason == Rejected.DUPLICATE
     assert reg.snapshot() == before
 

@@ -1,5 +1,6 @@
-"""The HTML (and PNG) report, rendered from an events.jsonl written by EventLog for a fake run
-with a failure and a restart."""
+"""The HTML (and PNG) report, rendered from an events.jsonl that EventLog wrote from a real
+registry on a fake clock: a run with a failure and a restart, a run stopped by Ctrl-C, a resume
+from a checkpoint; and, for large worlds, from hand-built progress snapshots."""
 
 from __future__ import annotations
 
@@ -18,40 +19,38 @@ from hypothesis import strategies as st
 from ddp_launch import run_report as report_module
 from ddp_launch.errors import ConfigError
 from ddp_launch.events import EVENT_KINDS, EventLog, read_events
-from ddp_launch.registry import RankState, RankView, RunSnapshot
+from ddp_launch.record import RankRecord, RankState
+from ddp_launch.registry import RunSnapshot
 from ddp_launch.run_report import load_report_data, nice_ticks, render_html, render_png
 from tests.fakes import FakeClock
+from tests.unit.run_fakes import T0, FakeRun, resume_from_checkpoint
 
 RUN_ID = "<script>alert(1)</script>"
-T0 = 1_700_000_000.0
 
 
-def view(i: int, generation: int, state: RankState, step: int, loss: float | None, **kw: object) -> RankView:
+def view(i: int, generation: int, state: RankState, step: int, loss: float | None, **kw: object) -> RankRecord:
+    """A rank as a snapshot gives it, for the tests that are only about progress samples."""
     fields: dict[str, object] = {
         "rank": i,
         "node_rank": 0,
         "local_rank": i,
-        "state": state,
         "generation": generation,
+        "state": state,
         "pid": 0 if state is RankState.STARTING else 2000 + 10 * generation + i,
         "hostname": "" if state is RankState.STARTING else "node-a",
-        "step": step,
+        "optimizer_steps": step,
         "samples": step * 32,
         "steps_per_s": 0.0 if state is RankState.STARTING else 10.0 - i,
         "loss": loss,
-        "metrics": {},
         "rss_bytes": 200_000_000,
         "cpu_percent": 95.0,
         "heartbeat_age_s": None if state is RankState.STARTING else 0.3,
-        "exit_code": None,
-        "exception_type": "",
-        "traceback": "",
     }
     fields.update(kw)
-    return RankView(**fields)  # type: ignore[arg-type]
+    return RankRecord(**fields)  # type: ignore[arg-type]
 
 
-def snap(generation: int, ranks: list[RankView], elapsed_s: float) -> RunSnapshot:
+def snap(generation: int, ranks: list[RankRecord], elapsed_s: float) -> RunSnapshot:
     return RunSnapshot(
         run_id=RUN_ID,
         world_size=len(ranks),
@@ -61,39 +60,72 @@ def snap(generation: int, ranks: list[RankView], elapsed_s: float) -> RunSnapsho
         total_steps=400,
         barrier_open=all(r.state is not RankState.STARTING for r in ranks),
         ranks=tuple(ranks),
+        taken_at=elapsed_s,
+    )
+
+
+def emit_run_start(run: FakeRun, *, world: int, run_id: str = RUN_ID) -> None:
+    run.emit(
+        "run_start",
+        run_id=run_id,
+        config={"nproc_per_node": world, "max_restarts": 1, "script": "train.py & <b>bold</b>"},
+        world_size=world,
+        nnodes=1,
+        nproc_per_node=world,
+        versions={"python": "3.11.7", "ddp_launch": "0.1.0", "grpc": "1.70.0"},
+        host="node-a",
+    )
+
+
+def emit_run_end(run: FakeRun, outcome: str, exit_code: int, final_step: int, restarts: int = 0) -> None:
+    run.emit(
+        "run_end",
+        outcome=outcome,
+        exit_code=exit_code,
+        wall_s=run.wall.now - run.t0,
+        restarts=restarts,
+        final_step=final_step,
+        summary={"samples_per_s": 512.5, "slowest_rank": 1},
     )
 
 
 def write_fake_run(
     run_dir: Path, *, world: int = 2, finished: bool = True, with_failure_json: bool = False, run_id: str = RUN_ID
 ) -> None:
-    """Generation 0 trains 20 s, rank 1 fails; generation 1 resumes and trains 30 s to the end."""
-    clock = FakeClock(T0)
-    with EventLog(run_dir / "events.jsonl", clock=clock, progress_interval_s=1.0) as log:
-        log.emit(
-            "run_start",
-            run_id=run_id,
-            config={"nproc_per_node": world, "max_restarts": 1, "script": "train.py & <b>bold</b>"},
-            world_size=world,
-            nnodes=1,
-            nproc_per_node=world,
-            versions={"python": "3.11.7", "ddp_launch": "0.1.0", "grpc": "1.70.0"},
-            host="node-a",
-        )
+    """Generation 0 trains 20 s and rank 1 fails (the launcher stops the others); generation 1
+    resumes from a checkpoint 10 steps behind and trains 30 s to the end. A real registry on a
+    fake clock, one step per 0.25 s (4 steps/s), observed at each step."""
+    with FakeRun(run_dir / "events.jsonl", nproc=world, run_id=run_id, progress_interval_s=1.0) as run:
+        emit_run_start(run, world=world, run_id=run_id)
         step = 0
         for generation, seconds in ((0, 20), (1, 30)):
-            log.observe(snap(generation, [view(i, generation, RankState.STARTING, 0, None) for i in range(world)], 0))
-            clock.now += 0.5
-            for tick in range(seconds * 4):
+            if generation:
+                run.restart()
+            run.observe()
+            run.advance(0.5)
+            run.register_all()
+            for optimizer_steps in range(1, seconds * 4 + 1):
                 step += 1
                 loss = 2.0 / (1 + 0.05 * step)
-                ranks = [view(i, generation, RankState.TRAINING, step, loss + 0.01 * i) for i in range(world)]
-                log.observe(snap(generation, ranks, tick / 4))
-                clock.now += 0.25
+                for i in range(world):
+                    run.heartbeat(
+                        i,
+                        optimizer_steps=optimizer_steps,
+                        reported_step=step,
+                        samples=step * 32,
+                        loss=loss + 0.01 * i,
+                        total_steps=400,
+                    )
+                run.observe()
+                run.advance(0.25)
             if generation == 0:
-                ranks[1] = view(1, 0, RankState.FAILED, step, loss, exit_code=1)
-                log.observe(snap(0, ranks, seconds))
-                log.emit(
+                run.exit(1, 1)
+                run.stop()
+                for i in range(world):
+                    if i != 1:
+                        run.exit(i, -15)
+                run.observe()
+                run.emit(
                     "failure",
                     generation=0,
                     report={"outcome": "failed", "message": "rank 1 failed (exit code 1)", "root_rank": 1},
@@ -101,21 +133,14 @@ def write_fake_run(
                     message="rank 1 failed (exit code 1)",
                     root_rank=1,
                 )
-                clock.now += 0.2
-                log.emit("restart", generation=1, reason="rank 1 failed (exit code 1)")
+                run.advance(0.2)
+                run.emit("restart", generation=1, reason="rank 1 failed (exit code 1)")
                 step -= 10  # resumed from a checkpoint a little behind
         if finished:
-            done = [view(i, 1, RankState.DONE, step, loss, exit_code=0) for i in range(world)]
-            log.observe(snap(1, done, 30))
-            log.emit(
-                "run_end",
-                outcome="succeeded",
-                exit_code=0,
-                wall_s=clock.now - T0,
-                restarts=1,
-                final_step=step,
-                summary={"samples_per_s": 512.5, "slowest_rank": 1},
-            )
+            for i in range(world):
+                run.exit(i, 0)
+            run.observe()
+            emit_run_end(run, "succeeded", 0, step, restarts=1)
     if with_failure_json:
         failure = {
             "outcome": "failed",
@@ -172,18 +197,20 @@ def test_html_report_holds_the_charts_and_the_plotted_data(run_dir: Path) -> Non
             assert len(s[key]) == expected, key
         assert s["t"] == sorted(s["t"])
         assert set(s["generation"]) == {0, 1}
-    assert series[1]["steps_per_s"][-1] == 9.0
+    assert series[1]["steps_per_s"][-1] == 4.0  # one step per 0.25 s
     assert data["aggregate"] is None
 
     kinds = [m["kind"] for m in data["markers"]]
     assert kinds == ["failure", "restart"]
     failure, restart = data["markers"]
-    assert 20 < failure["t"] < restart["t"] < 22
+    assert (failure["t"], restart["t"]) == (20.5, 20.7)  # when they happened
     rows = {r["rank"]: r for r in data["ranks"]}
     assert rows[0]["final_step"] == series[0]["step"][-1] == 190
-    assert rows[1]["median_steps_per_s"] == 9.0
-    assert rows[0]["restarts"] == 1 and rows[1]["failures"] == 1
-    assert rows[0]["state"] == "done"
+    assert rows[1]["median_steps_per_s"] == 4.0
+    assert rows[0]["restarts"] == 1
+    # rank 0 was stopped by the launcher when rank 1 failed: not a failure of its own
+    assert (rows[0]["failures"], rows[1]["failures"]) == (0, 1)
+    assert rows[0]["state"] == rows[1]["state"] == "done"
     assert rows[0]["last_loss"] == pytest.approx(2.0 / (1 + 0.05 * 190))
 
 
@@ -227,7 +254,7 @@ def test_failure_event_is_the_root_cause_without_failure_json(run_dir: Path) -> 
 def test_a_report_during_the_run_reads_what_is_there(tmp_path: Path) -> None:
     write_fake_run(tmp_path, finished=False)
     with open(tmp_path / "events.jsonl", "a") as f:
-        f.write('{"v":1,"t":1700000100.0,"event":"progre')  # being written right now
+        f.write('{"v":2,"t":1700000100.0,"event":"progre')  # being written right now
     page = render_html(tmp_path).read_text(encoding="utf-8")
     data = report_data(page)
     assert data["outcome"] == "running" and data["running"]
@@ -320,6 +347,123 @@ def test_long_series_are_thinned(run_dir: Path, monkeypatch: pytest.MonkeyPatch)
     assert s["t"][0] == 0.5 and s["t"][-1] == pytest.approx(data["duration_s"], abs=1.0)
 
 
+def table_rows(page: str, heading: str) -> list[list[str]]:
+    """The cells of the table under <h2>heading</h2>, one list per row (the header left out)."""
+    section = page.split(f"<h2>{heading}</h2>", 1)[1].split("</table>", 1)[0]
+    rows = re.findall(r"<tr>(.*?)</tr>", section, re.S)
+    return [[html.unescape(c) for c in re.findall(r"<td[^>]*>(.*?)</td>", row, re.S)] for row in rows[1:]]
+
+
+def train(run: FakeRun, seconds: float, *, start: int = 0) -> int:
+    """Every rank steps once per 0.25 s, observed each time; returns the last step."""
+    step = start
+    for _ in range(round(seconds * 4)):
+        run.advance(0.25)
+        step += 1
+        run.heartbeat_all(optimizer_steps=step, loss=1.0 / step)
+        run.observe()
+    return step
+
+
+def test_only_the_rank_that_failed_counts_a_failure(tmp_path: Path) -> None:
+    """Rank 2 fails; the launcher then kills the others: they are "stopped", and the ranks
+    table counts no failure for them."""
+    with FakeRun(tmp_path / "events.jsonl", nproc=4, progress_interval_s=1.0) as run:
+        emit_run_start(run, world=4)
+        run.advance(0.5)
+        run.register_all()
+        step = train(run, 5.0)
+        run.exit(2, 1)
+        run.observe()  # the tick that sees it
+        run.advance(0.1)
+        run.stop()
+        for r in (0, 1, 3):
+            run.exit(r, -9)
+        run.advance(0.1)
+        run.observe()
+        emit_run_end(run, "failed", 1, step)
+    states = {
+        e["rank"]: (e["state"], e["exit"]) for e in read_events(tmp_path / "events.jsonl") if e["event"] == "state"
+    }
+    assert states == {
+        0: ("stopped", "signal SIGKILL"),
+        1: ("stopped", "signal SIGKILL"),
+        2: ("failed", "exit code 1"),
+        3: ("stopped", "signal SIGKILL"),
+    }
+    data = load_report_data(tmp_path)
+    assert {r["rank"]: (r["state"], r["failures"]) for r in data["ranks"]} == {
+        0: ("stopped", 0),
+        1: ("stopped", 0),
+        2: ("failed", 1),
+        3: ("stopped", 0),
+    }
+    assert [(m["kind"], m["label"]) for m in data["markers"]] == [("failure", "rank 2 failed (exit code 1)")]
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    rows = table_rows(page, "Ranks")
+    header = ["rank", "node", "host", "state", "final step", "median steps/s", "last loss", "restarts", "failures"]
+    failures, state = header.index("failures"), header.index("state")
+    assert [(row[0], row[state], row[failures]) for row in rows] == [
+        ("0", "stopped", "0"),
+        ("1", "stopped", "0"),
+        ("2", "failed", "1"),
+        ("3", "stopped", "0"),
+    ]
+
+
+@pytest.mark.parametrize("codes", [(130, -2), (-2, -2)])
+def test_ctrl_c_is_marked_interrupted_not_failed(tmp_path: Path, codes: tuple[int, int]) -> None:
+    with FakeRun(tmp_path / "events.jsonl", progress_interval_s=1.0) as run:
+        emit_run_start(run, world=2)
+        run.advance(0.5)
+        run.register_all()
+        step = train(run, 5.0)
+        run.stop(interrupted=True)  # the launcher got SIGINT and forwards it
+        run.advance(0.3)
+        run.exit(0, codes[0])
+        run.exit(1, codes[1])
+        run.observe()
+        emit_run_end(run, "interrupted", 130, step)
+    events = read_events(tmp_path / "events.jsonl")
+    assert [(e["rank"], e["state"]) for e in events if e["event"] == "state"] == [
+        (0, "interrupted"),
+        (1, "interrupted"),
+    ]
+    data = load_report_data(tmp_path)
+    [marker] = data["markers"]
+    assert (marker["kind"], marker["generation"], marker["t"]) == ("interrupted", 0, 5.8)
+    assert {r["rank"]: (r["state"], r["failures"]) for r in data["ranks"]} == {
+        0: ("interrupted", 0),
+        1: ("interrupted", 0),
+    }
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    timeline = table_rows(page, "Timeline")
+    assert [row[1] for row in timeline] == ["interrupted"]
+    assert 'class="marker interrupted"' in page and 'class="marker failure"' not in page
+
+
+@pytest.mark.parametrize("optimizer", [True, False], ids=["optimizer", "reported-only"])
+def test_a_resume_from_a_checkpoint_does_not_spike_the_step_rate(tmp_path: Path, optimizer: bool) -> None:
+    """The script's step jumps from nothing to 5000 (a checkpoint) and then advances at 10
+    steps/s: the step-rate chart shows 10, never the jump."""
+    with FakeRun(tmp_path / "events.jsonl", progress_interval_s=1.0) as run:
+        emit_run_start(run, world=2)
+        last = resume_from_checkpoint(run, optimizer=optimizer)
+        emit_run_end(run, "succeeded", 0, last)
+    data = load_report_data(tmp_path)
+    for s in data["series"]:
+        rates = [x for x in s["steps_per_s"] if x is not None]
+        assert len(rates) >= 10
+        assert max(rates) <= 10.5, rates
+        assert rates[-1] == pytest.approx(10.0, rel=0.05)
+        assert s["step"][-1] == last
+    assert [r["median_steps_per_s"] for r in data["ranks"]] == [pytest.approx(10.0, rel=0.05)] * 2
+    page = render_html(tmp_path).read_text(encoding="utf-8")
+    rate_chart = page.split('aria-label="Step rate"', 1)[1].split("</svg>", 1)[0]
+    ticks = [float(t) for t in re.findall(r'<text class="tick" x="64" [^>]*>([0-9.e+]+)</text>', rate_chart)]
+    assert ticks and max(ticks) <= 12  # the axis is scaled to the real rate, not to a spike
+
+
 def test_nice_ticks() -> None:
     assert nice_ticks(0, 10) == [0, 2, 4, 6, 8, 10]
     assert nice_ticks(0.13, 0.91) == pytest.approx([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -357,7 +501,7 @@ def test_png_without_matplotlib_is_a_clear_error(run_dir: Path, monkeypatch: pyt
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
-    with pytest.raises(ConfigError, match="pip install matplotlib"):
+    with pytest.raises(ConfigError, match=r"pip install 'ddp-launch\[report\]'"):
         render_png(run_dir)
 
 
@@ -408,9 +552,9 @@ _keys = st.sampled_from(
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     events=st.lists(
-        st.fixed_dictionaries({"event": st.sampled_from([*EVENT_KINDS, "other"])}, optional={"v": st.just(1)}).flatmap(
-            lambda base: st.dictionaries(_keys, _json_values, max_size=5).map(lambda d: {**d, **base})
-        ),
+        st.fixed_dictionaries(
+            {"event": st.sampled_from([*EVENT_KINDS, "other"])}, optional={"v": st.sampled_from([1, 2])}
+        ).flatmap(lambda base: st.dictionaries(_keys, _json_values, max_size=5).map(lambda d: {**d, **base})),
         max_size=12,
     )
 )

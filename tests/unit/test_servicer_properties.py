@@ -433,7 +433,7 @@ class ServicerMachine(RuleBasedStateMachine):
             self.call(self.s.ReportExit, request, codes=codes | {STALE}, reply_ok=not codes, unchanged_on_reply=True)
             return
         if self.call(self.s.ReportExit, request, codes=codes, reply_ok=not codes) is not None:
-            self.exits[rank] = code
+            self.exits.setdefault(rank, code)  # a worker ends once: a second report changes nothing
 
     # The supervisor restarts the world after a failure (an exit), or a hang (once it trains).
     @precondition(lambda self: (self.exits or len(self.pids) == self.world) and self.generation < 6)

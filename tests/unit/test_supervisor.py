@@ -21,6 +21,8 @@ import pytest
 
 import ddp_launch.supervisor as supervisor_module
 from ddp_launch.config import RestartPolicy, RunConfig, Target
+from ddp_launch.progress import Progress
+from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, RankState, Registry, RunSnapshot
 from ddp_launch.supervisor import (
     Outcome,
@@ -29,7 +31,6 @@ from ddp_launch.supervisor import (
     WorkerExit,
     _main_thread_stack,
     _root_of_hang,
-    describe_exit,
     shell_exit_code,
 )
 from ddp_launch.worker import STACK_DUMP_SIGNAL
@@ -219,7 +220,10 @@ class Script:
             until = w.fate.heartbeats_until
             if until is None or t <= until:
                 self.registry.heartbeat(
-                    rank=w.rank, generation=w.generation, pid=w.registry_pid, step=t, samples=32 * t
+                    rank=w.rank,
+                    generation=w.generation,
+                    pid=w.registry_pid,
+                    progress=Progress(optimizer_steps=t, samples=32 * t),
                 )
             if w.fate.exit_code is not None and w.fate.at_tick == t:
                 w.exit(w.fate.exit_code)
@@ -397,15 +401,31 @@ def test_the_first_rank_to_die_is_the_root_cause(scripts) -> None:
     assert [f.rank for f in result.last.failures] == [1]
 
 
-def test_a_rank_stopped_with_the_group_is_recorded_as_collateral(scripts) -> None:
+def test_a_rank_stopped_with_the_group_is_stopped_not_failed(scripts) -> None:
     s = scripts(make_config(), {0: {0: RUNS, 1: Fate(2, at_tick=1)}})
 
     result = s.run()
 
     assert [f.rank for f in result.last.failures] == [1]  # the collateral is no root cause
     ranks = s.registry.snapshot().ranks
-    assert (ranks[0].state, ranks[0].exit_code) == (RankState.FAILED, -signal.SIGTERM)
+    # Rank 0 was ended by the launcher's SIGTERM: that is no failure of its own.
+    assert (ranks[0].state, ranks[0].exit_code) == (RankState.STOPPED, -signal.SIGTERM)
     assert (ranks[1].state, ranks[1].exit_code) == (RankState.FAILED, 2)
+    # The generation's snapshot is read after the stop: it shows how each rank ended.
+    assert [r.state for r in result.last.snapshot.ranks] == [RankState.STOPPED, RankState.FAILED]
+
+
+def test_ranks_ended_by_the_users_signal_are_interrupted(scripts) -> None:
+    def ctrl_c(tick: int, s: Script) -> None:
+        if tick == 2:
+            s.supervisor.request_stop(signal.SIGINT)
+
+    s = scripts(make_config(), {0: {0: RUNS, 1: RUNS}}, on_tick=ctrl_c)
+
+    result = s.run()
+
+    assert result.outcome is Outcome.INTERRUPTED
+    assert [r.state for r in s.registry.snapshot().ranks] == [RankState.INTERRUPTED] * 2
 
 
 def test_death_by_signal_is_described_by_the_signal(scripts) -> None:
@@ -510,7 +530,7 @@ def test_a_rank_whose_heartbeats_stop_is_hung(scripts, signals: Signals) -> None
     assert s.clock() - (START + 3 * TICK_S) <= 10.0 + TICK_S
     assert g.snapshot is not None
     assert g.snapshot.ranks[1].state is RankState.HUNG
-    assert g.snapshot.ranks[0].state is RankState.TRAINING
+    assert g.snapshot.ranks[0].state is RankState.STOPPED  # read after the stop
     # Pid-less handles get no stack dump request, and nobody waits for one.
     assert g.stacks == {} and s.pump.waited == []
     assert signals.trees[0][2] == signal.SIGTERM
@@ -519,7 +539,9 @@ def test_a_rank_whose_heartbeats_stop_is_hung(scripts, signals: Signals) -> None
 def test_a_rank_whose_step_stalls_is_hung(scripts) -> None:
     def stall(tick: int, s: Script) -> None:
         if tick >= 5:  # rank 0 keeps sending heartbeats, at step 5 forever
-            s.registry.heartbeat(rank=0, generation=0, pid=s.current[0].registry_pid, step=5)
+            s.registry.heartbeat(
+                rank=0, generation=0, pid=s.current[0].registry_pid, progress=Progress(optimizer_steps=5)
+            )
 
     s = scripts(
         make_config(hang_timeout_s=10.0),

@@ -9,15 +9,18 @@ import threading
 import pytest
 import tqdm
 
-from ddp_launch.registry import RankState, RankView, RunSnapshot
-from ddp_launch.view import LiveView, format_rate, format_summary
+from ddp_launch.format import format_rate
+from ddp_launch.record import RankRecord, RankState
+from ddp_launch.registry import RunSnapshot
+from ddp_launch.view import LiveView, format_summary
 from tests.fakes import FakeClock
 
 ANSI = "\x1b"
 CLOCK_START = 100.0
 
 
-def rank(i: int, **kw: object) -> RankView:
+def rank(i: int, **kw: object) -> RankRecord:
+    """A training rank; `step` is the step its script reported (`optimizer_steps` apart)."""
     fields: dict[str, object] = {
         "rank": i,
         "node_rank": 0,
@@ -26,7 +29,8 @@ def rank(i: int, **kw: object) -> RankView:
         "generation": 0,
         "pid": 1000 + i,
         "hostname": "host",
-        "step": 120,
+        "reported_step": 120,
+        "optimizer_steps": 120,
         "samples": 120 * 32,
         "steps_per_s": 43.1,
         "loss": 0.231,
@@ -38,11 +42,13 @@ def rank(i: int, **kw: object) -> RankView:
         "exception_type": "",
         "traceback": "",
     }
+    if "step" in kw:
+        kw["reported_step"] = kw.pop("step")
     fields.update(kw)
-    return RankView(**fields)  # type: ignore[arg-type]
+    return RankRecord(**fields)  # type: ignore[arg-type]
 
 
-def snapshot(world: int = 4, *, ranks: list[RankView] | None = None, **kw: object) -> RunSnapshot:
+def snapshot(world: int = 4, *, ranks: list[RankRecord] | None = None, **kw: object) -> RunSnapshot:
     fields: dict[str, object] = {
         "run_id": "run-1",
         "world_size": world,
@@ -88,18 +94,48 @@ def test_plain_line_has_step_total_rate_loss_and_no_escape_codes():
     assert ANSI not in out.getvalue()
 
 
-def test_plain_line_eta_from_world_rate():
+def test_plain_line_rate_and_eta_are_the_median_of_the_ranks_rates():
+    # The world's rate is what status shows per rank, not a rate of its own: one number.
     out = io.StringIO()
-    clock = FakeClock(CLOCK_START)
-    view = LiveView(out, interactive=False, clock=clock, plain_interval_s=5.0)
-    view.update(snapshot(ranks=[rank(i, step=100) for i in range(2)], world=2, elapsed_s=10.0))
-    clock.now += 5.0
-    # 100 steps in 5 s of registry time: 20 it/s, 100 steps left: 5 s.
-    view.update(snapshot(ranks=[rank(i, step=200) for i in range(2)], world=2, elapsed_s=15.0))
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START), plain_interval_s=5.0)
+    rates = [18.0, 20.0, 22.0, 5.0, 30.0]
+    view.update(snapshot(ranks=[rank(i, step=200, steps_per_s=r) for i, r in enumerate(rates)], world=5))
     view.close()
 
+    # median 20 it/s, 100 steps left: 5 s
     assert "20.0 it/s" in lines_of(out)[-1]
     assert "eta 5s" in lines_of(out)[-1]
+
+
+def test_a_resume_to_a_checkpoints_step_is_no_rate():
+    # The script reports step 5000 right after loading its checkpoint: the ranks' rates (the
+    # registry's, over consecutive heartbeats of one source) stay the real ones, and the view
+    # shows them, not 5000 steps in one snapshot interval.
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START), plain_interval_s=0.0)
+    view.update(
+        snapshot(
+            total_steps=0, ranks=[rank(i, step=None, optimizer_steps=0, steps_per_s=0.0) for i in range(2)], world=2
+        )
+    )
+    view.update(
+        snapshot(
+            total_steps=0,
+            ranks=[rank(i, step=5000, optimizer_steps=2, steps_per_s=10.0) for i in range(2)],
+            world=2,
+            elapsed_s=11.0,
+        )
+    )
+    view.close()
+    assert "| 10.0 it/s |" in lines_of(out)[-1]
+
+
+def test_without_a_reported_step_the_view_says_optimizer_steps():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
+    view.update(snapshot(total_steps=0, ranks=[rank(i, step=None, optimizer_steps=7) for i in range(2)], world=2))
+    view.close()
+    assert lines_of(out)[-1].startswith("[ddp-launch] opt step 7 |")
 
 
 def test_plain_line_without_total_or_loss():
@@ -422,10 +458,61 @@ def test_summary_names_slowest_rank_and_totals():
     assert "min/median/max 31.5/" in text
     assert "300/300" in text
     assert "4/4 done" in text
-    assert "samples/s  3200.0" in text  # 4 ranks x 9600 samples / 12 s
+    # Each rank reports the world's count (report()'s contract): 9600 samples / 12 s, not 4x.
+    assert "samples/s  800.0 (9600 samples)" in text
     assert "restarts   0" in text
-    assert "final loss 0.231" in text
+    # The mean of what each rank last passed to report(loss=...), and it says so: not the
+    # script's own final loss.
+    assert "loss       0.231 (each rank's last report(loss=...), mean over 4 ranks)" in text
     assert ANSI not in text
+
+
+def test_summary_of_a_resumed_unmodified_script_names_optimizer_steps_per_generation():
+    # A Hugging Face run resumed at step 10 of 20, with no report(step=...): the workers of
+    # generation 1 counted 10 optimizer steps. The summary must not call that "step 10".
+    ranks = [rank(i, state=RankState.DONE, step=None, optimizer_steps=10, exit_code=0) for i in range(2)]
+    text = format_summary(
+        snapshot(2, ranks=ranks, generation=1, total_steps=0), wall_s=9.0, restarts=1, optimizer_steps_all=20
+    )
+    (line,) = [line for line in text.splitlines() if line.startswith("  step  ")]
+    assert line == "  step       10 optimizer steps in generation 1, 20 in all 2 generations"
+
+
+def test_summary_with_a_reported_step_shows_it_beside_the_optimizer_steps():
+    ranks = [rank(i, state=RankState.DONE, step=400, optimizer_steps=381, exit_code=0) for i in range(2)]
+    text = format_summary(
+        snapshot(2, ranks=ranks, generation=1, total_steps=400), wall_s=9.0, restarts=1, optimizer_steps_all=400
+    )
+    assert (
+        "  step       400/400 (the script's step); 381 optimizer steps in generation 1, 400 in all 2 generations"
+        in text
+    )
+
+
+def test_summary_of_ranks_that_disagree_gives_the_range_not_a_zero_beside_a_rate():
+    ranks = [rank(0, state=RankState.FAILED, step=None, optimizer_steps=0, steps_per_s=0.0, exit_code=1)]
+    ranks.append(rank(1, state=RankState.STOPPED, step=None, optimizer_steps=95, steps_per_s=47.4, exit_code=-15))
+    text = format_summary(snapshot(2, ranks=ranks, total_steps=0), wall_s=3.0, restarts=0)
+    assert "  step       0-95 (by rank) optimizer steps" in text
+    assert "1 failed (rank 0), 1 stopped" in text
+
+
+def test_restart_line_names_the_rank_how_it_died_the_step_and_the_generation():
+    from ddp_launch.view import format_restart_line
+
+    root = rank(2, state=RankState.FAILED, step=347, exit_code=-9)
+    assert format_restart_line(root, "rank 2 failed (signal SIGKILL)", 1, 3) == (
+        "[ddp-launch] rank 2 died (signal SIGKILL) at step 347; restarting as generation 1 (restart 1/3)"
+    )
+    root = rank(0, state=RankState.FAILED, step=None, optimizer_steps=12, exit_code=1, exception_type="RuntimeError")
+    assert format_restart_line(root, "x", 2, 2) == (
+        "[ddp-launch] rank 0 failed (exit code 1, RuntimeError) at optimizer step 12; "
+        "restarting as generation 2 (restart 2/2)"
+    )
+    hung = rank(1, state=RankState.HUNG, step=50)
+    assert format_restart_line(hung, "rank 1 hung: no heartbeat for 31 s", 1, 1) == (
+        "[ddp-launch] rank 1 hung: no heartbeat for 31 s at step 50; restarting as generation 1 (restart 1/1)"
+    )
 
 
 def test_summary_after_restarts_does_not_claim_a_samples_rate():
