@@ -3,7 +3,7 @@
 Three kinds of process:
 
 * the master (``python -m benchmarks.control_plane serve``): a `ddp_launch.registry.Registry`
-  served by a `ddp_launch.master.MasterServer`, exactly as the launcher builds them, alone in
+  served by a `ddp_launch.control.master.MasterServer`, exactly as the launcher builds them, alone in
   its process so that its CPU time and RSS can be read with psutil. The target is "on one
   core": besides its CPU %, the figure reports its CPU time per heartbeat and the rate that
   would fill one core. With BENCH_PIN=1 it is pinned to one CPU and the load to the others
@@ -91,7 +91,7 @@ def serve(world_size: int, relayed: bool) -> None:
     waited for the master's event loop (what the master itself adds to an RPC's latency,
     whatever the clients' own processes add).
     """
-    from ddp_launch.master import MasterServer
+    from ddp_launch.control.master import MasterServer
     from ddp_launch.registry import Registry
 
     nnodes, local_world_size = layout(world_size, relayed)
@@ -156,9 +156,9 @@ def _supervisor_rounds(registry, events_path: Path, stop) -> None:
     pace for this world size: hang and straggler checks, then the snapshot that feeds the
     live view (a pipe here: its plain status line) and the event log."""
     from ddp_launch.config import RestartPolicy, RunConfig
-    from ddp_launch.events import EventLog
-    from ddp_launch.supervisor import round_interval_s
-    from ddp_launch.view import LiveView
+    from ddp_launch.observe.events import EventLog
+    from ddp_launch.observe.view import LiveView
+    from ddp_launch.run.supervisor import round_interval_s
 
     defaults = {f.name: f.default for f in dataclasses.fields(RunConfig)}
     fraction, window_s = defaults["straggler_fraction"], defaults["straggler_window_s"]
@@ -184,7 +184,7 @@ def _supervisor_rounds(registry, events_path: Path, stop) -> None:
 def serve_relay(master_address: str, node_rank: int, interval_s: float) -> None:
     """A node's real heartbeat relay (what a follower launcher runs) until stdin closes;
     prints {"port": ...} first, then answers each line with what it has forwarded."""
-    from ddp_launch.relay import HeartbeatRelay
+    from ddp_launch.control.relay import HeartbeatRelay
 
     relay = HeartbeatRelay(
         node_rank=node_rank, master_address=master_address, token=os.environ[TOKEN_ENV], interval_s=interval_s
@@ -204,10 +204,10 @@ async def _load(args: argparse.Namespace) -> dict:
     its workers' heartbeats per interval. The answered heartbeats always go to the master."""
     import grpc
 
-    from ddp_launch.client import ACK_EVERY_S
+    from ddp_launch.control.client import ACK_EVERY_S
+    from ddp_launch.control.wire import TOKEN_METADATA_KEY, channel_options
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-    from ddp_launch.wire import TOKEN_METADATA_KEY, channel_options
 
     metadata = ((TOKEN_METADATA_KEY, os.environ[TOKEN_ENV]),)
     local_world_size = args.local_world_size

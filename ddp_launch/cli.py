@@ -182,7 +182,7 @@ def run_command(**options) -> None:
     except ConfigError as e:
         raise ConfigError(_name_the_variable(str(e))) from None
     if config.start_method == START_WARM:
-        from ddp_launch.warm import forkserver_context
+        from ddp_launch.run.warm import forkserver_context
 
         forkserver_context()  # its torch import overlaps the rest of the launcher's start-up
     from ddp_launch.launcher import launch
@@ -238,7 +238,7 @@ def status_command(run_dir, master_addr, master_port, token_file, tls_ca, as_jso
     """
     import json
 
-    from ddp_launch.status import StatusUnavailable, fetch_status, format_table, resolve_endpoint
+    from ddp_launch.observe.status import StatusUnavailable, fetch_status, format_table, resolve_endpoint
 
     try:
         address, token, ca = resolve_endpoint(run_dir, master_addr, master_port, token_file, tls_ca)
@@ -266,7 +266,7 @@ def report_command(run_dir, out, png) -> None:  # fmt: skip
         ddp-launch report runs/20261125-142215-3f9a
         ddp-launch report runs/20261125-142215-3f9a --png
     """
-    from ddp_launch.run_report import render_html, render_png
+    from ddp_launch.observe.report import render_html, render_png
 
     print(render_html(run_dir, out))
     if png:
@@ -342,8 +342,8 @@ def worker_command(master, token_file, tls_ca, is_module, script, script_args) -
         ddp-launch worker --master 10.0.0.5:50051 train.py
     """
     from ddp_launch.manual import DEFAULT_PORT, run_worker
+    from ddp_launch.observe.status import StatusUnavailable, resolve_endpoint
     from ddp_launch.options import read_token
-    from ddp_launch.status import StatusUnavailable, resolve_endpoint
 
     token = read_token(token_file, os.environ)
     if master is None or not token:

@@ -32,23 +32,30 @@ from typing import Any, TextIO
 import psutil
 
 from ddp_launch import __version__, env
-from ddp_launch.client import MasterClient
 from ddp_launch.config import START_WARM, RunConfig
+from ddp_launch.control.client import MasterClient
+from ddp_launch.control.master import MasterServer
+from ddp_launch.control.relay import HeartbeatRelay
 from ddp_launch.errors import ConfigError
-from ddp_launch.events import EventLog
-from ddp_launch.failure import build_report, format_report, write_json_atomic
-from ddp_launch.follower import Follower
-from ddp_launch.master import MasterServer
-from ddp_launch.output import PIPE, TERMINAL, OutputPump
+from ddp_launch.observe.events import EventLog
+from ddp_launch.observe.failure import build_report, format_report, write_json_atomic
+from ddp_launch.observe.report import EVENTS_FILE
+from ddp_launch.observe.status import MASTER_FILE, write_token
+from ddp_launch.observe.view import LiveView, format_restart_line, format_summary
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
-from ddp_launch.relay import HeartbeatRelay
-from ddp_launch.run_report import EVENTS_FILE
-from ddp_launch.status import MASTER_FILE, write_token
-from ddp_launch.supervisor import GenerationResult, Outcome, RunResult, Supervisor, shell_exit_code, stop_process_trees
-from ddp_launch.view import LiveView, format_restart_line, format_summary
-from ddp_launch.warm import forkserver_context, quiet_grpc_forks
-from ddp_launch.worker import worker_main
+from ddp_launch.run.follower import Follower
+from ddp_launch.run.output import PIPE, TERMINAL, OutputPump
+from ddp_launch.run.supervisor import (
+    GenerationResult,
+    Outcome,
+    RunResult,
+    Supervisor,
+    shell_exit_code,
+    stop_process_trees,
+)
+from ddp_launch.run.warm import forkserver_context, quiet_grpc_forks
+from ddp_launch.run.worker import worker_main
 
 EXIT_TIMEOUT = 124
 EXIT_HUNG = 1
@@ -90,7 +97,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         teardown.callback(server.stop)
         run_dir = _make_run_dir(config, server, token)
         if config.metrics_port is not None:
-            from ddp_launch.metrics import MetricsServer
+            from ddp_launch.observe.metrics import MetricsServer
 
             metrics = MetricsServer(registry, config.master_addr, config.metrics_port)
             teardown.callback(metrics.stop)

@@ -22,12 +22,12 @@ from typing import TextIO
 
 from ddp_launch import env
 from ddp_launch.config import Target, new_run_id
+from ddp_launch.control.master import MasterServer
 from ddp_launch.errors import ConfigError
-from ddp_launch.failure import write_json_atomic
-from ddp_launch.master import MasterServer
+from ddp_launch.observe.failure import write_json_atomic
+from ddp_launch.observe.status import MASTER_FILE, write_token
+from ddp_launch.observe.view import LiveView, format_summary
 from ddp_launch.registry import RankState, Registry
-from ddp_launch.status import MASTER_FILE, write_token
-from ddp_launch.view import LiveView, format_summary
 
 DEFAULT_PORT = 50051
 TICK_S = 0.25
@@ -124,7 +124,7 @@ def worker_environ(master: str, token: str, tls_ca: str | None) -> dict[str, str
 
 def run_worker(target: Target, master: str, token: str, tls_ca: str | None) -> None:
     """Become a worker of the master at `master`; never returns."""
-    from ddp_launch.worker import run_by_hand
+    from ddp_launch.run.worker import run_by_hand
 
     target.validate()
     run_by_hand(worker_environ(master, token, tls_ca), target)

@@ -125,7 +125,7 @@ def test_exception_traceback_reaches_the_report(tmp_path):
     cause = report["root_cause"]
     assert cause["rank"] == 0 and cause["exception_type"] == "ValueError"
     assert "in load_batch" in cause["traceback"] and "ValueError: bad batch 7" in cause["traceback"]
-    assert "ddp_launch/worker.py" not in cause["traceback"]
+    assert "ddp_launch/run/worker.py" not in cause["traceback"]
     assert "ValueError: bad batch 7" in run.stderr
 
 

@@ -46,7 +46,16 @@ def test_status_metrics_and_straggler_flag_on_a_live_run(tmp_path):
         for r in status["ranks"]:
             assert r["state"] == "training" and r["pid"] > 0 and r["step"] > 0
             assert r["rss_bytes"] > 0 and r["heartbeat_age_s"] is not None
-            assert set(r) >= {"node_rank", "generation", "optimizer_steps", "reported_step", "exit", "steps_per_s", "loss", "cpu_percent"}
+            assert set(r) >= {
+                "node_rank",
+                "generation",
+                "optimizer_steps",
+                "reported_step",
+                "exit",
+                "steps_per_s",
+                "loss",
+                "cpu_percent",
+            }
         assert status["ranks"][2]["steps_per_s"] < status["ranks"][0]["steps_per_s"]
 
         table = _status("--run-dir", str(run_dir))
@@ -77,8 +86,8 @@ def test_status_without_a_run_is_a_one_line_error(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_event_log_of_a_run_with_a_restart_follows_the_schema_and_renders(tmp_path):
-    from ddp_launch.events import read_events, validate_event
-    from ddp_launch.run_report import load_report_data
+    from ddp_launch.observe.events import read_events, validate_event
+    from ddp_launch.observe.report import load_report_data
 
     run = run_launcher(
         ["-n", "2", "--max-restarts", "1", "--stop-grace", "1", "--heartbeat-interval", "0.5",

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ddp_launch.events import read_events
+from ddp_launch.observe.events import read_events
 from tests.e2e.launch import (
     EXAMPLE,
     SCRIPTS,

@@ -41,7 +41,7 @@ def pki(tmp_path) -> Path:
 def _tls_master(pki: Path, nnodes: int):
     """A started master for a world of `nnodes` nodes of one worker, serving TLS with the test CA's certificate."""
     from ddp_launch.config import TlsFiles
-    from ddp_launch.master import MasterServer
+    from ddp_launch.control.master import MasterServer
     from ddp_launch.registry import Registry
 
     registry = Registry(run_id="r", nnodes=nnodes, local_world_size=1, max_restarts=0, ddp_addr="127.0.0.1")
@@ -66,7 +66,7 @@ def test_a_run_over_tls_registers_and_finishes(tmp_path, pki):
 
 @pytest.mark.timeout(60)
 def test_the_master_speaks_only_tls_when_asked_to(pki):
-    from ddp_launch.client import MasterClient
+    from ddp_launch.control.client import MasterClient
 
     server = _tls_master(pki, nnodes=1)
     try:
@@ -95,11 +95,11 @@ def test_a_cert_without_its_key_is_bad_input(tmp_path, pki):
 
 @pytest.mark.timeout(60)
 def test_a_node_relay_forwards_heartbeats_to_a_tls_master(pki):
-    from ddp_launch.client import MasterClient
+    from ddp_launch.control.client import MasterClient
+    from ddp_launch.control.relay import HeartbeatRelay
+    from ddp_launch.control.wire import TOKEN_METADATA_KEY
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-    from ddp_launch.relay import HeartbeatRelay
-    from ddp_launch.wire import TOKEN_METADATA_KEY
 
     server = _tls_master(pki, nnodes=2)
     registry = server.registry

@@ -14,14 +14,14 @@ import sys
 import pytest
 
 from ddp_launch import env
-from ddp_launch.master import MasterServer
+from ddp_launch.control.master import MasterServer
 from ddp_launch.registry import Registry
 from tests.e2e.launch import kill_tree, launcher_env
 
 pytestmark = [pytest.mark.e2e]
 TOKEN = "test-token-not-secret"
 START_WORKER = (
-    "from ddp_launch.config import Target; from ddp_launch.worker import run_by_hand; run_by_hand({}, Target({}))"
+    "from ddp_launch.config import Target; from ddp_launch.run.worker import run_by_hand; run_by_hand({}, Target({}))"
 )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ddp_launch.events import PER_RANK_LIMIT, EventLog
+from ddp_launch.observe.events import PER_RANK_LIMIT, EventLog
 from ddp_launch.progress import Progress
 from ddp_launch.registry import Registry, RunSnapshot
 from tests.fakes import FakeClock

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import ddp_launch.launcher
-import ddp_launch.warm
+import ddp_launch.run.warm
 from ddp_launch import env
 from ddp_launch import options as options_module
 from ddp_launch.cli import cli, main
@@ -85,7 +85,7 @@ def launched(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> FakeLaunch:
     """The launcher and the forkserver replaced; the working directory holds train.py."""
     fake = FakeLaunch(FakeOutcome())
     monkeypatch.setattr(ddp_launch.launcher, "launch", fake)
-    monkeypatch.setattr(ddp_launch.warm, "forkserver_context", lambda: None)
+    monkeypatch.setattr(ddp_launch.run.warm, "forkserver_context", lambda: None)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "train.py").write_text("print('hi')\n")
     return fake

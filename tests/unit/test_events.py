@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddp_launch.events import (
+from ddp_launch.observe.events import (
     EVENT_KINDS,
     SCHEMA_VERSION,
     SLOWEST_LIMIT,

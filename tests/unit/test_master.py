@@ -9,14 +9,14 @@ from collections import Counter
 import grpc
 import pytest
 
-from ddp_launch.client import MasterClient
+from ddp_launch.control.client import MasterClient
+from ddp_launch.control.master import MasterServer, OrchestratorServicer
+from ddp_launch.control.wire import TOKEN_METADATA_KEY
 from ddp_launch.errors import ConfigError, RegistrationRejected
-from ddp_launch.master import MasterServer, OrchestratorServicer
 from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
-from ddp_launch.wire import TOKEN_METADATA_KEY
 from tests.fakes import FakeClock
 from tests.unit.servicer_fakes import Aborted, FakeContext, counting_progress, run_async
 
@@ -483,7 +483,7 @@ def test_a_node_heartbeat_stream_records_each_rank_and_skips_only_the_refused(se
 
 @pytest.mark.timeout(30)
 def test_a_worker_heartbeat_thread_streams_to_a_real_master(server):
-    from ddp_launch.client import HeartbeatThread
+    from ddp_launch.control.client import HeartbeatThread
 
     registry = server.registry
     client = MasterClient(f"127.0.0.1:{server.port}", token="secret")

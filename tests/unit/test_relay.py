@@ -8,13 +8,13 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from ddp_launch.client import HeartbeatThread, MasterClient
-from ddp_launch.master import MasterServer
+from ddp_launch.control.client import HeartbeatThread, MasterClient
+from ddp_launch.control.master import MasterServer
+from ddp_launch.control.relay import HeartbeatRelay
+from ddp_launch.control.wire import TOKEN_METADATA_KEY
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import Registry
-from ddp_launch.relay import HeartbeatRelay
-from ddp_launch.wire import TOKEN_METADATA_KEY
 from tests.e2e.launch import free_port
 from tests.unit.servicer_fakes import counting_progress
 

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ddp_launch import run_report as report_module
 from ddp_launch.errors import ConfigError
-from ddp_launch.events import EVENT_KINDS, EventLog, read_events
+from ddp_launch.observe import report as report_module
+from ddp_launch.observe.events import EVENT_KINDS, EventLog, read_events
+from ddp_launch.observe.report import load_report_data, nice_ticks, render_html, render_png
 from ddp_launch.record import RankRecord, RankState
 from ddp_launch.registry import RunSnapshot
-from ddp_launch.run_report import load_report_data, nice_ticks, render_html, render_png
 from tests.fakes import FakeClock
 from tests.unit.run_fakes import T0, FakeRun, resume_from_checkpoint
 

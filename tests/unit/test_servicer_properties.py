@@ -26,7 +26,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from ddp_launch.master import OrchestratorServicer
+from ddp_launch.control.master import OrchestratorServicer
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.registry import MAX_METRICS, MAX_TEXT, Registry
 from tests.fakes import FakeClock

@@ -19,12 +19,12 @@ from pathlib import Path
 
 import pytest
 
-import ddp_launch.supervisor as supervisor_module
+import ddp_launch.run.supervisor as supervisor_module
 from ddp_launch.config import RestartPolicy, RunConfig, Target
 from ddp_launch.progress import Progress
 from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, RankState, Registry, RunSnapshot
-from ddp_launch.supervisor import (
+from ddp_launch.run.supervisor import (
     Outcome,
     RunResult,
     Supervisor,
@@ -33,7 +33,7 @@ from ddp_launch.supervisor import (
     _root_of_hang,
     shell_exit_code,
 )
-from ddp_launch.worker import STACK_DUMP_SIGNAL
+from ddp_launch.run.worker import STACK_DUMP_SIGNAL
 from tests.fakes import FakeClock
 
 START = 1000.0
@@ -688,7 +688,7 @@ HEARTBEAT_THREAD = """\
 Thread 0x00007f3a2cffd640 (most recent call first):
   File "/usr/lib/python3.11/threading.py", line 331 in wait
   File "/usr/lib/python3.11/threading.py", line 629 in wait
-  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/client.py", line 402 in _loop
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/control/client.py", line 402 in _loop
   File "/usr/lib/python3.11/threading.py", line 975 in run
   File "/usr/lib/python3.11/threading.py", line 1038 in _bootstrap_inner
   File "/usr/lib/python3.11/threading.py", line 995 in _bootstrap"""
@@ -703,7 +703,7 @@ Current thread 0x00007f3a3b5ff740 (most recent call first):
   File "/home/user/train.py", line 62 in <module>
   File "<frozen runpy>", line 88 in _run_code
   File "<frozen runpy>", line 291 in run_path
-  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/worker.py", line 160 in _run_target"""
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/run/worker.py", line 160 in _run_target"""
 
 RANK_IN_USER_CODE = """\
 Current thread 0x00007f9d11e4b740 (most recent call first):
@@ -714,7 +714,7 @@ Current thread 0x00007f9d11e4b740 (most recent call first):
   File "/home/user/train.py", line 62 in <module>
   File "<frozen runpy>", line 88 in _run_code
   File "<frozen runpy>", line 291 in run_path
-  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/worker.py", line 160 in _run_target"""
+  File "/opt/venv/lib/python3.11/site-packages/ddp_launch/run/worker.py", line 160 in _run_target"""
 
 
 def dump(main_thread: str) -> str:

@@ -9,10 +9,10 @@ import threading
 import pytest
 import tqdm
 
-from ddp_launch.format import format_rate
+from ddp_launch.observe.format import format_rate
+from ddp_launch.observe.view import LiveView, format_summary
 from ddp_launch.record import RankRecord, RankState
 from ddp_launch.registry import RunSnapshot
-from ddp_launch.view import LiveView, format_summary
 from tests.fakes import FakeClock
 
 ANSI = "\x1b"
@@ -498,7 +498,7 @@ def test_summary_of_ranks_that_disagree_gives_the_range_not_a_zero_beside_a_rate
 
 
 def test_restart_line_names_the_rank_how_it_died_the_step_and_the_generation():
-    from ddp_launch.view import format_restart_line
+    from ddp_launch.observe.view import format_restart_line
 
     root = rank(2, state=RankState.FAILED, step=347, exit_code=-9)
     assert format_restart_line(root, "rank 2 failed (signal SIGKILL)", 1, 3) == (

@@ -20,7 +20,7 @@ dist = pytest.importorskip("torch.distributed")
 
 from torch.distributed import distributed_c10d  # noqa: E402
 
-from ddp_launch.worker import _yield_gil_after_destroy_process_group  # noqa: E402
+from ddp_launch.run.worker import _yield_gil_after_destroy_process_group  # noqa: E402
 
 
 def _waiter_ran_before_return(destroy_entry: Callable[[], None], ready: threading.Event) -> bool:

@@ -21,8 +21,9 @@ import time
 import traceback
 from multiprocessing.connection import Connection
 
-from ddp_launch import env, fresh
+from ddp_launch import env
 from ddp_launch.config import Target
+from ddp_launch.run import fresh
 
 # Python stacks of every thread go to the rank's log on this signal (hang reports).
 # Not SIGUSR1: PyTorch Lightning uses that one on SLURM.
@@ -66,7 +67,7 @@ def worker_main(
     # forkserver never saw the launcher die, so it never exited, the parent-death signal
     # below never fired, and a SIGKILLed launcher left its workers running.
     fresh.reset_multiprocessing()
-    warm = sys.modules.get("ddp_launch.warm")  # preloaded: absent in a spawned worker
+    warm = sys.modules.get("ddp_launch.run.warm")  # preloaded: absent in a spawned worker
     if warm is not None:
         fresh.restore_environment(warm.ENV_BEFORE_PRELOAD)
     _die_with_parent()
@@ -111,7 +112,7 @@ def _say(message: str) -> None:
 
 def _run(target: Target) -> int:
     # Imported here, after the fork: gRPC must not exist in the warm parent.
-    from ddp_launch.client import HeartbeatThread, MasterClient
+    from ddp_launch.control.client import HeartbeatThread, MasterClient
     from ddp_launch.errors import MasterUnavailable, RegistrationRejected
     from ddp_launch.progress import tracker
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO
 
 from ddp_launch.config import LogOptions
-from ddp_launch.torchrun_logs import FilterTap, TorchrunLogs, stream_bit
+from ddp_launch.run.torchrun_logs import FilterTap, TorchrunLogs, stream_bit
 
 TAIL_LINES = 200
 FLUSH_INTERVAL_S = 0.2

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ddp_launch import env, wire
+from ddp_launch import env
+from ddp_launch.control import wire
 from ddp_launch.errors import DdpLaunchError
-from ddp_launch.format import format_bytes, format_loss
+from ddp_launch.observe.format import format_bytes, format_loss
 from ddp_launch.record import rank_json
 
 MASTER_FILE = "master.json"
@@ -71,7 +72,7 @@ def fetch_status(address: str, token: str, tls_ca: str | None = None, timeout_s:
     """The master's status as plain data (the shape `--json` prints)."""
     import grpc
 
-    from ddp_launch.client import MasterClient
+    from ddp_launch.control.client import MasterClient
 
     client = MasterClient(address, token, tls_ca=tls_ca)
     try:

@@ -30,10 +30,10 @@ from typing import Any
 
 import grpc
 
+from ddp_launch.control.server import ServerThread
+from ddp_launch.control.wire import TOKEN_METADATA_KEY, channel_options
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-from ddp_launch.server_thread import ServerThread
-from ddp_launch.wire import TOKEN_METADATA_KEY, channel_options
 
 
 class _RelayServicer(pb_grpc.OrchestratorServicer):

@@ -21,12 +21,12 @@ from typing import Any
 
 import grpc
 
-from ddp_launch import wire
 from ddp_launch.config import TlsFiles
+from ddp_launch.control import wire
+from ddp_launch.control.server import ServerThread
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
 from ddp_launch.registry import RUNNING, Registry, Rejected
-from ddp_launch.server_thread import ServerThread
 
 MAX_BARRIER_WAIT_S = 10.0
 WATCH_WAKE_S = 1.0  # how often a WatchRun stream checks that its client is still there

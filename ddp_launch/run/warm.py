@@ -22,7 +22,7 @@ from ddp_launch import env
 ENV_BEFORE_PRELOAD = dict(os.environ)
 
 PRELOAD = [
-    "ddp_launch.warm",  # first: ENV_BEFORE_PRELOAD
+    "ddp_launch.run.warm",  # first: ENV_BEFORE_PRELOAD
     "torch",
     "torch.multiprocessing",  # torch's pickling of tensors for the worker's own use
     "torch.optim",
@@ -30,10 +30,10 @@ PRELOAD = [
     "torch.nn.parallel",
     "torch._dynamo",  # the first optimizer.step() imports it: about 1 s of CPU per worker
     "ddp_launch.cli",  # every child re-imports the launcher's __main__ (multiprocessing does)
-    "ddp_launch.worker",
+    "ddp_launch.run.worker",
     # grpc's import starts no thread and opens nothing (checked); its core starts with the
     # first channel, which each worker makes after the fork.
-    "ddp_launch.client",
+    "ddp_launch.control.client",
 ]
 
 

@@ -41,7 +41,7 @@ from typing import Any, TextIO
 
 from tqdm import tqdm
 
-from ddp_launch.format import format_bytes, format_duration, format_loss, format_rate, rate_number
+from ddp_launch.observe.format import format_bytes, format_duration, format_loss, format_rate, rate_number
 from ddp_launch.record import RankRecord, RankState
 from ddp_launch.registry import RunSnapshot
 

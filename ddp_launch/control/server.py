@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 
 from ddp_launch.config import TlsFiles, check_can_listen
+from ddp_launch.control.wire import TOKEN_METADATA_KEY, server_options
 from ddp_launch.errors import ConfigError
-from ddp_launch.wire import TOKEN_METADATA_KEY, server_options
 
 
 class TokenInterceptor(grpc.aio.ServerInterceptor):

@@ -27,7 +27,7 @@ from typing import Any
 
 import grpc
 
-from ddp_launch import wire
+from ddp_launch.control import wire
 from ddp_launch.env import Assignment
 from ddp_launch.errors import MasterUnavailable, RegistrationRejected
 from ddp_launch.progress import Progress

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from ddp_launch.errors import ConfigError
-from ddp_launch.events import SLOWEST_LIMIT, read_events
-from ddp_launch.format import format_duration, format_loss, format_rate
+from ddp_launch.observe.events import SLOWEST_LIMIT, read_events
+from ddp_launch.observe.format import format_duration, format_loss, format_rate
 
 EVENTS_FILE = "events.jsonl"
 FAILURE_FILE = "failure.json"

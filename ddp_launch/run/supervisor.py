@@ -24,10 +24,10 @@ from typing import Protocol
 import psutil
 
 from ddp_launch.config import RunConfig
-from ddp_launch.output import OutputPump
 from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, Registry, RunSnapshot
-from ddp_launch.worker import STACK_DUMP_SIGNAL
+from ddp_launch.run.output import OutputPump
+from ddp_launch.run.worker import STACK_DUMP_SIGNAL
 
 TICK_S = 0.25
 STATS_INTERVAL_S = 1.0

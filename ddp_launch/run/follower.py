@@ -20,11 +20,11 @@ from multiprocessing.connection import wait as wait_for_sentinels
 
 import grpc
 
-from ddp_launch.client import MasterClient
 from ddp_launch.config import RunConfig
+from ddp_launch.control.client import MasterClient
 from ddp_launch.record import describe_exit
 from ddp_launch.registry import RUNNING
-from ddp_launch.supervisor import TICK_S, WorkerHandle, WorkerStarter, stop_process_trees
+from ddp_launch.run.supervisor import TICK_S, WorkerHandle, WorkerStarter, stop_process_trees
 
 EXIT_MASTER_LOST = 1
 _LOST = object()  # pushed by the watch thread when the stream breaks

@@ -1,0 +1,1 @@
+"""Running the local worker group: supervision, the warm forkserver, workers, their output."""
