@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
+from ddp_launch import rundir
+
 # torchrun's variables.
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
@@ -175,7 +177,7 @@ def error_file(run_dir: str, a: Assignment, attempt_dir: str = "") -> str:
     writes torchrun's log tree (--log-dir, -r, -t), else below the run directory."""
     if attempt_dir:
         return os.path.join(attempt_dir, str(a.local_rank), "error.json")
-    return os.path.join(run_dir, "errors", f"generation-{a.generation}", f"rank-{a.rank}.json")
+    return rundir.error_file(run_dir, a.generation, a.rank)
 
 
 def torchrun_env(

@@ -31,16 +31,14 @@ from typing import Any, TextIO
 
 import psutil
 
-from ddp_launch import __version__, env
+from ddp_launch import __version__, env, rundir
 from ddp_launch.config import START_WARM, RunConfig
 from ddp_launch.control.client import MasterClient
 from ddp_launch.control.master import MasterServer
 from ddp_launch.control.relay import HeartbeatRelay
 from ddp_launch.errors import ConfigError
 from ddp_launch.observe.events import EventLog
-from ddp_launch.observe.failure import build_report, format_report, write_json_atomic
-from ddp_launch.observe.report import EVENTS_FILE
-from ddp_launch.observe.status import MASTER_FILE, write_token
+from ddp_launch.observe.failure import build_report, format_report
 from ddp_launch.observe.view import LiveView, format_restart_line, format_summary
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
@@ -105,7 +103,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         teardown.callback(view.close)
         # A progress sample every 2 s: short runs get usable curves; the file grows with time,
         # never with the heartbeat rate.
-        events = EventLog(run_dir / EVENTS_FILE, progress_interval_s=2.0)
+        events = EventLog(rundir.events_file(run_dir), progress_interval_s=2.0)
         teardown.callback(events.close)
         events.emit(
             "run_start",
@@ -198,7 +196,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         report_text = ""
         if result.outcome is not Outcome.SUCCEEDED:
             report = build_report(result, {r: pump.tail(r, 50) for r in local_ranks})
-            write_json_atomic(run_dir / "failure.json", report)
+            rundir.write_json_atomic(rundir.failure_file(run_dir), report)
             report_text = format_report(report, run_dir)
             if result.outcome in (Outcome.FAILED, Outcome.HUNG):
                 last = result.last
@@ -429,8 +427,8 @@ def _make_run_dir(config: RunConfig, server: MasterServer, token: str) -> Path:
         master["metrics_port"] = config.metrics_port
     if config.tls.ca is not None:
         master["tls_ca"] = str(config.tls.ca.resolve())
-    write_token(run_dir, token)
-    write_json_atomic(run_dir / MASTER_FILE, master)
+    rundir.write_token(run_dir, token)
+    rundir.write_json_atomic(rundir.master_file(run_dir), master)
     return run_dir
 
 

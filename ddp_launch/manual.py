@@ -20,12 +20,10 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from ddp_launch import env
+from ddp_launch import env, rundir
 from ddp_launch.config import Target, new_run_id
 from ddp_launch.control.master import MasterServer
 from ddp_launch.errors import ConfigError
-from ddp_launch.observe.failure import write_json_atomic
-from ddp_launch.observe.status import MASTER_FILE, write_token
 from ddp_launch.observe.view import LiveView, format_summary
 from ddp_launch.registry import RankState, Registry
 
@@ -59,14 +57,14 @@ def run_master(
     started = time.monotonic()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_token(run_dir, token)
-        write_json_atomic(
-            run_dir / MASTER_FILE, {"host": host, "port": server.port, "pid": os.getpid(), "run_id": run_id}
+        rundir.write_token(run_dir, token)
+        rundir.write_json_atomic(
+            rundir.master_file(run_dir), {"host": host, "port": server.port, "pid": os.getpid(), "run_id": run_id}
         )
         print(
             f"[ddp-launch] master of run {run_id} listening on {server.address}, waiting for {world_size} workers:\n"
             f"[ddp-launch]   ddp-launch worker SCRIPT [ARGS]   (in {Path.cwd()}; elsewhere add --master "
-            f"{server.address} and DDP_LAUNCH_TOKEN from {run_dir / 'token'})",
+            f"{server.address} and DDP_LAUNCH_TOKEN from {rundir.token_file(run_dir)})",
             file=stderr,
             flush=True,
         )

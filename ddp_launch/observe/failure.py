@@ -6,13 +6,11 @@ peer's "connection closed" in a collective) are listed as its consequences.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from ddp_launch import rundir
 from ddp_launch.record import RankRecord, describe_exit, rank_json
 from ddp_launch.run.supervisor import GenerationResult, Outcome, RunResult
 
@@ -129,7 +127,7 @@ def format_report(report: dict[str, Any], run_dir: Path) -> str:
             lines.append("  where it was stuck (Python stacks, all threads):")
             lines += ["    " + t for t in cause["stack"].rstrip().splitlines()]
         if cause.get("log_tail") and not cause.get("traceback"):
-            lines.append(f"  last lines of rank-{cause['rank']}.log:")
+            lines.append(f"  last lines of {rundir.rank_log(run_dir, cause['rank']).name}:")
             lines += ["    " + t for t in cause["log_tail"]]
     for c in report["consequences"]:
         lines.append(f"  rank {c['rank']} then ended too ({c['exit']}), as a consequence")
@@ -139,18 +137,5 @@ def format_report(report: dict[str, Any], run_dir: Path) -> str:
             age_text = "no heartbeat" if age is None else f"last heartbeat {age:.1f} s ago"
             step = f"step {r['step']}" if r["reported_step"] is not None else f"optimizer step {r['step']}"
             lines.append(f"  rank {r['rank']}: {r['state']}, {step}, {age_text}")
-    lines.append(f"  report: {run_dir / 'failure.json'}; logs: {run_dir}/rank-<i>.log")
+    lines.append(f"  report: {rundir.failure_file(run_dir)}; logs: {run_dir}/{rundir.RANK_LOG_PATTERN}")
     return "\n".join(lines)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader never sees half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ddp_launch import rundir
 from ddp_launch.errors import ConfigError
 from ddp_launch.observe.events import SLOWEST_LIMIT, read_events
 from ddp_launch.observe.format import format_duration, format_loss, format_rate
 
-EVENTS_FILE = "events.jsonl"
-FAILURE_FILE = "failure.json"
-REPORT_FILE = "report.html"
+EVENTS_FILE = rundir.EVENTS
 # Version of the report-data JSON object (not of the event schema).
 DATA_VERSION = 1
 # A series longer than this is thinned evenly (first and last points kept): a week-long
@@ -96,7 +95,7 @@ def load_report_data(run_dir: Path) -> dict[str, Any]:
         ConfigError: the directory has no events.jsonl.
     """
     run_dir = Path(run_dir)
-    path = run_dir / EVENTS_FILE
+    path = rundir.events_file(run_dir)
     if not path.is_file():
         raise ConfigError(f"no {EVENTS_FILE} in {str(run_dir)!r}: not a run directory, or the run has not started")
     events = _last_run(read_events(path))
@@ -236,7 +235,7 @@ def _without(d: dict, keys: Iterable[str]) -> dict:
 
 
 def _read_failure_json(run_dir: Path, *, not_before: float) -> dict | None:
-    path = run_dir / FAILURE_FILE
+    path = rundir.failure_file(run_dir)
     try:
         if path.stat().st_mtime < not_before - 1.0:
             return None  # left by an earlier run in the same directory
@@ -574,7 +573,7 @@ def render_html(run_dir: Path, out: Path | None = None) -> Path:
     """
     run_dir = Path(run_dir)
     data = load_report_data(run_dir)
-    out = Path(out) if out is not None else run_dir / REPORT_FILE
+    out = Path(out) if out is not None else rundir.report_file(run_dir)
     page = _page(data, run_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written aside and renamed: a browser reloading the page never sees half of it.
@@ -651,7 +650,7 @@ def _page(data: dict[str, Any], run_dir: Path) -> str:
         parts.append("<h2>Versions</h2>")
         parts.append(_kv_table(start["versions"]))
     counts = ", ".join(f"{esc(k)} {v}" for k, v in sorted(data["event_counts"].items()))
-    parts.append(f'<p class="meta">From {esc(str(run_dir / EVENTS_FILE))}: {counts or "no events"}.</p>')
+    parts.append(f'<p class="meta">From {esc(str(rundir.events_file(run_dir)))}: {counts or "no events"}.</p>')
     parts.append(f'<script type="application/json" id="report-data">{_json_for_script(data)}</script>')
     parts.append("</body></html>\n")
     return "\n".join(parts)
@@ -712,7 +711,7 @@ def _failure_section(failure: dict[str, Any], *, recovered: bool) -> str:
                 parts.append(f"<p>{title}:</p><pre>{esc(str(cause[key]))}</pre>")
         tail = cause.get("log_tail")
         if tail and not cause.get("traceback") and isinstance(tail, list):
-            parts.append(f"<p>Last lines of rank-{esc(str(cause.get('rank')))}.log:</p>")
+            parts.append(f"<p>Last lines of rank-{esc(str(cause.get('rank')))}.log:</p>")  # rundir.rank_log
             parts.append(f"<pre>{esc(chr(10).join(str(x) for x in tail))}</pre>")
     elif failure.get("root_rank") is not None:
         parts.append(f"<p>Root cause: rank {esc(str(failure['root_rank']))}</p>")
@@ -850,7 +849,7 @@ def render_png(run_dir: Path, out_dir: Path | None = None) -> list[Path]:
         if len(lines) <= LEGEND_LIMIT:
             ax.legend(fontsize=8, loc="best")
         fig.tight_layout()
-        path = out_dir / f"{stem}.png"
+        path = rundir.png_file(out_dir, stem)
         fig.savefig(path, format="png")
         written.append(path)
     return written

@@ -1,7 +1,8 @@
 """`ddp-launch status`: ask a running master for its per-rank state and print it.
 
-The run directory holds `master.json` (host, port, pid) and `token` (mode 0600), so the
-command run inside a run directory, or next to `./runs/`, needs no arguments.
+The run directory holds `master.json` (host, port, pid) and `token` (mode 0600; see
+rundir.py), so the command run inside a run directory, or next to `./runs/`, needs no
+arguments.
 """
 
 from __future__ import annotations
@@ -11,14 +12,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ddp_launch import env
+from ddp_launch import env, rundir
 from ddp_launch.control import wire
 from ddp_launch.errors import DdpLaunchError
 from ddp_launch.observe.format import format_bytes, format_loss
 from ddp_launch.record import rank_json
-
-MASTER_FILE = "master.json"
-TOKEN_FILE = "token"
 
 
 class StatusUnavailable(DdpLaunchError):
@@ -27,20 +25,14 @@ class StatusUnavailable(DdpLaunchError):
 
 def find_run_dir(start: Path) -> Path:
     """`start` when it holds master.json; else the newest run under `start`/runs or `start`."""
-    if (start / MASTER_FILE).is_file():
+    if rundir.master_file(start).is_file():
         return start
-    candidates = [p.parent for base in (start / "runs", start) if base.is_dir() for p in base.glob(f"*/{MASTER_FILE}")]
+    candidates = [
+        p.parent for base in (start / "runs", start) if base.is_dir() for p in base.glob(f"*/{rundir.MASTER}")
+    ]
     if not candidates:
-        raise StatusUnavailable(f"no run directory (with {MASTER_FILE}) in or under {str(start)!r}; give --run-dir")
-    return max(candidates, key=lambda d: (d / MASTER_FILE).stat().st_mtime)
-
-
-def write_token(run_dir: Path, token: str) -> None:
-    """The token goes in a file only its owner can read, never in master.json."""
-    path = run_dir / TOKEN_FILE
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(token)
+        raise StatusUnavailable(f"no run directory (with {rundir.MASTER}) in or under {str(start)!r}; give --run-dir")
+    return max(candidates, key=lambda d: rundir.master_file(d).stat().st_mtime)
 
 
 def resolve_endpoint(
@@ -59,11 +51,11 @@ def resolve_endpoint(
         return f"{master_addr}:{master_port}", token, ca
     directory = find_run_dir(run_dir or Path.cwd())
     try:
-        master = json.loads((directory / MASTER_FILE).read_text())
+        master = json.loads(rundir.master_file(directory).read_text())
     except (OSError, ValueError) as e:
-        raise StatusUnavailable(f"cannot read {directory / MASTER_FILE}: {e}") from None
-    if not token and (directory / TOKEN_FILE).is_file():
-        token = (directory / TOKEN_FILE).read_text().strip()
+        raise StatusUnavailable(f"cannot read {rundir.master_file(directory)}: {e}") from None
+    if not token and rundir.token_file(directory).is_file():
+        token = rundir.token_file(directory).read_text().strip()
     address = f"{master_addr or master['host']}:{master_port or master['port']}"
     return address, token, ca or master.get("tls_ca")
 

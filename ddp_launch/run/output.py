@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol, TextIO
 
+from ddp_launch import rundir
 from ddp_launch.config import LogOptions
 from ddp_launch.run.torchrun_logs import FilterTap, TorchrunLogs, stream_bit
 
@@ -192,7 +193,7 @@ class OutputPump:
         self._thread.start()
 
     def log_path(self, rank: int) -> Path:
-        return self._log_dir / f"rank-{rank}.log"
+        return rundir.rank_log(self._log_dir, rank)
 
     def attach(self, rank: int, stdout_fd: int, stderr_fd: int, header: str, generation: int = 0) -> None:
         """Start reading a worker's pipes (read ends; the pump closes them at EOF).
