@@ -17,8 +17,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ddp_launch.errors import ConfigError
-from ddp_launch.observe import report as report_module
 from ddp_launch.observe.events import EVENT_KINDS, EventLog, read_events
+from ddp_launch.observe.report import data as report_data_module
 from ddp_launch.observe.report import load_report_data, nice_ticks, render_html, render_png
 from ddp_launch.record import RankRecord, RankState
 from ddp_launch.registry import RunSnapshot
@@ -339,7 +339,7 @@ def test_a_large_world_plots_its_persistently_slow_ranks_not_the_noise(tmp_path:
 
 
 def test_long_series_are_thinned(run_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(report_module, "MAX_POINTS", 50)
+    monkeypatch.setattr(report_data_module, "MAX_POINTS", 50)
     data = load_report_data(run_dir)
     s = data["series"][0]
     assert s["thinned"] and s["points"] > 50
