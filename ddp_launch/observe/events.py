@@ -2,9 +2,10 @@
 per line, written and flushed as it happens, readable with nothing but ``json``.
 
 The launcher writes the run-level events itself with `EventLog.emit`; `EventLog.observe`
-turns the registry's snapshots (a few a second) into the per-rank events by diffing each
-snapshot with the previous one. The file grows with time and with events, never with the
-heartbeat rate times the number of ranks: progress is sampled once every
+writes the per-rank events from the registry's transitions (`Registry.drain_transitions`, a
+few times a second), each dated when it happened, and samples progress from its snapshot;
+lines are written in the order things happened. The file grows with time and with events,
+never with the heartbeat rate times the number of ranks: progress is sampled once every
 ``progress_interval_s`` (plus one sample after ranks end), and a world larger than
 ``per_rank_limit`` ranks (64) gets one aggregate per sample instead of one entry per rank.
 
@@ -27,8 +28,9 @@ Usage::
     try:
         log.emit("run_start", run_id=..., config=..., ...)
         while not stop.wait(0.25):
-            log.observe(registry.snapshot())
-        log.observe(registry.snapshot())     # the final state: one last progress sample
+            log.observe(registry.snapshot(), registry.drain_transitions())
+        # the final state: what happened since the last tick, one last progress sample
+        log.observe(registry.snapshot(), registry.drain_transitions())
         log.emit("run_end", outcome="succeeded", ...)
     finally:
         log.close()

@@ -979,15 +979,23 @@ def test_every_kind_is_documented() -> None:
         assert f"| `{kind}` |" in doc, kind
 
 
-@pytest.mark.xfail(strict=True, reason="docs/events.md still documents schema version 1 (v=1, no stopped/interrupted)")
 def test_the_documented_examples_validate() -> None:
     import re
 
     doc = (Path(__file__).resolve().parents[2] / "docs" / "events.md").read_text()
-    example = re.search(r"## Example\n\n```json\n(.*?)```", doc, re.S)
-    assert example
-    for line in example.group(1).strip().splitlines():
-        validate_event(json.loads(line))
+    section = re.search(r"\n## Examples\n(.*?)\n## ", doc, re.S)
+    assert section
+    blocks = re.findall(r"```json\n(.*?)```", section.group(1), re.S)
+    assert len(blocks) >= 2  # a kill and restart, a Ctrl-C
+    states = set()
+    for block in blocks:
+        events = [json.loads(line) for line in block.strip().splitlines()]
+        for e in events:
+            validate_event(e)
+        assert events[0]["event"] == "run_start" and events[-1]["event"] == "run_end"
+        assert [e["t"] for e in events] == sorted(e["t"] for e in events)
+        states |= {e["state"] for e in events if e["event"] == "state"}
+    assert {"failed", "stopped", "done", "interrupted"} <= states
     for state in FINAL_STATES:
         assert f"`{state}`" in doc, state
 
