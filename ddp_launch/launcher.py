@@ -43,15 +43,11 @@ from ddp_launch.observe.view import LiveView, format_restart_line, format_summar
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.run.follower import Follower
+from ddp_launch.run.group import stop_process_trees
 from ddp_launch.run.output import PIPE, TERMINAL, OutputPump
-from ddp_launch.run.supervisor import (
-    GenerationResult,
-    Outcome,
-    RunResult,
-    Supervisor,
-    shell_exit_code,
-    stop_process_trees,
-)
+from ddp_launch.run.result import GenerationResult, Outcome, RunResult, shell_exit_code
+from ddp_launch.run.signals import signals_as_stop_requests
+from ddp_launch.run.supervisor import Supervisor
 from ddp_launch.run.warm import forkserver_context, quiet_grpc_forks
 from ddp_launch.run.worker import worker_main
 
@@ -169,7 +165,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
 
         start_worker = _worker_starter(config, pump, bootstrap)
 
-        with _signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
+        with signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             supervisor = Supervisor(
                 config,
                 registry,
@@ -275,7 +271,7 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         bootstrap = _bootstrap(config, address, config.token, run_dir) | {"heartbeat_relay": relay.address}
         start_worker = _worker_starter(config, pump, bootstrap)
         started = time.monotonic()
-        with _signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
+        with signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             follower = Follower(config, client, start_worker, wakeup_fd, say)
             requests.append(follower.request_stop)
             result = follower.run()
@@ -461,31 +457,6 @@ def _stop_all_descendants(grace_s: float) -> None:
                 child.kill()
     stop_process_trees([c.pid for c in children if c.pid not in helpers], grace_s)
     psutil.wait_procs([c for c in children if c.pid in helpers], timeout=2.0)
-
-
-@contextlib.contextmanager
-def _signals_as_stop_requests(signals: tuple[int, ...]) -> Iterator[tuple[int, list]]:
-    """The signals of --signals-to-handle (SIGINT/SIGTERM/SIGHUP/SIGQUIT unless told) become
-    a stop request to the supervisor, and wake its wait."""
-    requests: list = []
-    read_fd, write_fd = os.pipe()
-    os.set_blocking(read_fd, False)
-    os.set_blocking(write_fd, False)
-
-    def on_signal(signum: int, frame: object) -> None:
-        for request in requests:
-            request(signum)
-
-    previous = {s: signal.signal(s, on_signal) for s in signals}
-    previous_wakeup = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-    try:
-        yield read_fd, requests
-    finally:
-        signal.set_wakeup_fd(previous_wakeup)
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        os.close(read_fd)
-        os.close(write_fd)
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ a worker started in the same directory (or beside ./runs) finds them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import signal
@@ -26,6 +27,8 @@ from ddp_launch.control.master import MasterServer
 from ddp_launch.errors import ConfigError
 from ddp_launch.observe.view import LiveView, format_summary
 from ddp_launch.registry import RankState, Registry
+from ddp_launch.run.group import wait
+from ddp_launch.run.signals import signals_as_stop_requests
 
 DEFAULT_PORT = 50051
 TICK_S = 0.25
@@ -52,10 +55,12 @@ def run_master(
     server = MasterServer(registry, token, host, port)
     server.start()
     stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: stop.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     view = LiveView(stderr, enabled=not quiet)
     started = time.monotonic()
+    teardown = contextlib.ExitStack()
     try:
+        wakeup_fd, requests = teardown.enter_context(signals_as_stop_requests((signal.SIGINT, signal.SIGTERM)))
+        requests.append(stop.append)
         run_dir.mkdir(parents=True, exist_ok=True)
         rundir.write_token(run_dir, token)
         rundir.write_json_atomic(
@@ -68,7 +73,7 @@ def run_master(
             file=stderr,
             flush=True,
         )
-        code, message = _watch(registry, view, hang_timeout_s, stop)
+        code, message = _watch(registry, view, hang_timeout_s, stop, wakeup_fd)
         registry.end_run("succeeded" if code == 0 else "failed", message, code)
         snap = registry.snapshot()
         view.close()
@@ -81,14 +86,15 @@ def run_master(
         return code
     finally:
         view.close()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        teardown.close()  # the previous signal handlers are back
         server.stop(grace_s=1.0)
 
 
-def _watch(registry: Registry, view: LiveView, hang_timeout_s: float, stop: list[int]) -> tuple[int, str]:
+def _watch(
+    registry: Registry, view: LiveView, hang_timeout_s: float, stop: list[int], wakeup_fd: int
+) -> tuple[int, str]:
     while True:
-        time.sleep(TICK_S)
+        wait((), [wakeup_fd], TICK_S)  # the same wait as the supervisor's, with no workers of its own
         if stop:
             return 128 + stop[0], f"stopped by {signal.Signals(stop[0]).name}"
         snap = registry.snapshot()

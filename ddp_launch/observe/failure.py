@@ -12,7 +12,7 @@ from typing import Any
 
 from ddp_launch import rundir
 from ddp_launch.record import RankRecord, describe_exit, rank_json
-from ddp_launch.run.supervisor import GenerationResult, Outcome, RunResult
+from ddp_launch.run.result import GenerationResult, Outcome, RunResult
 
 LOG_TAIL_LINES = 20
 # rank_json's fields in the report: the root cause's, and every rank's as it ended.

@@ -16,7 +16,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from multiprocessing.connection import wait as wait_for_sentinels
 
 import grpc
 
@@ -24,7 +23,8 @@ from ddp_launch.config import RunConfig
 from ddp_launch.control.client import MasterClient
 from ddp_launch.record import describe_exit
 from ddp_launch.registry import RUNNING
-from ddp_launch.run.supervisor import TICK_S, WorkerHandle, WorkerStarter, stop_process_trees
+from ddp_launch.run.group import WorkerGroup, WorkerStarter
+from ddp_launch.run.supervisor import TICK_S
 
 EXIT_MASTER_LOST = 1
 _LOST = object()  # pushed by the watch thread when the stream breaks
@@ -55,16 +55,17 @@ class Follower:
         start_worker: WorkerStarter,
         wakeup_fd: int | None,
         say: Callable[[str], None],
+        group: WorkerGroup | None = None,
     ) -> None:
         self.config = config
         self._client = client
-        self._start_worker = start_worker
+        self.group = group or WorkerGroup(start_worker, config.node_rank * config.nproc_per_node)
         self._wakeup_fd = wakeup_fd
         self._say = say
         self._updates: queue.Queue = queue.Queue()
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)  # the group's wait drains it to the end
         self._pending_signal: int | None = None
-        self._workers: dict[int, WorkerHandle] = {}
         self._stream = None
 
     def request_stop(self, signum: int) -> None:
@@ -114,18 +115,14 @@ class Follower:
     def _follow(self) -> FollowResult:
         generation = None
         generations = 0
+        wake_fds = [self._wake_r] + ([] if self._wakeup_fd is None else [self._wakeup_fd])
         while True:
-            waitables = [w.sentinel for w in self._workers.values() if w.exitcode is None] + [self._wake_r]
-            if self._wakeup_fd is not None:
-                waitables.append(self._wakeup_fd)
-            ready = wait_for_sentinels(waitables, timeout=TICK_S)
-            if self._wake_r in ready:
-                os.read(self._wake_r, 4096)
+            exits = self.group.wait(wake_fds, TICK_S)
             if self._pending_signal is not None:
                 self._stop_group(self._pending_signal)
                 name = signal.Signals(self._pending_signal).name
                 return FollowResult(128 + self._pending_signal, f"stopped by {name}", generations)
-            self._report_exits(generation)
+            self._report_exits(exits, generation)
             while not self._updates.empty():
                 update = self._updates.get()
                 if isinstance(update, tuple) and update[0] is _LOST:
@@ -138,30 +135,16 @@ class Follower:
                     self._stop_group()
                     generation = update.generation
                     generations += 1
-                    self._workers = {
-                        self._rank(i): self._start_worker(i, generation) for i in range(self.config.nproc_per_node)
-                    }
+                    self.group.start(generation, self.config.nproc_per_node)
 
-    def _rank(self, local_rank: int) -> int:
-        return self.config.node_rank * self.config.nproc_per_node + local_rank
-
-    def _report_exits(self, generation: int | None) -> None:
-        for rank, w in list(self._workers.items()):
-            if w.exitcode is None:
-                continue
-            w.join(timeout=1.0)
-            del self._workers[rank]
-            code = w.exitcode if w.exitcode is not None else 255
-            if code != 0:
-                self._say(f"rank {rank} failed ({describe_exit(code)}); waiting for the master's decision")
+    def _report_exits(self, exits: list, generation: int | None) -> None:
+        for e in exits:
+            if e.exit_code != 0:
+                self._say(f"rank {e.rank} failed ({describe_exit(e.exit_code)}); waiting for the master's decision")
             try:
-                self._client.report_exit(rank, generation or 0, code)
-            except grpc.RpcError as e:
-                self._say(f"could not report rank {rank}'s exit to the master: {e.code().name}")
+                self._client.report_exit(e.rank, generation or 0, e.exit_code)
+            except grpc.RpcError as err:
+                self._say(f"could not report rank {e.rank}'s exit to the master: {err.code().name}")
 
     def _stop_group(self, first_signal: int = signal.SIGTERM) -> None:
-        roots = [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
-        stop_process_trees(roots, self.config.restart.stop_grace_s, first_signal)
-        for w in self._workers.values():
-            w.join(timeout=2.0)
-        self._workers = {}
+        self.group.stop(self.config.restart.stop_grace_s, first_signal)

@@ -6,28 +6,27 @@ verdicts, samples RSS/CPU with psutil and checks the run's deadline. Any failure
 whole group (SIGTERM to every process of every worker's tree, then SIGKILL after the grace
 period); while restarts remain, a new generation is started from the warm forkserver.
 
-Failures are data here: each generation ends in a GenerationResult; the launcher decides
-what to print and which exit code to use.
+Failures are data here: each generation ends in a GenerationResult (run/result.py); the
+launcher decides what to print and which exit code to use. Processes are started, watched
+and stopped only through the WorkerGroup (run/group.py), the seam tests replace.
 """
 
 from __future__ import annotations
 
-import enum
-import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from multiprocessing.connection import wait as wait_for_sentinels
-from typing import Protocol
 
 import psutil
 
 from ddp_launch.config import RunConfig
-from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, Registry, RunSnapshot
+from ddp_launch.run.group import WorkerGroup, WorkerStarter
 from ddp_launch.run.output import OutputPump
+from ddp_launch.run.result import GenerationResult, Outcome, RunResult, WorkerExit
 from ddp_launch.run.worker import STACK_DUMP_SIGNAL
+
+__all__ = ["GenerationResult", "Outcome", "RunResult", "Supervisor", "WorkerExit"]
 
 TICK_S = 0.25
 STATS_INTERVAL_S = 1.0
@@ -49,97 +48,14 @@ def round_interval_s(world_size: int, tick_s: float = TICK_S) -> float:
     return tick_s if world_size <= LARGE_WORLD else max(tick_s, LARGE_WORLD_ROUND_S)
 
 
-class WorkerHandle(Protocol):
-    """A started worker process, as the supervisor needs it (torch.multiprocessing's Process)."""
-
-    pid: int | None
-    sentinel: int
-
-    @property
-    def exitcode(self) -> int | None: ...
-
-    def join(self, timeout: float | None = None) -> None: ...
-
-
-# start_worker(local_rank, generation) -> a started worker whose output is attached to the pump.
-WorkerStarter = Callable[[int, int], WorkerHandle]
-
-
-class Outcome(enum.Enum):
-    """How a generation, and so the run, ended. The launcher's exit code follows from it:
-    0, the first failed rank's code, 128+N for signal N, 124 for a timeout, 1 for a hang."""
-
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    HUNG = "hung"
-    INTERRUPTED = "interrupted"
-    TIMED_OUT = "timed out"
-
-
-def shell_exit_code(code: int) -> int:
-    """The code a shell would show: 128 + N for death by signal N."""
-    return 128 - code if code < 0 else code
-
-
-@dataclass(frozen=True)
-class WorkerExit:
-    """A worker that ended with a non-zero code while its generation ran (not while the
-    launcher stopped the group): a failure."""
-
-    rank: int
-    pid: int
-    exit_code: int  # multiprocessing's: negative for a signal
-    at: float  # time.time()
-
-    @property
-    def description(self) -> str:
-        return describe_exit(self.exit_code)
-
-
-@dataclass
-class GenerationResult:
-    """How one generation ended, as the supervisor saw it.
-
-    `failures` are in the order they died; the first is the root cause unless a hang verdict
-    named one (`root_rank`). `snapshot` is the registry's state after the group was stopped,
-    so it holds every rank's last heartbeat and how each one ended.
-    """
-
-    generation: int
-    outcome: Outcome
-    failures: list[WorkerExit] = field(default_factory=list)  # in the order they died
-    hung: list[HangVerdict] = field(default_factory=list)
-    stacks: dict[int, str] = field(default_factory=dict)
-    root_rank: int | None = None  # the rank that failed or stopped first
-    message: str = ""
-    signal_number: int | None = None
-    snapshot: RunSnapshot | None = None
-
-
-@dataclass
-class RunResult:
-    """The supervisor's whole run: every generation's result, the last one decisive."""
-
-    outcome: Outcome
-    generations: list[GenerationResult]
-    wall_s: float
-
-    @property
-    def restarts(self) -> int:
-        return len(self.generations) - 1
-
-    @property
-    def last(self) -> GenerationResult:
-        return self.generations[-1]
-
-
 class Supervisor:
     """Runs the local group through generations until success, interruption or no restart left.
 
     Args:
         config: the run's settings.
         registry: the master's state (this node's ranks live in it).
-        start_worker: forks one worker; a seam for tests.
+        start_worker: forks one worker (wrapped in a WorkerGroup), or
+        group: the group itself, a seam for tests.
         pump: worker output, for stack dumps and the failure report's log lines.
         on_tick: called with a snapshot a few times a second (the live view, the event log).
         on_generation_end: called with each generation's result once its group is stopped,
@@ -152,23 +68,27 @@ class Supervisor:
         self,
         config: RunConfig,
         registry: Registry,
-        start_worker: WorkerStarter,
+        start_worker: WorkerStarter | None,
         pump: OutputPump,
         on_tick: Callable[[RunSnapshot], None] = lambda snap: None,
         on_generation_end: Callable[[GenerationResult, bool], None] = lambda result, restarting: None,
         wakeup_fd: int | None = None,
         clock: Callable[[], float] = time.monotonic,
+        group: WorkerGroup | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
-        self._start_worker = start_worker
+        first_rank = config.node_rank * config.nproc_per_node
+        if group is None:
+            assert start_worker is not None, "a Supervisor needs start_worker or group"
+            group = WorkerGroup(start_worker, first_rank)
+        self.group = group
         self._pump = pump
         self._on_tick = on_tick
         self._on_generation_end = on_generation_end
         self._wakeup_fd = wakeup_fd
         self._clock = clock
         self._pending_signal: int | None = None
-        self._workers: dict[int, WorkerHandle] = {}
         self._started_at = clock()
         self._stats: dict[int, psutil.Process] = {}
 
@@ -208,10 +128,8 @@ class Supervisor:
     # -- one generation -----------------------------------------------------------------
 
     def _run_generation(self, generation: int) -> GenerationResult:
-        self._workers = {}
         self._stats = {}
-        for local_rank in range(self.config.nproc_per_node):
-            self._workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
+        self.group.start(generation, self.config.nproc_per_node)
         result = self._watch(generation)
         if result.outcome is Outcome.HUNG and result.hung:
             result.stacks = self._dump_stacks()
@@ -231,29 +149,22 @@ class Supervisor:
         join_deadline = self._clock() + config.join_timeout_s
         run_deadline = None if config.timeout_s is None else self._started_at + config.timeout_s
         next_stats = next_round = 0.0
-        alive = dict(self._workers)
         failures: list[WorkerExit] = []
+        wake_fds = [] if self._wakeup_fd is None else [self._wakeup_fd]
+        mine = set(self.group.workers)
         while True:
-            waitables: list = [w.sentinel for w in alive.values()]
-            if self._wakeup_fd is not None:
-                waitables.append(self._wakeup_fd)
-            ready = wait_for_sentinels(waitables, timeout=config.monitor_interval_s)
-            if self._wakeup_fd is not None and self._wakeup_fd in ready:
-                _drain(self._wakeup_fd)
+            exits = self.group.wait(wake_fds, config.monitor_interval_s)
             if self._pending_signal is not None:
                 signum = self._pending_signal
                 name = signal.Signals(signum).name
                 return GenerationResult(
                     generation, Outcome.INTERRUPTED, signal_number=signum, message=f"stopped by {name}"
                 )
-            for rank, w in list(alive.items()):
-                if w.sentinel in ready or w.exitcode is not None:
-                    w.join(timeout=1.0)
-                    code = w.exitcode if w.exitcode is not None else 255
-                    del alive[rank]
-                    self.registry.record_exit(rank, generation, code)
-                    if code != 0:
-                        failures.append(WorkerExit(rank, w.pid or 0, code, time.time()))
+            for e in exits:
+                self.registry.record_exit(e.rank, generation, e.exit_code)
+                if e.exit_code != 0:
+                    failures.append(WorkerExit(e.rank, e.pid, e.exit_code, time.time()))
+            alive = self.group.alive
             now = self._clock()
             is_round = now >= next_round
             if is_round:
@@ -282,7 +193,7 @@ class Supervisor:
                 continue
             verdicts = self.registry.find_hung(config.restart.hang_timeout_s)
             # Every node's hung ranks count here: this launcher leads the run.
-            local = [v for v in verdicts if v.rank in alive or v.rank not in self._workers]
+            local = [v for v in verdicts if v.rank in alive or v.rank not in mine]
             if local:
                 for v in local:
                     self.registry.mark_hung(v.rank)
@@ -294,7 +205,7 @@ class Supervisor:
                     message=f"rank {local[0].rank} hung: {local[0].reason}",
                 )
             if not self.registry.barrier_open and now >= join_deadline:
-                missing = [r for r in self.registry.unregistered_ranks() if r in alive or r not in self._workers]
+                missing = [r for r in self.registry.unregistered_ranks() if r in alive or r not in mine]
                 if missing:
                     return GenerationResult(
                         generation,
@@ -308,9 +219,11 @@ class Supervisor:
 
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
         failed = self.registry.failed_ranks()
-        return [WorkerExit(rank, pid, code, time.time()) for rank, pid, code in failed if rank not in self._workers]
+        return [
+            WorkerExit(rank, pid, code, time.time()) for rank, pid, code in failed if rank not in self.group.workers
+        ]
 
-    def _sample_stats(self, alive: dict[int, WorkerHandle]) -> None:
+    def _sample_stats(self, alive: dict) -> None:
         for rank, w in alive.items():
             if not w.pid:  # psutil.Process(None) would be the launcher itself
                 continue
@@ -329,12 +242,12 @@ class Supervisor:
     def _dump_stacks(self) -> dict[int, str]:
         """Ask every live worker for its Python stacks (all threads); return them per rank."""
         marks = {}
-        for rank, w in self._workers.items():
+        for rank, w in self.group.workers.items():
             if w.exitcode is None and w.pid:
                 marks[rank] = self._pump.lines_seen(rank)
-                _signal_quietly(w.pid, STACK_DUMP_SIGNAL)
+                self.group.signal(rank, STACK_DUMP_SIGNAL)
                 # A stopped (SIGSTOP) process cannot dump until it runs again.
-                _signal_quietly(w.pid, signal.SIGCONT)
+                self.group.signal(rank, signal.SIGCONT)
         if not marks:
             return {}
         self._pump.wait_quiet(list(marks), quiet_s=0.3, timeout_s=STACK_DUMP_WAIT_S)
@@ -343,7 +256,7 @@ class Supervisor:
     def _record_remaining_exits(self, generation: int) -> None:
         """How the workers that were still running ended (the registry keeps the first report
         of each: those already recorded are unchanged)."""
-        for rank, w in self._workers.items():
+        for rank, w in self.group.workers.items():
             if w.exitcode is not None:
                 self.registry.record_exit(rank, generation, w.exitcode)
 
@@ -351,82 +264,19 @@ class Supervisor:
 
     def stop_group(self, first_signal: int = signal.SIGTERM) -> None:
         """Signal every process of every worker's tree; SIGKILL what remains after the grace."""
-        stop_process_trees(self._live_pids(), self.config.restart.stop_grace_s, first_signal)
-        for w in self._workers.values():
-            w.join(timeout=2.0)
+        self.group.stop(self.config.restart.stop_grace_s, first_signal)
 
     def pause(self) -> None:
         """Stop every worker's process group (Ctrl-Z on the launcher: the whole run pauses)."""
-        self._signal_worker_groups(signal.SIGSTOP)
+        self.group.pause()
 
     def resume(self) -> None:
         """Continue the workers after `pause`; the time paused counts for nobody's hang."""
-        self._signal_worker_groups(signal.SIGCONT)
+        self.group.resume()
         self.registry.excuse_pause()
 
-    def _signal_worker_groups(self, signum: int) -> None:
-        # Each worker leads a session of its own (see worker.py): its group holds its
-        # children too, e.g. DataLoader workers.
-        for pid in self._live_pids():
-            try:
-                os.killpg(pid, signum)
-            except ProcessLookupError:  # not a group leader yet: a worker just forked
-                _signal_quietly(pid, signum)
-            except PermissionError:
-                pass
-
     def signal_workers(self, signum: int) -> None:
-        for pid in self._live_pids():
-            _signal_quietly(pid, signum)
-
-    def _live_pids(self) -> list[int]:
-        """The pids of this generation's workers that have not exited."""
-        return [w.pid for w in self._workers.values() if w.pid and w.exitcode is None]
-
-
-def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
-    """Stop these processes and all their descendants: `first_signal` (and SIGCONT, for a
-    stopped one), wait up to `grace_s`, then SIGKILL. Already gone is fine."""
-    procs: dict[int, psutil.Process] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs[root.pid] = root
-            # The tree is read before anything is signalled: orphans are hard to find later.
-            for child in root.children(recursive=True):
-                procs[child.pid] = child
-        except psutil.NoSuchProcess:
-            continue
-    if not procs:
-        return
-    for p in procs.values():
-        for sig in (first_signal, signal.SIGCONT):
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=2.0)
-
-
-def _signal_quietly(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _drain(fd: int) -> None:
-    try:
-        while os.read(fd, 512):
-            pass
-    except (BlockingIOError, OSError):
-        pass
+        self.group.signal_all(signum)
 
 
 def _root_of_hang(verdicts: list[HangVerdict], stacks: dict[int, str]) -> int | None:

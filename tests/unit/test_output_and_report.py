@@ -20,7 +20,7 @@ from ddp_launch.observe.failure import build_report, flapping, format_report
 from ddp_launch.progress import Progress
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.run.output import MAX_LINE_BYTES, PIPE, TAIL_LINES, TERMINAL, LivePolicy, OutputPump, collapse
-from ddp_launch.run.supervisor import GenerationResult, Outcome, RunResult, WorkerExit
+from ddp_launch.run.result import GenerationResult, Outcome, RunResult, WorkerExit
 from ddp_launch.run.torchrun_logs import FilterTap
 from ddp_launch.rundir import write_json_atomic
 from tests.fakes import FakeClock

@@ -2,9 +2,10 @@
 
 A fake worker's sentinel is the read end of a real pipe: closing the write end is its death,
 which the supervisor notices through `multiprocessing.connection.wait` exactly as it notices
-a real process's. Its pid is None, so nothing can ever be signalled. Each tick of the watch
-loop (the `on_tick` callback) moves the fake clock by one second and plays the script:
-heartbeats, exits, stop requests.
+a real process's. Its pid is None, so nothing can ever be signalled, and the WorkerGroup's
+signalling is injected (`Signals` records it): nothing is monkeypatched to keep signals off
+real processes. Each tick of the watch loop (the `on_tick` callback) moves the fake clock
+by one second and plays the script: heartbeats, exits, stop requests.
 """
 
 from __future__ import annotations
@@ -24,15 +25,9 @@ from ddp_launch.config import RestartPolicy, RunConfig, Target
 from ddp_launch.progress import Progress
 from ddp_launch.record import describe_exit
 from ddp_launch.registry import HangVerdict, RankState, Registry, RunSnapshot
-from ddp_launch.run.supervisor import (
-    Outcome,
-    RunResult,
-    Supervisor,
-    WorkerExit,
-    _main_thread_stack,
-    _root_of_hang,
-    shell_exit_code,
-)
+from ddp_launch.run.group import WorkerGroup
+from ddp_launch.run.result import Outcome, RunResult, WorkerExit, shell_exit_code
+from ddp_launch.run.supervisor import Supervisor, _main_thread_stack, _root_of_hang
 from ddp_launch.run.worker import STACK_DUMP_SIGNAL
 from tests.fakes import FakeClock
 
@@ -144,8 +139,18 @@ class Script:
         on_tick: Callable[[int, Script], None] | None = None,
         max_ticks: int = 1000,
         seconds_per_tick: float = TICK_S,
+        signals: Signals | None = None,
+        send: Callable[[int, int], None] | None = None,
     ) -> None:
         self.config = config
+        self.signals = signals or Signals()
+        self.group = WorkerGroup(
+            self.start_worker,
+            config.node_rank * config.nproc_per_node,
+            kill_trees=self.signals.kill_trees,
+            send=send or self.signals.send,
+            send_group=self.signals.send_group,
+        )
         self.fates = fates or {}
         self.clock = FakeClock(START)
         self.registry = Registry(
@@ -172,13 +177,14 @@ class Script:
         self.supervisor = Supervisor(
             config,
             self.registry,
-            self.start_worker,
+            None,
             self.pump,
             on_tick=self.on_tick,
             on_generation_end=lambda result, restarting: self.ended.append(
                 (result.generation, result.outcome, restarting)
             ),
             clock=self.clock,
+            group=self.group,
         )
 
     def fate(self, generation: int, local_rank: int) -> Fate:
@@ -248,39 +254,26 @@ def make_config(nproc: int = 2, **kw: object) -> RunConfig:
 
 
 class Signals:
-    """Everything that could signal a process, recorded instead of sent."""
+    """The WorkerGroup's signalling, recorded instead of sent."""
 
     def __init__(self) -> None:
-        self.os_kill: list[tuple[int, int]] = []
-        self.psutil_sent: list[tuple[int, int]] = []
+        self.sent: list[tuple[int, int]] = []
+        self.group_sent: list[tuple[int, int]] = []
         self.trees: list[tuple[list[int], float, int]] = []
+
+    def kill_trees(self, pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
+        self.trees.append((list(pids), grace_s, first_signal))
+
+    def send(self, pid: int, signum: int) -> None:
+        self.sent.append((pid, signum))
+
+    def send_group(self, pid: int, signum: int) -> None:
+        self.group_sent.append((pid, signum))
 
 
 @pytest.fixture
-def signals(monkeypatch: pytest.MonkeyPatch) -> Signals:
-    """A safety net and a witness: no test here may signal a real process (the test's own
-    included: psutil.Process(None) is the current process)."""
-    record = Signals()
-    real_stop_process_trees = supervisor_module.stop_process_trees
-
-    def fake_kill(pid: int, signum: int) -> None:
-        record.os_kill.append((pid, signum))
-
-    def fake_send_signal(self, sig: int) -> None:
-        record.psutil_sent.append((self.pid, sig))
-
-    def fake_psutil_kill(self) -> None:
-        record.psutil_sent.append((self.pid, signal.SIGKILL))
-
-    def recording_stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
-        record.trees.append((list(pids), grace_s, first_signal))
-        real_stop_process_trees(pids, grace_s, first_signal)  # signals go to the fakes above
-
-    monkeypatch.setattr(os, "kill", fake_kill)
-    monkeypatch.setattr(supervisor_module.psutil.Process, "send_signal", fake_send_signal)
-    monkeypatch.setattr(supervisor_module.psutil.Process, "kill", fake_psutil_kill)
-    monkeypatch.setattr(supervisor_module, "stop_process_trees", recording_stop_process_trees)
-    return record
+def signals() -> Signals:
+    return Signals()
 
 
 @pytest.fixture(autouse=True)
@@ -295,14 +288,15 @@ def scripts(signals: Signals):
     made: list[Script] = []
 
     def make(config: RunConfig, fates: dict[int, dict[int, Fate]] | None = None, **kw: object) -> Script:
-        s = Script(config, fates, **kw)  # type: ignore[arg-type]
+        s = Script(config, fates, signals=signals, **kw)  # type: ignore[arg-type]
         made.append(s)
         return s
 
     yield make
     for s in made:
         s.close()
-    assert signals.os_kill == [] and signals.psutil_sent == [], "a test signalled a real process"
+    # Fake workers have no pid: nothing was ever addressed to a process.
+    assert signals.sent == [] and signals.group_sent == [], "a test signalled a process"
 
 
 # -- outcomes ------------------------------------------------------------------------------
@@ -326,13 +320,13 @@ def test_all_exit_zero_succeeds_in_one_generation(scripts) -> None:
 def test_registry_wide_rounds_run_once_a_second_above_64_ranks(scripts, monkeypatch, nproc, seconds_per_round):
     monkeypatch.setattr(supervisor_module, "TICK_S", 0.25)
     s = scripts(make_config(nproc=nproc), {0: {r: Fate(0, at_tick=8) for r in range(nproc)}}, seconds_per_tick=0.0)
-    real_wait = supervisor_module.wait_for_sentinels
+    real_wait = s.group.wait
 
-    def wait_a_tick(waitables, timeout):
+    def wait_a_tick(wake_fds, timeout_s):
         s.clock.advance(0.25)  # every wake-up of the watch loop is a tick of fake time
-        return real_wait(waitables, timeout=0)
+        return real_wait(wake_fds, 0)
 
-    monkeypatch.setattr(supervisor_module, "wait_for_sentinels", wait_a_tick)
+    monkeypatch.setattr(s.group, "wait", wait_a_tick)
     result = s.run()
 
     assert result.outcome is Outcome.SUCCEEDED
@@ -478,11 +472,11 @@ def test_a_stop_request_interrupts_without_restart(scripts, signals: Signals) ->
 
 def test_the_wakeup_fd_is_drained(signals: Signals) -> None:
     config = make_config()
-    s = Script(config, {0: {0: RUNS, 1: RUNS}})
+    s = Script(config, {0: {0: RUNS, 1: RUNS}}, signals=signals)
     read_fd, write_fd = os.pipe()
     os.set_blocking(read_fd, False)
     s.supervisor = Supervisor(
-        config, s.registry, s.start_worker, s.pump, on_tick=s.on_tick, wakeup_fd=read_fd, clock=s.clock
+        config, s.registry, None, s.pump, on_tick=s.on_tick, wakeup_fd=read_fd, clock=s.clock, group=s.group
     )
 
     def signal_arrives(tick: int, s: Script) -> None:
@@ -612,27 +606,28 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
     """Ranks with pids: the stack dump is requested (recorded, never sent) and the rank whose
     main thread is outside a collective is the root cause, though rank 0's verdict comes first."""
     config = make_config(hang_timeout_s=10.0)
-    s = Script(config, {0: {0: Fate(None, heartbeats_until=3), 1: Fate(None, heartbeats_until=3)}})
+    sent: list[tuple[int, int]] = []
+
+    def send(pid: int, signum: int) -> None:
+        sent.append((pid, signum))
+        if signum == STACK_DUMP_SIGNAL:
+            rank = next(r for r, p in fake_pids.items() if p == pid)
+            s.pump.print(rank, dumps[rank])
+
+    fates = {0: {0: Fate(None, heartbeats_until=3), 1: Fate(None, heartbeats_until=3)}}
+    s = Script(config, fates, signals=signals, send=send)
     # Above Linux's largest possible pid_max (2**22): no such process can exist.
     fake_pids = {0: 2**22 + 1001, 1: 2**22 + 1002}
     dumps = {0: dump(RANK_IN_ALLREDUCE), 1: dump(RANK_IN_USER_CODE)}
-    sent: list[tuple[int, int]] = []
 
     def start_with_pid(local_rank: int, generation: int) -> FakeWorker:
         w = Script.start_worker(s, local_rank, generation)
         w.pid = fake_pids[w.rank]
         return w
 
-    def signal_quietly(pid: int, signum: int) -> None:
-        sent.append((pid, signum))
-        if signum == STACK_DUMP_SIGNAL:
-            rank = next(r for r, p in fake_pids.items() if p == pid)
-            s.pump.print(rank, dumps[rank])
-
-    monkeypatch.setattr(supervisor_module, "_signal_quietly", signal_quietly)
+    s.group._start_worker = start_with_pid  # workers with pids (that no process can have)
     monkeypatch.setattr(Supervisor, "_sample_stats", lambda self, alive: None)
     s.pump.print(0, "epoch 1 done")  # output before the dump is not part of the stack
-    s.supervisor = Supervisor(config, s.registry, start_with_pid, s.pump, on_tick=s.on_tick, clock=s.clock)
     try:
         result = s.run()
     finally:
@@ -651,7 +646,6 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
     assert s.pump.waited == [[0, 1]]
     assert g.stacks == {0: dumps[0], 1: dumps[1]}
     assert signals.trees[0] == ([fake_pids[0], fake_pids[1]], 0.5, signal.SIGTERM)
-    assert signals.os_kill == [] and signals.psutil_sent == []  # those pids do not exist
 
 
 # -- regressions (bugs these tests found) --------------------------------------------------

@@ -1,0 +1,198 @@
+"""This node's workers of one generation, as one object: started together, watched through
+their process sentinels, stopped together. The supervisor (node 0) and the follower (other
+nodes) share it, and its signalling is injected, so their tests need no monkeypatching of
+`os.kill`: they pass a group whose `kill_trees` and `send` record instead of signalling.
+
+`wait` is the one watch loop's wait: it wakes on a worker's death (within milliseconds,
+through its sentinel), on a readable wake-up fd (a signal arrived, the master spoke), or
+after `timeout_s`, and drains the fds that woke it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_for_sentinels
+from typing import Protocol, cast
+
+import psutil
+
+
+class WorkerHandle(Protocol):
+    """A started worker process, as the group needs it (torch.multiprocessing's Process)."""
+
+    pid: int | None
+    sentinel: int
+
+    @property
+    def exitcode(self) -> int | None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+
+# start_worker(local_rank, generation) -> a started worker whose output is attached to the pump.
+WorkerStarter = Callable[[int, int], WorkerHandle]
+# kill_trees(pids, grace_s, first_signal): stop these processes and their descendants.
+TreeKiller = Callable[[list[int], float, int], None]
+# send(pid, signum): one signal to one process; gone or not ours is fine.
+Sender = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Exit:
+    rank: int
+    pid: int
+    exit_code: int  # multiprocessing's: negative for a signal
+
+
+def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
+    """Stop these processes and all their descendants: `first_signal` (and SIGCONT, for a
+    stopped one), wait up to `grace_s`, then SIGKILL. Already gone is fine."""
+    procs: dict[int, psutil.Process] = {}
+    for pid in pids:
+        try:
+            root = psutil.Process(pid)
+            procs[root.pid] = root
+            # The tree is read before anything is signalled: orphans are hard to find later.
+            for child in root.children(recursive=True):
+                procs[child.pid] = child
+        except psutil.NoSuchProcess:
+            continue
+    if not procs:
+        return
+    for p in procs.values():
+        for sig in (first_signal, signal.SIGCONT):
+            try:
+                p.send_signal(sig)
+            except psutil.NoSuchProcess:
+                pass
+    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=2.0)
+
+
+def signal_quietly(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def signal_process_group(pid: int, signum: int) -> None:
+    """`signum` to the process group `pid` leads (a worker leads a session of its own, so its
+    group holds its children too, e.g. DataLoader workers); to the process alone while it
+    is not a group leader yet (just forked)."""
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        signal_quietly(pid, signum)
+    except PermissionError:
+        pass
+
+
+class WorkerGroup:
+    """One node's workers; see the module docstring.
+
+    Args:
+        start_worker: forks one worker for (local_rank, generation).
+        first_rank: the global rank of local rank 0 on this node.
+        kill_trees: how `stop` ends the workers' process trees.
+        send: how a single signal is sent to one worker (stack dumps).
+        send_group: how a signal reaches a worker's whole process group (pause/resume).
+    """
+
+    def __init__(
+        self,
+        start_worker: WorkerStarter,
+        first_rank: int = 0,
+        *,
+        kill_trees: TreeKiller = stop_process_trees,
+        send: Sender = signal_quietly,
+        send_group: Sender = signal_process_group,
+    ) -> None:
+        self._start_worker = start_worker
+        self.first_rank = first_rank
+        self._kill_trees = kill_trees
+        self._send = send
+        self._send_group = send_group
+        self.workers: dict[int, WorkerHandle] = {}
+        self._reaped: set[int] = set()
+
+    def start(self, generation: int, nproc: int) -> None:
+        """Start `nproc` workers for `generation` (the previous ones must be stopped)."""
+        self.workers = {}
+        self._reaped = set()
+        for local_rank in range(nproc):
+            self.workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
+
+    @property
+    def alive(self) -> dict[int, WorkerHandle]:
+        """Workers not yet reaped."""
+        return {rank: w for rank, w in self.workers.items() if rank not in self._reaped}
+
+    def wait(self, wake_fds: Sequence[int], timeout_s: float) -> list[Exit]:
+        """Block until a worker dies, a wake-up fd is readable, or `timeout_s`; return the
+        workers that ended since the last call (each once), in rank order."""
+        alive = self.alive
+        ready = wait([w.sentinel for w in alive.values()], wake_fds, timeout_s)
+        exits = []
+        for rank, w in alive.items():
+            if w.sentinel in ready or w.exitcode is not None:
+                w.join(timeout=1.0)
+                self._reaped.add(rank)
+                exits.append(Exit(rank, w.pid or 0, w.exitcode if w.exitcode is not None else 255))
+        return exits
+
+    def live_pids(self) -> list[int]:
+        """The pids of the workers that have not exited."""
+        return [w.pid for w in self.workers.values() if w.pid and w.exitcode is None]
+
+    def stop(self, grace_s: float, first_signal: int = signal.SIGTERM) -> None:
+        """Signal every process of every worker's tree; SIGKILL what remains after the grace."""
+        self._kill_trees(self.live_pids(), grace_s, first_signal)
+        for w in self.workers.values():
+            w.join(timeout=2.0)
+
+    def signal(self, rank: int, signum: int) -> None:
+        w = self.workers.get(rank)
+        if w is not None and w.pid and w.exitcode is None:
+            self._send(w.pid, signum)
+
+    def signal_all(self, signum: int) -> None:
+        for pid in self.live_pids():
+            self._send(pid, signum)
+
+    def pause(self) -> None:
+        """SIGSTOP every worker's process group (Ctrl-Z on the launcher: the whole run pauses)."""
+        for pid in self.live_pids():
+            self._send_group(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self.live_pids():
+            self._send_group(pid, signal.SIGCONT)
+
+
+def wait(sentinels: Sequence[int], wake_fds: Sequence[int], timeout_s: float) -> set[int]:
+    """The watch loops' one wait: until a sentinel or a wake-up fd is ready, or `timeout_s`.
+    The wake-up fds that woke it are drained (they must be non-blocking); returns what was
+    ready."""
+    # Only ints go in, so only ints come out.
+    ready = cast(set[int], set(wait_for_sentinels([*sentinels, *wake_fds], timeout=timeout_s)))
+    for fd in wake_fds:
+        if fd in ready:
+            _drain(fd)
+    return ready
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 512):
+            pass
+    except (BlockingIOError, OSError):
+        pass
