@@ -204,7 +204,7 @@ async def _load(args: argparse.Namespace) -> dict:
     its workers' heartbeats per interval. The answered heartbeats always go to the master."""
     import grpc
 
-    from ddp_launch.control.client import ACK_EVERY_S
+    from ddp_launch.control.heartbeat import ACK_EVERY_S
     from ddp_launch.control.wire import TOKEN_METADATA_KEY, channel_options
     from ddp_launch.proto import orchestrator_pb2 as pb
     from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc

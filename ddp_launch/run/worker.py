@@ -112,7 +112,8 @@ def _say(message: str) -> None:
 
 def _run(target: Target) -> int:
     # Imported here, after the fork: gRPC must not exist in the warm parent.
-    from ddp_launch.control.client import HeartbeatThread, MasterClient
+    from ddp_launch.control.client import MasterClient
+    from ddp_launch.control.heartbeat import HeartbeatThread
     from ddp_launch.errors import MasterUnavailable, RegistrationRejected
     from ddp_launch.progress import tracker
 

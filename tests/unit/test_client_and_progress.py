@@ -18,8 +18,8 @@ import pytest
 
 import ddp_launch
 from ddp_launch import progress
-from ddp_launch.control import client as client_module
-from ddp_launch.control.client import HeartbeatThread, heartbeat_request
+from ddp_launch.control import heartbeat as client_module
+from ddp_launch.control.heartbeat import HeartbeatThread, heartbeat_request
 from ddp_launch.env import CONTROL_ADDR, Assignment
 from ddp_launch.progress import Progress, _Tracker
 from ddp_launch.proto import orchestrator_pb2 as pb

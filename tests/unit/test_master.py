@@ -483,7 +483,7 @@ def test_a_node_heartbeat_stream_records_each_rank_and_skips_only_the_refused(se
 
 @pytest.mark.timeout(30)
 def test_a_worker_heartbeat_thread_streams_to_a_real_master(server):
-    from ddp_launch.control.client import HeartbeatThread
+    from ddp_launch.control.heartbeat import HeartbeatThread
 
     registry = server.registry
     client = MasterClient(f"127.0.0.1:{server.port}", token="secret")

@@ -8,7 +8,8 @@ from collections.abc import Callable
 import grpc
 import pytest
 
-from ddp_launch.control.client import HeartbeatThread, MasterClient
+from ddp_launch.control.client import MasterClient
+from ddp_launch.control.heartbeat import HeartbeatThread
 from ddp_launch.control.master import MasterServer
 from ddp_launch.control.relay import HeartbeatRelay
 from ddp_launch.control.wire import TOKEN_METADATA_KEY
