@@ -271,9 +271,10 @@ def test_kill_and_restart_figures_agree_everywhere(tmp_path):
         for name in ("step", "optimizer_steps", "reported_step", "samples"):
             low_value = 0 if low is None or low[name] is None else low[name]
             assert low_value <= r[name] <= high[name], (name, low, r, high)
-        # No resume in generation 0: the script's step is its optimizer steps, in both views.
-        assert r["step"] == r["reported_step"] == r["optimizer_steps"]
-        assert high["step"] == high["reported_step"] == high["optimizer_steps"]
+        # No resume in generation 0: the script's step is its optimizer steps, in both views
+        # (or one behind, when a heartbeat fell between optimizer.step() and report()).
+        for seen in (r, high):
+            assert seen["step"] == seen["reported_step"] in (seen["optimizer_steps"], seen["optimizer_steps"] - 1)
         assert r["samples"] == r["step"] * BATCH * WORLD
 
     # -- the event log of the whole run -------------------------------------------------------
