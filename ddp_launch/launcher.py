@@ -21,7 +21,6 @@ import platform
 import secrets
 import signal
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -371,8 +370,8 @@ def _optimizer_steps_all(result: RunResult) -> int:
 
 
 def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
-    rates = sorted(r.steps_per_s for r in snap.ranks)
-    slowest = min(snap.ranks, key=lambda r: r.steps_per_s, default=None)
+    """run_end's summary: the figures of the console summary, by the same rules."""
+    spread, slowest = snap.rate_spread, snap.slowest
     return {
         "final_step": snap.step,
         "step_reported": snap.step_reported,
@@ -381,7 +380,7 @@ def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
         "total_steps": snap.total_steps,
         "samples": snap.samples,
         "last_loss_mean_over_ranks": snap.loss,
-        "steps_per_s": {"min": rates[0], "median": statistics.median(rates), "max": rates[-1]} if rates else None,
+        "steps_per_s": None if spread is None else dict(zip(("min", "median", "max"), spread)),
         "slowest_rank": slowest.rank if slowest else None,
         "generations": len(result.generations),
     }

@@ -146,6 +146,13 @@ class RankRecord:
         return None if self.exit_code is None else describe_exit(self.exit_code)
 
 
+def slowest(ranks: Iterable[RankRecord]) -> RankRecord | None:
+    """The rank with the lowest step rate among those that have one; training ranks first."""
+    rated = [r for r in ranks if r.steps_per_s > 0]
+    pool = [r for r in rated if r.state is RankState.TRAINING] or rated
+    return min(pool, key=lambda r: (r.steps_per_s, r.step, r.rank)) if pool else None
+
+
 # rank_json's fields, in order; every JSON view of a rank uses these names.
 RANK_FIELDS = (
     "rank",

@@ -25,7 +25,7 @@ from typing import Any
 from ddp_launch.env import Assignment
 from ddp_launch.errors import DdpLaunchError
 from ddp_launch.progress import Progress
-from ddp_launch.record import RankRecord, RankState
+from ddp_launch.record import RankRecord, RankState, slowest
 
 RATE_WINDOW_S = 10.0
 MAX_METRICS = 32
@@ -135,6 +135,23 @@ class RunSnapshot:
         reduction of it)."""
         losses = [r.loss for r in self.ranks if r.loss is not None]
         return sum(losses) / len(losses) if losses else None
+
+    @property
+    def step_total(self) -> int:
+        """What `step` is out of: the script's total when the step is the script's own, else 0
+        (optimizer steps of one generation are not steps of the script's total)."""
+        return self.total_steps if self.step_reported else 0
+
+    @property
+    def slowest(self) -> RankRecord | None:
+        """The rank with the lowest step rate among those that have one; training ranks first."""
+        return slowest(self.ranks)
+
+    @property
+    def rate_spread(self) -> tuple[float, float, float] | None:
+        """(min, median, max) of the ranks' rates, over the ranks that have one."""
+        rates = sorted(r.steps_per_s for r in self.ranks if r.steps_per_s > 0)
+        return (rates[0], statistics.median(rates), rates[-1]) if rates else None
 
     @property
     def steps_per_s(self) -> float | None:

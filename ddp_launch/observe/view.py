@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from ddp_launch.observe.format import format_bytes, format_duration, format_loss, format_rate, rate_number
 from ddp_launch.record import RankRecord, RankState
+from ddp_launch.record import slowest as slowest_rank
 from ddp_launch.registry import RunSnapshot
 
 PREFIX = "[ddp-launch]"
@@ -90,14 +91,6 @@ def _generation_text(snap: RunSnapshot) -> str:
     if snap.generation <= 0:
         return "gen 0"
     return f"gen {snap.generation} (restart {snap.generation}/{snap.max_restarts})"
-
-
-def _slowest(ranks: Sequence[RankRecord]) -> RankRecord | None:
-    """The rank with the lowest step rate among those that have one; training ranks first."""
-    rated = [r for r in ranks if r.steps_per_s > 0]
-    training = [r for r in rated if r.state is RankState.TRAINING]
-    pool = training or rated
-    return min(pool, key=lambda r: (r.steps_per_s, r.step, r.rank)) if pool else None
 
 
 def _rank_state_text(r: RankRecord) -> str:
@@ -158,7 +151,7 @@ def format_aggregate_line(ranks: Sequence[RankRecord]) -> str:
         f"  it/s min/median/max {rate_number(rates[0])}/{rate_number(statistics.median(rates))}"
         f"/{rate_number(rates[-1])}"
     )
-    slowest = _slowest(ranks)
+    slowest = slowest_rank(ranks)
     if slowest is not None:
         text += f"  slowest rank {slowest.rank}"
     if any(r.state is not RankState.TRAINING for r in ranks):
@@ -169,9 +162,12 @@ def format_aggregate_line(ranks: Sequence[RankRecord]) -> str:
 
 
 def _eta_s(snap: RunSnapshot, rate: float | None) -> float | None:
-    if not snap.total_steps or not rate or rate <= 0 or snap.step >= snap.total_steps:
+    total = snap.step_total
+    if not total or not rate or rate <= 0 or snap.step >= total:
         return None
-    return (snap.total_steps - snap.step) / rate
+    if not any(r.state is RankState.TRAINING for r in snap.ranks):
+        return None  # nothing trains: no time is left to estimate
+    return (total - snap.step) / rate
 
 
 def format_plain_line(snap: RunSnapshot, rate: float | None) -> str:
@@ -184,8 +180,8 @@ def format_plain_line(snap: RunSnapshot, rate: float | None) -> str:
         rate: the world's steps/s, or None when unknown.
     """
     step = f"{step_word(snap.step_reported)} {snap.step}"
-    if snap.total_steps:
-        step += f"/{snap.total_steps} ({100 * snap.step / snap.total_steps:.0f}%)"
+    if snap.step_total:
+        step += f"/{snap.step_total} ({100 * snap.step / snap.step_total:.0f}%)"
     parts = [f"{PREFIX} {step}", format_rate(-1.0 if rate is None else rate)]
     eta = _eta_s(snap, rate)
     if eta is not None:
@@ -392,7 +388,7 @@ class LiveView:
 
         overall = self._overall
         assert overall is not None
-        total = snap.total_steps or None
+        total = snap.step_total or None
         bar_format = _BAR_FORMAT_TOTAL if total else _BAR_FORMAT_NO_TOTAL.format(step=step_word(snap.step_reported))
         if overall.total != total or overall.bar_format != bar_format:
             overall.total = total
@@ -403,7 +399,7 @@ class LiveView:
 
         if per_rank:
             rank_width = len(str(max(len(snap.ranks) - 1, 0)))
-            step_width = len(str(max(snap.total_steps, max((r.step for r in snap.ranks), default=0))))
+            step_width = len(str(max(snap.step_total, max((r.step for r in snap.ranks), default=0))))
             for line, r in zip(self._rank_lines, snap.ranks):
                 line.n = r.step
                 line.status = format_rank_line(r, rank_width=rank_width, step_width=step_width)
@@ -525,12 +521,11 @@ def format_summary(snap: RunSnapshot, *, wall_s: float, restarts: int, optimizer
 
     lines.append(f"  restarts   {restarts}")
 
-    rates = sorted(r.steps_per_s for r in ranks if r.steps_per_s > 0)
-    slowest = _slowest(ranks)
-    if rates and slowest is not None:
+    spread, slowest = snap.rate_spread, snap.slowest
+    if spread is not None and slowest is not None:
         lines.append(
-            f"  step rate  min/median/max {rate_number(rates[0])}/{rate_number(statistics.median(rates))}"
-            f"/{rate_number(rates[-1])} it/s (recent), slowest rank {slowest.rank}"
+            f"  step rate  min/median/max {'/'.join(rate_number(x) for x in spread)}"
+            f" it/s (recent), slowest rank {slowest.rank}"
             f" ({format_rate(slowest.steps_per_s)})"
         )
     else:

@@ -140,7 +140,11 @@ class Supervisor:
         # KeyboardInterrupt, which it may catch to save); every other stop is a SIGTERM.
         self.stop_group(result.signal_number or signal.SIGTERM)
         self._record_remaining_exits(result.generation)
-        # Read after the stop: every worker's last heartbeat (sent as it exits) is in.
+        # Read after the stop: a worker that ends by itself (its script returns, or Ctrl-C's
+        # KeyboardInterrupt unwinds it) sends a last heartbeat first, and that is in. One that
+        # SIGTERM or SIGKILL ends sends nothing more: it stays at its last periodic heartbeat,
+        # at most one --heartbeat-interval old. (A SIGTERM handler in the worker would change
+        # what the script sees, which torchrun's default handling does not.)
         result.snapshot = self.registry.snapshot()
         return result
 

@@ -545,3 +545,40 @@ def test_format_rate(rate, text):
 def test_format_rate_unknown():
     assert format_rate(float("nan")) == "? it/s"
     assert format_rate(-1.0) == "? it/s"
+
+
+def test_optimizer_steps_are_never_shown_out_of_the_scripts_total():
+    # After a resume at step 30 of 160 and before the script reports a step, the view knows
+    # only this generation's optimizer steps: "opt step 0/160 (0%)" would mix two units.
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
+    ranks = [rank(i, step=None, optimizer_steps=0, steps_per_s=10.0) for i in range(2)]
+    view.update(snapshot(2, ranks=ranks, total_steps=160, generation=1))
+    view.close()
+    line = lines_of(out)[-1]
+    assert line.startswith("[ddp-launch] opt step 0 |")
+    assert "/160" not in line and "eta" not in line
+
+
+def test_an_interrupted_run_shows_no_eta():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
+    ranks = [rank(i, step=100, state=RankState.INTERRUPTED, exit_code=130) for i in range(2)]
+    view.update(snapshot(2, ranks=ranks, total_steps=300))
+    view.close()
+    line = lines_of(out)[-1]
+    assert "2/2 interrupted" in line and "eta" not in line
+
+
+def test_run_end_summary_and_console_summary_use_one_rule_for_rates():
+    from ddp_launch.launcher import _summary_fields
+    from ddp_launch.run.result import GenerationResult, Outcome, RunResult
+
+    # A rank with fewer than two heartbeats has no rate: it is neither the minimum nor the slowest.
+    ranks = [rank(0, steps_per_s=0.0), rank(1, steps_per_s=5.0), rank(2, steps_per_s=4.0)]
+    snap = snapshot(3, ranks=ranks)
+    fields = _summary_fields(snap, RunResult(Outcome.SUCCEEDED, [GenerationResult(0, Outcome.SUCCEEDED)], 1.0))
+    text = format_summary(snap, wall_s=1.0, restarts=0)
+    assert fields["steps_per_s"] == {"min": 4.0, "median": 4.5, "max": 5.0}
+    assert fields["slowest_rank"] == 2
+    assert "min/median/max 4.0/4.5/5.0 it/s (recent), slowest rank 2 (4.0 it/s)" in text
