@@ -477,10 +477,11 @@ class Registry:
             if generation == self.generation:
                 self._stopping = RankState.INTERRUPTED if interrupted else RankState.STOPPED
 
-    def failed_ranks(self) -> list[tuple[int, int, int]]:
-        """(rank, pid, exit code) of the current generation's failed ranks."""
+    def failed_ranks(self) -> list[RankRecord]:
+        """The current generation's failed ranks (a cheap look: only those are built)."""
         with self._cond:
-            return [(s.rank, s.pid, s.exit_code or 0) for s in self._slots if s.state is RankState.FAILED]
+            now = self._clock()
+            return [self._record(s, self.generation, now) for s in self._slots if s.state is RankState.FAILED]
 
     @property
     def all_done(self) -> bool:

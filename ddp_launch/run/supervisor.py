@@ -224,7 +224,7 @@ class Supervisor:
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
         failed = self.registry.failed_ranks()
         return [
-            WorkerExit(rank, pid, code, time.time()) for rank, pid, code in failed if rank not in self.group.workers
+            WorkerExit(r.rank, r.pid, r.exit_code or 0, time.time()) for r in failed if r.rank not in self.group.workers
         ]
 
     def _sample_stats(self, alive: dict) -> None:

@@ -34,6 +34,7 @@ PRELOAD = [
     # grpc's import starts no thread and opens nothing (checked); its core starts with the
     # first channel, which each worker makes after the fork.
     "ddp_launch.control.client",
+    "ddp_launch.control.heartbeat",
 ]
 
 

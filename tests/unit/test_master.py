@@ -365,11 +365,11 @@ class CallContext(FakeContext):
 def test_report_exit_records_a_remote_ranks_end_and_rejects_unknown_ranks(servicer):
     register_all(servicer)
     servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-9), FakeContext())
-    assert servicer.registry.failed_ranks() == [(1, 101, -9)]
+    assert [(r.rank, r.pid, r.exit_code) for r in servicer.registry.failed_ranks()] == [(1, 101, -9)]
     err = rejected(servicer.ReportExit, pb.ExitReport(rank=1, generation=5, exit_code=0))  # not begun
     assert err.code == grpc.StatusCode.FAILED_PRECONDITION
     assert "generation 5 has not begun" in err.details
-    assert servicer.registry.failed_ranks() == [(1, 101, -9)]
+    assert [(r.rank, r.pid, r.exit_code) for r in servicer.registry.failed_ranks()] == [(1, 101, -9)]
     servicer.registry.begin_generation(1)
     servicer.ReportExit(pb.ExitReport(rank=1, generation=0, exit_code=-15), FakeContext())  # old: ignored
     assert servicer.registry.failed_ranks() == []
