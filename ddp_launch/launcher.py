@@ -222,7 +222,8 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
     """Node R > 0: workers for the generations node 0's master names, until the run ends."""
     address = f"[{config.master_addr}]" if ":" in config.master_addr else config.master_addr
     address += f":{config.control_port}"
-    client = MasterClient(address, config.token, tls_ca=str(config.tls.ca) if config.tls.ca else None)
+    # keepalive: a master whose host vanished is noticed in seconds, not never.
+    client = MasterClient(address, config.token, tls_ca=str(config.tls.ca) if config.tls.ca else None, keepalive=True)
     with contextlib.ExitStack() as teardown:
         teardown.callback(client.close)
         run_dir = config.resolved_run_dir

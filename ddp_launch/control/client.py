@@ -34,14 +34,14 @@ class MasterClient:
     """A connection to the master, authenticated with the run's token; over TLS when
     `tls_ca` (a PEM file of the CA that signed the master's certificate) is given."""
 
-    def __init__(self, address: str, token: str, *, tls_ca: str | None = None) -> None:
+    def __init__(self, address: str, token: str, *, tls_ca: str | None = None, keepalive: bool = False) -> None:
         self.address = address
         self._metadata = ((wire.TOKEN_METADATA_KEY, token),)
         if tls_ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=Path(tls_ca).read_bytes())
-            self._channel = grpc.secure_channel(address, credentials, options=wire.channel_options())
+            self._channel = grpc.secure_channel(address, credentials, options=wire.channel_options(keepalive=keepalive))
         else:
-            self._channel = grpc.insecure_channel(address, options=wire.channel_options())
+            self._channel = grpc.insecure_channel(address, options=wire.channel_options(keepalive=keepalive))
         self._stub = pb_grpc.OrchestratorStub(self._channel)
 
     def close(self) -> None:

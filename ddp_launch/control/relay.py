@@ -125,8 +125,8 @@ class HeartbeatRelay:
     def _channel(self) -> Any:
         if self._tls_ca:
             credentials = grpc.ssl_channel_credentials(root_certificates=Path(self._tls_ca).read_bytes())
-            return grpc.aio.secure_channel(self.master_address, credentials, options=channel_options())
-        return grpc.aio.insecure_channel(self.master_address, options=channel_options())
+            return grpc.aio.secure_channel(self.master_address, credentials, options=channel_options(keepalive=True))
+        return grpc.aio.insecure_channel(self.master_address, options=channel_options(keepalive=True))
 
     async def _forward_forever(self) -> None:
         loop = asyncio.get_running_loop()

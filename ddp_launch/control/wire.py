@@ -21,18 +21,40 @@ MAX_REQUEST_BYTES = 256 * 1024
 MAX_REPLY_BYTES = 16 * 1024 * 1024
 
 
-def channel_options() -> list[tuple[str, int]]:
-    """A client channel's options: the same message limits as the master's."""
-    return [
+# A node's connection to the master (the follower's WatchRun, the relay's stream) pings it
+# this often when idle and gives it this long to answer: a master whose host vanished (its
+# link cut, no reset ever sent) is noticed in about KEEPALIVE_S + KEEPALIVE_TIMEOUT_S, not
+# never. Workers' own connections need none: their answered heartbeats have deadlines.
+KEEPALIVE_S = 5.0
+KEEPALIVE_TIMEOUT_S = 5.0
+
+
+def channel_options(*, keepalive: bool = False) -> list[tuple[str, int]]:
+    """A client channel's options: the same message limits as the master's, and with
+    `keepalive` the pings of a node's long-lived connection."""
+    options = [
         ("grpc.max_send_message_length", MAX_REQUEST_BYTES),
         ("grpc.max_receive_message_length", MAX_REPLY_BYTES),
     ]
+    if keepalive:
+        options += [
+            ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+            ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
+    return options
 
 
 def server_options() -> list[tuple[str, int]]:
+    """The master's: the message limits, and it accepts the nodes' keepalive pings (gRPC
+    otherwise answers pings more frequent than every 5 minutes with GOAWAY)."""
     return [
         ("grpc.max_send_message_length", MAX_REPLY_BYTES),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_S * 1000) // 2),
+        ("grpc.http2.max_ping_strikes", 0),
     ]
 
 

@@ -1,0 +1,24 @@
+"""A tiny gloo training loop across hosts: STEPS all-reduces, PAUSE s apart; each rank writes
+its host name and the world it saw to OUTDIR/rank-<r>.txt and prints 'training' once."""
+
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+steps, pause_s, out = int(sys.argv[1]), float(sys.argv[2]), Path(sys.argv[3])
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+t = torch.ones(4)
+for step in range(steps):
+    dist.all_reduce(t)
+    t.fill_(1.0)
+    if step == 0:
+        (out / f"rank-{rank}.txt").write_text(f"{socket.gethostname()} {world} {os.environ['MASTER_ADDR']}\n")
+        print("training", flush=True)
+    time.sleep(pause_s)
+dist.destroy_process_group()

@@ -1,0 +1,95 @@
+"""Several real hosts (network namespaces with their own addresses, hostnames and links):
+a run across them, and the loss of the master's host, which must end every other host's
+launcher in bounded time with nothing left behind."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.e2e import netns
+from tests.e2e.launch import SCRIPTS, launcher_env
+
+REASON = netns.available()
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
+PORT = 29400  # each host has a network stack of its own: any port is free there
+
+
+def launcher(hosts: netns.Hosts, host: str, node_rank: int, tmp_path, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "ddp_launch", "--nnodes", "2", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"h0:{PORT}", "--rdzv-id", "job1",
+        "--node-rank", str(node_rank), "--run-dir", str(tmp_path / f"run-{host}"), "--stop-grace", "1", *args,
+    ]  # fmt: skip
+
+
+def start(hosts: netns.Hosts, host: str, node_rank: int, tmp_path, *args: str) -> subprocess.Popen:
+    return hosts.popen(
+        host,
+        launcher(hosts, host, node_rank, tmp_path, *args),
+        cwd=tmp_path,
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_files(paths, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while not all(p.exists() for p in paths):
+        assert time.monotonic() < end, f"not written within {timeout_s} s: {[str(p) for p in paths if not p.exists()]}"
+        time.sleep(0.1)
+
+
+@pytest.mark.timeout(150)
+def test_two_hosts_train_together(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        script = [str(SCRIPTS / "hosts_train.py"), "20", "0.02", str(out)]
+        node1 = start(hosts, "h1", 1, tmp_path, *script)
+        node0 = start(hosts, "h0", 0, tmp_path, *script)
+        out0, err0 = node0.communicate(timeout=120)
+        out1, err1 = node1.communicate(timeout=60)
+        assert (node0.returncode, node1.returncode) == (0, 0), (err0[-2000:], err1[-2000:])
+        seen = {r: (out / f"rank-{r}.txt").read_text().split() for r in (0, 1)}
+        # Each rank ran on its own host, in one world of 2, with the DDP store on h0.
+        assert seen == {0: ["h0", "2", "h0"], 1: ["h1", "2", "h0"]}
+        assert not hosts.pids("h0") and not hosts.pids("h1")
+
+
+@pytest.mark.timeout(150)
+def test_losing_the_master_host_ends_the_other_host_in_bounded_time(tmp_path):
+    """h0 (the master's host) loses its link, then every process on it dies, as in a power
+    loss: h1's launcher must notice through the control connection (not a collective's
+    timeout), say it lost the master at h0, exit non-zero within 45 s and leave nothing."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        script = [str(SCRIPTS / "hosts_train.py"), "100000", "0.05", str(out)]
+        node1 = start(hosts, "h1", 1, tmp_path, *script)
+        node0 = start(hosts, "h0", 0, tmp_path, *script)
+        wait_for_files([out / "rank-0.txt", out / "rank-1.txt"], timeout_s=90)
+
+        hosts.cut("h0")
+        hosts.kill_all("h0")
+        cut_at = time.monotonic()
+        try:
+            _, err1 = node1.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("h1's launcher was still running 60 s after its master's host vanished")
+        took = time.monotonic() - cut_at
+        node0.wait(timeout=10)
+
+        print(f"h1's launcher ended {took:.1f} s after its master's host vanished")  # -s shows it
+        assert node1.returncode != 0, err1[-2000:]
+        assert took <= 45, f"h1 needed {took:.1f} s to give up on its master"
+        assert "master" in err1 and "h0" in err1, err1[-2000:]
+        end = time.monotonic() + 10
+        while hosts.pids("h1") and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not hosts.pids("h1"), "h1 kept processes after its launcher ended"
