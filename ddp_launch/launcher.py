@@ -89,6 +89,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
         run_dir = _make_run_dir(config, server, token)
+        teardown.callback(rundir.remove_token, run_dir)  # last but one: status works to the end
         if config.metrics_port is not None:
             from ddp_launch.observe.metrics import MetricsServer
 

@@ -88,6 +88,7 @@ def run_master(
         view.close()
         teardown.close()  # the previous signal handlers are back
         server.stop(grace_s=1.0)
+        rundir.remove_token(run_dir)
 
 
 def _watch(

@@ -5,7 +5,8 @@
 
     runs/<run-id>/
         master.json         where the master listens (host, port, pid, run id): `status` reads it
-        token               the run's secret, mode 0600 (never in master.json)
+        token               the run's secret, mode 0600 (never in master.json), removed when
+                            the run ends
         events.jsonl        the event log (observe/events.py, schema in events.schema.json)
         failure.json        the failure report of a run that did not succeed
         report.html         `ddp-launch report`'s page; report-*.png with --png
@@ -84,6 +85,11 @@ def write_token(run_dir: Path, token: str) -> None:
     fd = os.open(token_file(run_dir), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(token)
+
+
+def remove_token(run_dir: Path) -> None:
+    """The run is over: its secret does not stay behind in a shared submit directory."""
+    token_file(run_dir).unlink(missing_ok=True)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

@@ -28,6 +28,7 @@ def test_example_trains_and_every_rank_ends_with_identical_parameters(tmp_path, 
     master = json.loads((run.run_dir / "master.json").read_text())
     assert master["host"] == "127.0.0.1" and master["port"] > 0 and master["pid"] > 0
     assert "token" not in master
+    assert not (run.run_dir / "token").exists()  # the secret does not outlive the run
     for rank in range(n):
         log = (run.run_dir / f"rank-{rank}.log").read_text()
         assert f"param-digest rank={rank}" in log
