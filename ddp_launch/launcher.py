@@ -36,6 +36,7 @@ from ddp_launch.control.client import MasterClient
 from ddp_launch.control.master import MasterServer
 from ddp_launch.control.relay import HeartbeatRelay
 from ddp_launch.errors import ConfigError
+from ddp_launch.netif import socket_ifname_env
 from ddp_launch.observe.events import EventLog
 from ddp_launch.observe.failure import build_report, format_report
 from ddp_launch.observe.view import LiveView, format_restart_line, format_summary
@@ -309,6 +310,8 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
     context: Any = forkserver_context() if config.start_method == START_WARM else multiprocessing.get_context("spawn")
     signal_names = ",".join(signal.Signals(s).name for s in config.signals)
     node_env = env.node_env(config.nproc_per_node, os.environ, config.role, signal_names)
+    if config.nnodes > 1:  # across hosts gloo and NCCL must bind what reaches the others
+        node_env |= socket_ifname_env(config.ddp_addr or config.master_addr, os.environ)
 
     def start_worker(local_rank: int, generation: int):
         attempt_dir = ""

@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 SUBNET = "10.213.7"
@@ -46,8 +46,12 @@ def available() -> str | None:
 class Hosts:
     """Hosts `names` (short, e.g. h0), each a namespace at SUBNET.<index + 1>."""
 
-    def __init__(self, names: Sequence[str]) -> None:
+    def __init__(self, names: Sequence[str], own_name_at: Mapping[str, str] | None = None) -> None:
+        """`own_name_at`: hosts whose /etc/hosts maps their own name elsewhere: 127.0.1.1, as
+        Debian's installer writes it, or an address of a second interface of theirs (made
+        here) that no other host can reach."""
         tag = f"dl{os.getpid() % 10000}"
+        self.own_name_at = dict(own_name_at or {})
         self.names = list(names)
         self.ns = {h: f"{tag}{h}" for h in self.names}
         self.switch = f"{tag}sw"
@@ -70,8 +74,9 @@ class Hosts:
         _ip("netns", "add", self.switch)
         _ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
         _ip("-n", self.switch, "link", "set", "br0", "up")
-        hosts_file = "127.0.0.1 localhost\n" + "".join(f"{a} {h}\n" for h, a in self.address.items())
         for i, h in enumerate(self.names):
+            names = {**self.address, **({h: self.own_name_at[h]} if h in self.own_name_at else {})}
+            hosts_file = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for n, a in names.items())
             ns, port, inner = self.ns[h], self._port[h], f"{self.ns[h][:10]}v{i}"
             _ip("netns", "add", ns)
             etc = Path("/etc/netns") / ns
@@ -85,6 +90,14 @@ class Hosts:
             _ip("-n", ns, "addr", "add", f"{self.address[h]}/24", "dev", "eth0")
             _ip("-n", ns, "link", "set", "eth0", "up")
             _ip("-n", ns, "link", "set", "lo", "up")
+            elsewhere = self.own_name_at.get(h, "")
+            if elsewhere and not elsewhere.startswith("127."):
+                # an address of the host's own that no other host can reach (a second NIC)
+                # (a veth pair with both ends inside: the dummy driver may not be loaded)
+                _ip("-n", ns, "link", "add", "nic1", "type", "veth", "peer", "name", "nic1peer")
+                _ip("-n", ns, "addr", "add", f"{elsewhere}/32", "dev", "nic1")
+                _ip("-n", ns, "link", "set", "nic1peer", "up")
+                _ip("-n", ns, "link", "set", "nic1", "up")
 
     def command(self, host: str, argv: Sequence[str]) -> list[str]:
         """`argv` run in `host`'s namespace with `host` as its hostname."""

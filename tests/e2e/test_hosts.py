@@ -58,8 +58,28 @@ def test_two_hosts_train_together(tmp_path):
         assert (node0.returncode, node1.returncode) == (0, 0), (err0[-2000:], err1[-2000:])
         seen = {r: (out / f"rank-{r}.txt").read_text().split() for r in (0, 1)}
         # Each rank ran on its own host, in one world of 2, with the DDP store on h0.
-        assert seen == {0: ["h0", "2", "h0"], 1: ["h1", "2", "h0"]}
+        # gloo binds the interface that reaches the master: the host's only link.
+        assert seen == {0: ["h0", "2", "h0", "eth0"], 1: ["h1", "2", "h0", "eth0"]}
         assert not hosts.pids("h0") and not hosts.pids("h1")
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("elsewhere", ["127.0.1.1", "10.99.0.2"])
+def test_a_host_whose_own_name_does_not_reach_it_still_trains(tmp_path, elsewhere):
+    """h1's /etc/hosts says h1 is `elsewhere`: 127.0.1.1 (Debian's default), or the address
+    of a second interface of h1's that h0 cannot reach. gloo, left alone, binds what the
+    hostname resolves to; the launcher names the interface that reaches the master instead
+    (a GLOO_SOCKET_IFNAME the user set is kept)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with netns.Hosts(["h0", "h1"], own_name_at={"h1": elsewhere}) as hosts:
+        script = [str(SCRIPTS / "hosts_train.py"), "20", "0.02", str(out)]
+        node1 = start(hosts, "h1", 1, tmp_path, "--join-timeout", "30", *script)
+        node0 = start(hosts, "h0", 0, tmp_path, "--join-timeout", "30", *script)
+        out0, err0 = node0.communicate(timeout=120)
+        out1, err1 = node1.communicate(timeout=60)
+        assert (node0.returncode, node1.returncode) == (0, 0), (err0[-2000:], err1[-2000:])
+        assert (out / "rank-1.txt").read_text().split() == ["h1", "2", "h0", "eth0"]
 
 
 @pytest.mark.timeout(150)

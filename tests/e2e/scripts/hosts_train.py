@@ -1,5 +1,5 @@
 """A tiny gloo training loop across hosts: STEPS all-reduces, PAUSE s apart; each rank writes
-its host name and the world it saw to OUTDIR/rank-<r>.txt and prints 'training' once."""
+its host name, the world it saw, MASTER_ADDR and GLOO_SOCKET_IFNAME to OUTDIR/rank-<r>.txt."""
 
 import os
 import socket
@@ -18,7 +18,8 @@ for step in range(steps):
     dist.all_reduce(t)
     t.fill_(1.0)
     if step == 0:
-        (out / f"rank-{rank}.txt").write_text(f"{socket.gethostname()} {world} {os.environ['MASTER_ADDR']}\n")
+        ifname = os.environ.get("GLOO_SOCKET_IFNAME", "-")
+        (out / f"rank-{rank}.txt").write_text(f"{socket.gethostname()} {world} {os.environ['MASTER_ADDR']} {ifname}\n")
         print("training", flush=True)
     time.sleep(pause_s)
 dist.destroy_process_group()
