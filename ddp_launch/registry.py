@@ -259,6 +259,7 @@ class Registry:
             ]
             self._registered = 0
             self._stopping = None
+            self._lost_nodes: dict[int, float] = {}
             self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
 
     def register(
@@ -495,6 +496,20 @@ class Registry:
         with self._cond:
             self._end = RunState(self.generation, state, message, exit_code)
             self._cond.notify_all()
+
+    def node_lost(self, node_rank: int) -> None:
+        """Node `node_rank`'s launcher stopped following the run (the master's WatchRun saw its
+        connection end while the run goes on). Forgotten when the next generation begins."""
+        with self._cond:
+            if 0 < node_rank < self.nnodes:
+                self._lost_nodes.setdefault(node_rank, self._clock())
+
+    def lost_nodes(self) -> list[tuple[int, str]]:
+        """(node rank, a hostname of its ranks or "") of the nodes lost in this generation."""
+        with self._cond:
+            lost = sorted(self._lost_nodes)
+            host = {s.node_rank: s.hostname for s in self._slots if s.hostname}
+            return [(n, host.get(n, "")) for n in lost]
 
     def run_state(self) -> RunState:
         with self._cond:

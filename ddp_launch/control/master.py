@@ -13,10 +13,12 @@ all of them are rare.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
+from concurrent import futures
 from typing import Any
 
 import grpc
@@ -26,7 +28,7 @@ from ddp_launch.control import wire
 from ddp_launch.control.server import ServerThread
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.proto import orchestrator_pb2_grpc as pb_grpc
-from ddp_launch.registry import RUNNING, Registry, Rejected
+from ddp_launch.registry import RUNNING, Registry, Rejected, RunState
 
 MAX_BARRIER_WAIT_S = 10.0
 WATCH_WAKE_S = 1.0  # how often a WatchRun stream checks that its client is still there
@@ -46,6 +48,14 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self.registry = registry
         self.rejections: Counter[str] = Counter()
         self._lock = threading.Lock()
+        # One thread per following node, each waiting on the registry a second at a time.
+        self._watch_pool = futures.ThreadPoolExecutor(
+            max_workers=max(2, registry.nnodes + 1), thread_name_prefix="ddp-launch-watch"
+        )
+
+    def close(self) -> None:
+        """End the WatchRun waits' threads (each returns within WATCH_WAKE_S)."""
+        self._watch_pool.shutdown(wait=True, cancel_futures=True)
 
     def _count(self, e: Rejected) -> None:
         with self._lock:
@@ -138,19 +148,30 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             self.registry.record_exit(request.rank, request.generation, request.exit_code)
         return pb.Ack()
 
-    def WatchRun(self, request: pb.WatchRequest, context: Any) -> Iterator[pb.RunState]:
-        ended = threading.Event()
-        context.add_callback(ended.set)  # the client went away, or the server stops
-        seen = None
-        while not ended.is_set():
-            state = self.registry.wait_run_change(seen, timeout_s=WATCH_WAKE_S)
-            if state != seen:
-                yield pb.RunState(
-                    generation=state.generation, state=state.state, message=state.message, exit_code=state.exit_code
-                )
-                seen = state
-            if state.state != RUNNING:
-                return
+    async def WatchRun(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.RunState]:
+        # On the event loop, not in the thread pool: a stream the client cancels (its launcher
+        # stopped, its connection closed, or the keepalive pings of wire.server_options found
+        # it silent) cancels this coroutine, which is the one way to notice it. The waits on
+        # the registry run in a thread each, a second at a time.
+        loop = asyncio.get_running_loop()
+        seen: RunState | None = None
+        ended_by_run = False
+        try:
+            while True:
+                state = await loop.run_in_executor(self._watch_pool, self.registry.wait_run_change, seen, WATCH_WAKE_S)
+                if state != seen:
+                    yield pb.RunState(
+                        generation=state.generation, state=state.state, message=state.message, exit_code=state.exit_code
+                    )
+                    seen = state
+                if state.state != RUNNING:
+                    ended_by_run = True
+                    return
+        finally:
+            # While the run goes on, the node's launcher has gone: its workers cannot be
+            # supervised any more, and node 0's supervisor ends the generation.
+            if not ended_by_run and self.registry.run_state().state == RUNNING:
+                self.registry.node_lost(request.node_rank)
 
 
 class MasterServer(ServerThread):
@@ -186,3 +207,7 @@ class MasterServer(ServerThread):
             tls=tls,
             name="ddp-launch-master",
         )
+
+    def stop(self, grace_s: float = 0.5) -> None:
+        super().stop(grace_s)
+        self.servicer.close()

@@ -47,14 +47,18 @@ def channel_options(*, keepalive: bool = False) -> list[tuple[str, int]]:
 
 
 def server_options() -> list[tuple[str, int]]:
-    """The master's: the message limits, and it accepts the nodes' keepalive pings (gRPC
-    otherwise answers pings more frequent than every 5 minutes with GOAWAY)."""
+    """The master's: the message limits; it accepts the nodes' keepalive pings (gRPC
+    otherwise answers pings more frequent than every 5 minutes with GOAWAY)..."""
     return [
         ("grpc.max_send_message_length", MAX_REPLY_BYTES),
         ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_S * 1000) // 2),
         ("grpc.http2.max_ping_strikes", 0),
+        # and pings them: a node whose host vanished closes its WatchRun (node_lost) in
+        # about KEEPALIVE_S + KEEPALIVE_TIMEOUT_S, where TCP alone would wait many minutes.
+        ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
+        ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
     ]
 
 

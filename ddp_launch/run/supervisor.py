@@ -175,6 +175,16 @@ class Supervisor:
                 next_round = now + round_interval_s(config.world_size, config.monitor_interval_s)
             if not failures and self.config.nnodes > 1 and is_round:
                 failures = self._failures_on_other_nodes()
+                lost = [] if failures else self.registry.lost_nodes()
+                if lost:
+                    node, host = lost[0]
+                    where = f"node {node}" + (f" ({host})" if host else "")
+                    return GenerationResult(
+                        generation,
+                        Outcome.FAILED,
+                        root_rank=node * config.nproc_per_node,
+                        message=f"{where} lost: its launcher stopped answering the master",
+                    )
             if failures:
                 first = failures[0]
                 return GenerationResult(

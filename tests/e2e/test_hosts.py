@@ -113,3 +113,37 @@ def test_losing_the_master_host_ends_the_other_host_in_bounded_time(tmp_path):
         while hosts.pids("h1") and time.monotonic() < end:
             time.sleep(0.1)
         assert not hosts.pids("h1"), "h1 kept processes after its launcher ended"
+
+
+@pytest.mark.timeout(150)
+def test_the_master_notices_a_vanished_host_in_seconds_not_at_the_hang_timeout(tmp_path):
+    """h1 loses its link, then every process on it dies. Its ranks' peers on h0 wait in an
+    all-reduce that will never finish; the master must notice the node itself (its launcher's
+    connection goes silent) well before --hang-timeout (300 s by default), end the run,
+    name the node, and leave nothing behind on h0."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        script = [str(SCRIPTS / "hosts_train.py"), "100000", "0.05", str(out)]
+        node1 = start(hosts, "h1", 1, tmp_path, *script)
+        node0 = start(hosts, "h0", 0, tmp_path, *script)
+        wait_for_files([out / "rank-0.txt", out / "rank-1.txt"], timeout_s=90)
+
+        hosts.cut("h1")
+        hosts.kill_all("h1")
+        cut_at = time.monotonic()
+        try:
+            _, err0 = node0.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("h0's launcher was still running 60 s after h1 vanished")
+        took = time.monotonic() - cut_at
+        node1.wait(timeout=10)
+
+        print(f"h0's launcher ended {took:.1f} s after h1 vanished")  # -s shows it
+        assert node0.returncode != 0, err0[-2000:]
+        assert took <= 30, f"the master needed {took:.1f} s to notice"
+        assert "node 1 (h1) lost" in err0, err0[-2000:]
+        end = time.monotonic() + 10
+        while hosts.pids("h0") and time.monotonic() < end:
+            time.sleep(0.1)
+        assert not hosts.pids("h0"), "h0 kept processes after its launcher ended"

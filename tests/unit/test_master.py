@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from collections import Counter
@@ -41,8 +42,10 @@ def make_registry(clock: FakeClock, *, nnodes: int = 1, local_world_size: int = 
 
 
 @pytest.fixture
-def servicer(clock) -> OrchestratorServicer:
-    return OrchestratorServicer(make_registry(clock))
+def servicer(clock):
+    s = OrchestratorServicer(make_registry(clock))
+    yield s
+    s.close()
 
 
 def register_req(rank: int, *, lws: int = 2, pid: int | None = None, generation: int = 0) -> pb.RegisterRequest:
@@ -384,25 +387,55 @@ def test_registering_a_rank_that_ended_before_registering_says_so(servicer):
     assert err.details == "rank 1 already ended in generation 0 (exit code 1) before it registered"
 
 
+def _watch(servicer: OrchestratorServicer, steps) -> list:
+    """Drive WatchRun (an async generator on the server's loop) through `steps`: each is
+    called before the next message is read; returns the messages and what was left."""
+
+    async def go() -> list:
+        stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), CallContext())
+        seen = []
+        for step in steps:
+            step(stream)
+            try:
+                seen.append(await asyncio.wait_for(stream.__anext__(), timeout=5))
+            except StopAsyncIteration:
+                seen.append(None)
+        await stream.aclose()
+        return seen
+
+    return asyncio.run(go())
+
+
 def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
-    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), CallContext())
-    first = next(stream)
+    def nothing(stream):
+        pass
+
+    def restart(stream):
+        servicer.registry.begin_generation(1)
+
+    def end(stream):
+        servicer.registry.end_run("failed", "rank 3 failed (exit code 1)", 1)
+
+    first, second, last, after = _watch(servicer, [nothing, restart, end, nothing])
     assert (first.generation, first.state) == (0, "running")
-    servicer.registry.begin_generation(1)
-    second = next(stream)
     assert (second.generation, second.state) == (1, "running")
-    servicer.registry.end_run("failed", "rank 3 failed (exit code 1)", 1)
-    last = next(stream)
     assert (last.state, last.exit_code, last.message) == ("failed", 1, "rank 3 failed (exit code 1)")
-    assert next(stream, None) is None  # the stream ends with the run
+    assert after is None  # the stream ends with the run
+    assert servicer.registry.lost_nodes() == []  # a stream that ended with the run lost nobody
 
 
-def test_watch_run_ends_when_its_client_goes_away(servicer):
-    context = CallContext()
-    stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), context)
-    assert next(stream).state == "running"
-    context.end()
-    assert next(stream, None) is None
+def test_a_watch_that_ends_while_the_run_goes_on_is_a_lost_node(clock):
+    # The client cancels (its launcher stopped, or keepalive found its host silent): the
+    # stream's coroutine is closed, and the master records node 1 as lost.
+    servicer = OrchestratorServicer(make_registry(clock, nnodes=2))
+    try:
+        (first,) = _watch(servicer, [lambda stream: None])
+    finally:
+        servicer.close()
+    assert first.state == "running"
+    assert servicer.registry.lost_nodes() == [(1, "")]
+    servicer.registry.begin_generation(1)  # a new generation forgets it
+    assert servicer.registry.lost_nodes() == []
 
 
 def _beats(*requests: pb.Heartbeat):
