@@ -48,6 +48,7 @@ class ClusterDefaults:
     master_port: int | None = None
     nproc_per_node: str | None = None  # as -n takes it: "4", "gpu", "cpu" or "auto"
     source: str = ""
+    run_id: str | None = None
 
 
 # ---------------------------------------------------------------------------- host lists
@@ -186,14 +187,38 @@ def _from_slurm(environ: Mapping[str, str]) -> ClusterDefaults | None:
             master_addr = expand_hostlist(spec)[0]
         except ConfigError as e:
             raise ConfigError(f"{name}: {e}") from None
+    job = _get(environ, "SLURM_JOB_ID", "SLURM_JOBID")
+    assert job is not None
+    step = _get(environ, "SLURM_STEP_ID", "SLURM_STEPID")
+    run_id = f"slurm-{job[1]}" + (f".{step[1]}" if step else "")
+    count = _int(*nnodes, minimum=1)
     return ClusterDefaults(
-        nnodes=_int(*nnodes, minimum=1),
+        nnodes=count,
         node_rank=_int(*rank, minimum=0) if rank else None,
         master_addr=master_addr,
-        master_port=None,  # SLURM names none; the launcher's default applies
+        # SLURM names no port. A fixed default would make two jobs sharing nodes collide
+        # (the second one's node 1 reached the first one's master); one derived from the job
+        # is the same on every node of this job and differs between jobs.
+        master_port=job_port(job[1], step[1] if step else "") if count > 1 else None,
         nproc_per_node=None,
         source="slurm",
+        run_id=run_id,
     )
+
+
+# Derived ports: P (DDP's store) and P+1 (the master), P even in [20000, 40000).
+JOB_PORT_BASE = 20000
+JOB_PORT_SLOTS = 10000
+
+
+def job_port(job_id: str, step_id: str = "") -> int:
+    """The master port of a SLURM job step: the same on every node, different for the jobs
+    and steps that could share a node (for 10,000 consecutive job ids)."""
+    digits = "".join(c for c in job_id if c.isdigit()) or "0"
+    # Jobs 7 slots apart (7 is prime to the slot count: 10,000 consecutive jobs stay apart),
+    # a job's steps 0-6 in between.
+    key = int(digits) * 7 + (int(step_id) if step_id.isdigit() else 0)
+    return JOB_PORT_BASE + 2 * (key % JOB_PORT_SLOTS)
 
 
 def detect(environ: Mapping[str, str]) -> ClusterDefaults:

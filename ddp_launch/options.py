@@ -330,6 +330,8 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     run_id = o["run_id"]
     if run_id is None and o["rdzv_id"] not in (None, "none"):
         run_id = o["rdzv_id"]
+    if run_id is None:
+        run_id = cluster.run_id  # under SLURM every node of the job has the job's
     token = read_token(o["token_file"], environ)
     if not token and nnodes > 1 and control_port is not None:
         token = shared_token(addr, control_port, run_id)

@@ -701,6 +701,26 @@ def test_under_slurm_c10d_takes_slurms_node_rank(launched: FakeLaunch, monkeypat
     assert (launched.config.nnodes, launched.config.node_rank) == (2, 1)
 
 
+def test_under_slurm_the_run_id_and_port_come_from_the_job(
+    launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ddp_launch.cluster import job_port
+
+    for k, v in SLURM_TWO_NODES.items():
+        monkeypatch.setenv(k, v)
+    assert invoke(["--nproc_per_node=1", "train.py"]).exit_code == 0
+    # Every node of job 7 agrees on both without being told; another job gets another port.
+    assert (launched.config.run_id, launched.config.ddp_port) == ("slurm-7", job_port("7"))
+    assert launched.config.control_port == job_port("7") + 1 and job_port("8") != job_port("7")
+
+
+def test_under_slurm_explicit_run_id_and_port_win(launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch) -> None:
+    for k, v in SLURM_TWO_NODES.items():
+        monkeypatch.setenv(k, v)
+    assert invoke(["--master-port", "31000", "--run-id", "mine", "train.py"]).exit_code == 0
+    assert (launched.config.run_id, launched.config.ddp_port) == ("mine", 31000)
+
+
 def test_standalone_inside_a_slurm_allocation_is_one_node(
     launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ddp_launch.cluster import MAX_HOSTS, ClusterDefaults, detect, expand_hostlist
+from ddp_launch.cluster import MAX_HOSTS, ClusterDefaults, detect, expand_hostlist, job_port
 from ddp_launch.errors import ConfigError
 
 # ---------------------------------------------------------------------------- expand_hostlist
@@ -155,13 +155,28 @@ def test_nothing_set() -> None:
 
 def test_slurm() -> None:
     assert detect(SLURM) == ClusterDefaults(
-        nnodes=4, node_rank=2, master_addr="gpu07", master_port=None, nproc_per_node=None, source="slurm"
+        nnodes=4,
+        node_rank=2,
+        master_addr="gpu07",
+        master_port=job_port("123456"),
+        nproc_per_node=None,
+        source="slurm",
+        run_id="slurm-123456",
     )
+
+
+def test_a_slurm_jobs_port_and_run_id_are_its_own() -> None:
+    # Every node of a job derives the same; two jobs (or two steps of one) sharing nodes differ.
+    ports = {job_port(str(job)) for job in range(500_000, 510_000)}
+    assert len(ports) == 10_000 and all(20000 <= p < 40000 and p % 2 == 0 for p in ports)
+    assert job_port("77", "0") != job_port("77", "1") != job_port("78", "0")
+    step = detect(dict(SLURM, SLURM_STEP_ID="3"))
+    assert (step.run_id, step.master_port) == ("slurm-123456.3", job_port("123456", "3"))
 
 
 def test_slurm_alternative_names() -> None:
     env = {"SLURM_JOBID": "9", "SLURM_JOB_NUM_NODES": "2", "SLURM_NODEID": "0", "SLURM_NODELIST": "a,b"}
-    assert detect(env) == ClusterDefaults(2, 0, "a", None, None, "slurm")
+    assert detect(env) == ClusterDefaults(2, 0, "a", job_port("9"), None, "slurm", "slurm-9")
 
 
 def test_slurm_prefers_the_primary_names() -> None:
@@ -172,11 +187,13 @@ def test_slurm_prefers_the_primary_names() -> None:
 
 def test_slurm_single_node_and_plain_host() -> None:
     env = {"SLURM_JOB_ID": "1", "SLURM_NNODES": "1", "SLURM_NODEID": "0", "SLURM_JOB_NODELIST": "laptop"}
-    assert detect(env) == ClusterDefaults(1, 0, "laptop", None, None, "slurm")
+    # One node: no fixed port (a free one, as without SLURM).
+    assert detect(env) == ClusterDefaults(1, 0, "laptop", None, None, "slurm", "slurm-1")
 
 
 def test_slurm_missing_pieces_stay_none() -> None:
-    assert detect({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2"}) == ClusterDefaults(2, None, None, None, None, "slurm")
+    expected = ClusterDefaults(2, None, None, job_port("1"), None, "slurm", "slurm-1")
+    assert detect({"SLURM_JOB_ID": "1", "SLURM_NNODES": "2"}) == expected
 
 
 @pytest.mark.parametrize(
