@@ -110,6 +110,7 @@ class RankRecord:
         exception_type, traceback: what the script raised, when it did.
         straggler: its rate stayed below the straggler threshold.
         state_since_s: the registry's clock when it entered `state`.
+        exited_at: unix time at which its node's launcher saw its worker end, when known.
     """
 
     rank: int
@@ -134,6 +135,7 @@ class RankRecord:
     traceback: str = ""
     straggler: bool = False
     state_since_s: float = 0.0
+    exited_at: float | None = None
 
     @property
     def step(self) -> int:

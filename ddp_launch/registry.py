@@ -88,6 +88,7 @@ class _Slot:
     rss_bytes: int = 0
     cpu_percent: float = 0.0
     exit_code: int | None = None
+    exited_at: float | None = None  # unix time its launcher saw it end, when reported
     slow_since: float | None = None  # when its rate first fell below the straggler threshold
     straggler: bool = False
     exception_type: str = ""
@@ -442,7 +443,7 @@ class Registry:
 
     # -- what the supervisor tells us ------------------------------------------------------
 
-    def record_exit(self, rank: int, generation: int, exit_code: int) -> None:
+    def record_exit(self, rank: int, generation: int, exit_code: int, exited_at: float | None = None) -> None:
         """How a worker ended (reported by the launcher of its node). An old generation's exit
         changes nothing: a node's launcher may report a worker that ended while a restart
         stopped it.
@@ -464,6 +465,7 @@ class Registry:
             if slot.exit_code is not None:
                 return  # reported twice (the follower and a retry): the first one counts
             slot.exit_code = exit_code
+            slot.exited_at = exited_at
             now = self._clock()
             if slot.state is RankState.HUNG:  # the verdict stands; the exit is how it ended
                 return
@@ -699,6 +701,7 @@ def _record_of(slot: dict[str, Any], rate: float, generation: int, now: float, t
         cpu_percent=slot["cpu_percent"],
         heartbeat_age_s=None if last_heartbeat_at is None else now - last_heartbeat_at,
         exit_code=slot["exit_code"],
+        exited_at=slot["exited_at"],
         exception_type=slot["exception_type"],
         traceback=slot["traceback"],
         straggler=slot["straggler"],

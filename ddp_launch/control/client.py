@@ -120,8 +120,9 @@ class MasterClient:
         )
         self._call(self._stub.ReportFailure, request)
 
-    def report_exit(self, rank: int, generation: int, exit_code: int) -> None:
-        self._call(self._stub.ReportExit, pb.ExitReport(rank=rank, generation=generation, exit_code=exit_code))
+    def report_exit(self, rank: int, generation: int, exit_code: int, exited_at: float = 0.0) -> None:
+        request = pb.ExitReport(rank=rank, generation=generation, exit_code=exit_code, exited_at=exited_at)
+        self._call(self._stub.ReportExit, request)
 
     def watch_run(self, node_rank: int):
         """The master's RunState messages as they come (a restart, the end); iterate it."""

@@ -145,7 +145,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     def ReportExit(self, request: pb.ExitReport, context: Any) -> pb.Ack:
         with self._rejections_as_errors(context):
-            self.registry.record_exit(request.rank, request.generation, request.exit_code)
+            self.registry.record_exit(request.rank, request.generation, request.exit_code, request.exited_at or None)
         return pb.Ack()
 
     async def WatchRun(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.RunState]:

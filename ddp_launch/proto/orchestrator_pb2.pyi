@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class ExitReport(_message.Message):
-    __slots__ = ("rank", "generation", "exit_code")
+    __slots__ = ("rank", "generation", "exit_code", "exited_at")
     RANK_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    EXITED_AT_FIELD_NUMBER: _ClassVar[int]
     rank: int
     generation: int
     exit_code: int
-    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    exited_at: float
+    def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., exit_code: _Optional[int] = ..., exited_at: _Optional[float] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
     __slots__ = ("node_rank",)

@@ -142,7 +142,7 @@ class Follower:
             if e.exit_code != 0:
                 self._say(f"rank {e.rank} failed ({describe_exit(e.exit_code)}); waiting for the master's decision")
             try:
-                self._client.report_exit(e.rank, generation or 0, e.exit_code)
+                self._client.report_exit(e.rank, generation or 0, e.exit_code, e.at)
             except grpc.RpcError as err:
                 self._say(f"could not report rank {e.rank}'s exit to the master: {err.code().name}")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import wait as wait_for_sentinels
@@ -45,6 +46,7 @@ class Exit:
     rank: int
     pid: int
     exit_code: int  # multiprocessing's: negative for a signal
+    at: float = 0.0  # time.time() when it was reaped (within milliseconds of its death)
 
 
 def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
@@ -146,7 +148,7 @@ class WorkerGroup:
             if w.sentinel in ready or w.exitcode is not None:
                 w.join(timeout=1.0)
                 self._reaped.add(rank)
-                exits.append(Exit(rank, w.pid or 0, w.exitcode if w.exitcode is not None else 255))
+                exits.append(Exit(rank, w.pid or 0, w.exitcode if w.exitcode is not None else 255, time.time()))
         return exits
 
     def live_pids(self) -> list[int]:

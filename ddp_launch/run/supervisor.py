@@ -38,6 +38,9 @@ LARGE_WORLD = 64
 LARGE_WORLD_ROUND_S = 1.0
 
 STACK_DUMP_WAIT_S = 2.0
+# How long a multi-node run waits, after its first known failure, for the other nodes' exit
+# reports before it names the root cause (they arrive within milliseconds of the deaths).
+SETTLE_S = 0.5
 # Stack frames that mean "waiting for peers", not "the cause of the hang".
 _COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
 
@@ -156,8 +159,12 @@ class Supervisor:
         failures: list[WorkerExit] = []
         wake_fds = [] if self._wakeup_fd is None else [self._wakeup_fd]
         mine = set(self.group.workers)
+        settle_until: float | None = None  # time.monotonic(): see SETTLE_S
         while True:
-            exits = self.group.wait(wake_fds, config.monitor_interval_s)
+            timeout = config.monitor_interval_s
+            if settle_until is not None:
+                timeout = max(0.0, min(timeout, settle_until - time.monotonic()))
+            exits = self.group.wait(wake_fds, timeout)
             if self._pending_signal is not None:
                 signum = self._pending_signal
                 name = signal.Signals(signum).name
@@ -165,9 +172,9 @@ class Supervisor:
                     generation, Outcome.INTERRUPTED, signal_number=signum, message=f"stopped by {name}"
                 )
             for e in exits:
-                self.registry.record_exit(e.rank, generation, e.exit_code)
+                self.registry.record_exit(e.rank, generation, e.exit_code, e.at)
                 if e.exit_code != 0:
-                    failures.append(WorkerExit(e.rank, e.pid, e.exit_code, time.time()))
+                    failures.append(WorkerExit(e.rank, e.pid, e.exit_code, e.at or time.time()))
             alive = self.group.alive
             now = self._clock()
             is_round = now >= next_round
@@ -185,6 +192,18 @@ class Supervisor:
                         root_rank=node * config.nproc_per_node,
                         message=f"{where} lost: its launcher stopped answering the master",
                     )
+            if failures and self.config.nnodes > 1:
+                # A failure on one node kills its peers everywhere within milliseconds (a
+                # collective's "connection closed"), and the first report to arrive is often a
+                # consequence. Wait a moment for every node's exits, then blame the one that
+                # happened first, by the time its own launcher saw it.
+                if settle_until is None:
+                    settle_until = time.monotonic() + SETTLE_S
+                if time.monotonic() < settle_until:
+                    continue
+                seen = {f.rank for f in failures}
+                failures += [f for f in self._failures_on_other_nodes() if f.rank not in seen]
+                failures.sort(key=lambda f: (f.at, f.rank))
             if failures:
                 first = failures[0]
                 return GenerationResult(
@@ -234,7 +253,9 @@ class Supervisor:
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
         failed = self.registry.failed_ranks()
         return [
-            WorkerExit(r.rank, r.pid, r.exit_code or 0, time.time()) for r in failed if r.rank not in self.group.workers
+            WorkerExit(r.rank, r.pid, r.exit_code or 0, r.exited_at or time.time())
+            for r in failed
+            if r.rank not in self.group.workers
         ]
 
     def _sample_stats(self, alive: dict) -> None:

@@ -4,6 +4,7 @@ launcher in bounded time with nothing left behind."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -147,3 +148,24 @@ def test_the_master_notices_a_vanished_host_in_seconds_not_at_the_hang_timeout(t
         while hosts.pids("h0") and time.monotonic() < end:
             time.sleep(0.1)
         assert not hosts.pids("h0"), "h0 kept processes after its launcher ended"
+
+
+@pytest.mark.timeout(150)
+def test_a_crash_on_node_1_is_blamed_on_node_1_not_on_its_peers_consequence(tmp_path):
+    """Rank 1 (h1) exits 3; rank 0 (h0) then dies of the broken all-reduce, on node 0, where
+    the master is: the report must name rank 1 on h1 as the root cause and list rank 0 as
+    its consequence, not the other way round."""
+    out = tmp_path / "out"
+    out.mkdir()
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        script = [str(SCRIPTS / "hosts_train.py"), "100000", "0.02", str(out), "1:40"]
+        node1 = start(hosts, "h1", 1, tmp_path, *script)
+        node0 = start(hosts, "h0", 0, tmp_path, *script)
+        _, err0 = node0.communicate(timeout=120)
+        node1.communicate(timeout=60)
+        failure = json.loads((tmp_path / "run-h0" / "failure.json").read_text())
+        assert failure["root_cause"]["rank"] == 1, err0[-3000:]
+        assert failure["root_cause"]["hostname"] == "h1"
+        assert [c["rank"] for c in failure["consequences"]] == [0] or failure["consequences"] == []
+        assert "root cause: rank 1 on h1 (node 1)" in err0, err0[-3000:]
+        assert node0.returncode == 3, err0[-3000:]  # the root cause's own exit code

@@ -216,7 +216,7 @@ def test_pet_variables_are_not_read_here() -> None:
 
 def test_values_are_trimmed() -> None:
     env = {"SLURM_JOB_ID": "1", "SLURM_NNODES": " 2 ", "SLURM_NODEID": "1\n", "SLURM_JOB_NODELIST": " n[1-2] "}
-    assert detect(env) == ClusterDefaults(2, 1, "n1", None, None, "slurm")
+    assert detect(env) == ClusterDefaults(2, 1, "n1", job_port("1"), None, "slurm", "slurm-1")
 
 
 @pytest.mark.parametrize(
