@@ -204,7 +204,8 @@ def rank_json(r: RankRecord, fields: Iterable[str] = RANK_FIELDS) -> dict[str, A
     return {name: _JSON[name](r) for name in fields}
 
 
-def _round(x: float | None, digits: int) -> float | None:
+def rounded(x: float | None, digits: int) -> float | None:
+    """`x` rounded to `digits` decimals; None for None, NaN and infinities (JSON has none)."""
     if x is None or not math.isfinite(x):
         return None
     return round(float(x), digits)
@@ -229,12 +230,12 @@ _JSON: dict[str, Any] = {
     "optimizer_steps": lambda r: r.optimizer_steps,
     "reported_step": lambda r: r.reported_step,
     "samples": lambda r: r.samples,
-    "steps_per_s": lambda r: _round(r.steps_per_s, 3) or 0.0,
+    "steps_per_s": lambda r: rounded(r.steps_per_s, 3) or 0.0,
     "loss": lambda r: significant(r.loss),
     "metrics": lambda r: dict(r.metrics),
     "rss_bytes": lambda r: r.rss_bytes,
-    "cpu_percent": lambda r: _round(r.cpu_percent, 1) or 0.0,
-    "heartbeat_age_s": lambda r: _round(r.heartbeat_age_s, 2),
+    "cpu_percent": lambda r: rounded(r.cpu_percent, 1) or 0.0,
+    "heartbeat_age_s": lambda r: rounded(r.heartbeat_age_s, 2),
     "straggler": lambda r: r.straggler,
     "exit_code": lambda r: r.exit_code,
     "exit": lambda r: r.exit,

@@ -55,7 +55,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from ddp_launch.record import SAMPLE_FIELDS, RankRecord, RankState, rank_json, significant
+from ddp_launch.record import SAMPLE_FIELDS, RankRecord, RankState, rank_json, rounded, significant
 from ddp_launch.registry import RunSnapshot, Transition
 
 SCHEMA_VERSION = 2
@@ -240,7 +240,7 @@ class EventLog:
         self._force_progress = False
         fields: dict[str, Any] = {
             "generation": snap.generation,
-            "elapsed_s": _round(snap.elapsed_s, 3),
+            "elapsed_s": rounded(snap.elapsed_s, 3),
             "world_size": snap.world_size,
         }
         if len(snap.ranks) <= self.per_rank_limit:
@@ -273,7 +273,7 @@ def _transition_fields(tr: Transition) -> dict[str, Any] | None:
         return fields
     if tr.kind == "straggler":
         fields = rank_json(r, ("rank", "generation", "steps_per_s", "step"))
-        fields["median_steps_per_s"] = _round(tr.fields.get("median_steps_per_s"), 3)
+        fields["median_steps_per_s"] = rounded(tr.fields.get("median_steps_per_s"), 3)
         return fields
     if tr.kind == "straggler_cleared":
         return rank_json(r, ("rank", "generation", "steps_per_s"))
@@ -292,12 +292,6 @@ def _ends_without_newline(path: Path) -> bool:
         return False
 
 
-def _round(x: float | None, digits: int) -> float | None:
-    if x is None or not math.isfinite(x):
-        return None
-    return round(float(x), digits)
-
-
 def _spread(values: Sequence[float], fmt: Callable[[float], Any]) -> dict[str, Any]:
     return {"min": fmt(min(values)), "median": fmt(statistics.median(values)), "max": fmt(max(values))}
 
@@ -308,10 +302,10 @@ def _aggregate(ranks: Sequence[RankRecord]) -> dict[str, Any]:
     return {
         "ranks": len(ranks),
         "step": _spread([r.step for r in ranks], lambda x: int(round(x))),
-        "steps_per_s": _spread([r.steps_per_s for r in ranks], lambda x: _round(x, 3) or 0.0),
+        "steps_per_s": _spread([r.steps_per_s for r in ranks], lambda x: rounded(x, 3) or 0.0),
         "loss": _spread(losses, significant) if losses else None,
         "rss_bytes_max": max(r.rss_bytes for r in ranks),
-        "heartbeat_age_s_max": _round(max(ages), 2) if ages else None,
+        "heartbeat_age_s_max": rounded(max(ages), 2) if ages else None,
     }
 
 
