@@ -204,6 +204,10 @@ def check_can_listen(host: str, port: int) -> None:
             raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+# RunConfig.node_rank of a node that gets its rank from the master when it joins.
+NODE_BY_ARRIVAL = -1
+
+
 def new_run_id() -> str:
     """Sortable and short: 20261125-142215-3f9a."""
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
@@ -216,10 +220,18 @@ class RunConfig:
     target: Target
     nproc_per_node: int
     run_id: str = field(default_factory=new_run_id)
+    run_id_given: bool = False  # by --run-id, --rdzv-id or the scheduler, not made up here
     run_dir: Path | None = None  # None: ./runs/<run_id>
     restart: RestartPolicy = field(default_factory=RestartPolicy)
-    nnodes: int = 1
+    nnodes: int = 1  # the most nodes (--nnodes N, or MAX of MIN:MAX)
+    # The fewest nodes a generation runs with (MIN of --nnodes MIN:MAX); None: nnodes. Below
+    # nnodes the run is elastic: node ranks are given at each generation, nodes join and leave.
+    min_nodes: int | None = None
+    # NODE_BY_ARRIVAL: the master gives this node its rank when it joins (c10d rendezvous).
     node_rank: int = 0
+    # Once min_nodes have joined, how long the master waits for more before a generation
+    # starts (torchrun's last_call_timeout; --rdzv-conf last_call_timeout=S).
+    last_call_s: float = 3.0
     master_addr: str = "127.0.0.1"
     # The gRPC master's port. torchrun's --master-port P is the DDP store's (ddp_port = P)
     # and the master then listens on P + 1 (see options.py).
@@ -251,7 +263,16 @@ class RunConfig:
 
     @property
     def world_size(self) -> int:
+        """The largest world: an elastic run's generations may have fewer ranks."""
         return self.nnodes * self.nproc_per_node
+
+    @property
+    def fewest_nodes(self) -> int:
+        return self.nnodes if self.min_nodes is None else self.min_nodes
+
+    @property
+    def elastic(self) -> bool:
+        return self.fewest_nodes < self.nnodes
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -264,8 +285,13 @@ class RunConfig:
             raise ConfigError(f"-n/--nproc-per-node must be >= 1, got {self.nproc_per_node}")
         if self.nnodes < 1:
             raise ConfigError(f"--nnodes must be >= 1, got {self.nnodes}")
-        if not 0 <= self.node_rank < self.nnodes:
+        if not 1 <= self.fewest_nodes <= self.nnodes:
+            raise ConfigError(f"--nnodes {self.fewest_nodes}:{self.nnodes}: needs 1 <= MIN <= MAX")
+        by_arrival = self.node_rank == NODE_BY_ARRIVAL and self.nnodes > 1
+        if not (by_arrival or 0 <= self.node_rank < self.nnodes):
             raise ConfigError(f"--node-rank must be in [0, {self.nnodes}), got {self.node_rank}")
+        if self.last_call_s < 0:
+            raise ConfigError(f"--rdzv-conf last_call_timeout must be >= 0, got {self.last_call_s:g}")
         ports = (
             ("--control-port", self.control_port),
             ("--master-port", self.ddp_port),
@@ -279,7 +305,7 @@ class RunConfig:
         if self.nnodes > 1:
             if self.control_port is None:
                 raise ConfigError("--master-port is required with --nnodes > 1 (every node must know it)")
-            if self.metrics_port is not None and self.node_rank > 0:
+            if self.metrics_port is not None and self.node_rank != 0:
                 raise ConfigError("--metrics-port is served by node 0's master only")
         if self.heartbeat_interval_s <= 0:
             raise ConfigError("--heartbeat-interval must be > 0")

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+import grpc
 import psutil
 
 from ddp_launch import __version__, env, rundir
@@ -39,7 +40,7 @@ from ddp_launch.errors import ConfigError
 from ddp_launch.netif import socket_ifname_env
 from ddp_launch.observe.events import EventLog
 from ddp_launch.observe.failure import build_report, format_report
-from ddp_launch.observe.view import LiveView, format_restart_line, format_summary
+from ddp_launch.observe.view import LiveView, format_resize_line, format_restart_line, format_summary
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.run.follower import Follower
@@ -74,7 +75,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
     config.validate()
-    if config.node_rank > 0:
+    if config.node_rank != 0:
         return _follow(config, stdout, stderr)
     token = config.token or secrets.token_urlsafe(24)
     registry = Registry(
@@ -84,6 +85,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         max_restarts=config.restart.max_restarts,
         ddp_addr=config.ddp_addr or config.master_addr,
         ddp_port=config.ddp_port,
+        min_nodes=config.fewest_nodes,
     )
     server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
     server.start()
@@ -108,6 +110,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             config={k: v for k, v in dataclasses.asdict(config).items() if k != "token"},
             world_size=config.world_size,
             nnodes=config.nnodes,
+            min_nodes=config.fewest_nodes,
             nproc_per_node=config.nproc_per_node,
             versions=_versions(),
             host=socket.gethostname(),
@@ -121,7 +124,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             # The generation ended between two ticks: record what happened up to its end.
             events.observe(registry.snapshot(), registry.drain_transitions())
             # The last generation's failure is logged with the full report, further below.
-            if restarting:
+            if restarting and result.outcome is not Outcome.RESIZED:
                 root = _root_record(result)
                 if result.outcome in (Outcome.FAILED, Outcome.HUNG):
                     summary = {
@@ -137,9 +140,26 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                     rank=result.root_rank,
                     exit=root.exit if root else None,
                 )
+                # The next generation has not begun: this is the registry's next restart.
                 view.write_line(
-                    format_restart_line(root, result.message, result.generation + 1, config.restart.max_restarts)
+                    format_restart_line(
+                        root, result.message, result.generation + 1, config.restart.max_restarts, registry.restarts + 1
+                    )
                 )
+
+        def on_resized(result: GenerationResult) -> None:
+            snap = registry.snapshot()
+            events.emit(
+                "resize",
+                generation=snap.generation,
+                reason=result.message,
+                nnodes=snap.nnodes,
+                world_size=snap.world_size,
+            )
+            view.write_line(format_resize_line(result.message, snap.generation, snap.nnodes, snap.world_size))
+
+        def say(message: str) -> None:
+            view.write_line(f"[ddp-launch] {message}")
 
         def sink(rank: int, lines: Sequence[str], is_stderr: bool) -> None:
             view.write_lines(lines, file=stderr if is_stderr else stdout, prefix=f"[rank {rank}] ")
@@ -175,6 +195,8 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
                 on_tick=on_tick,
                 on_generation_end=on_generation_end,
                 wakeup_fd=wakeup_fd,
+                say=say,
+                on_resized=on_resized,
             )
             requests.append(supervisor.request_stop)
             # SIGTSTP named in --signals-to-handle stops the run instead, as under torchrun.
@@ -221,13 +243,21 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
 
 
 def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
-    """Node R > 0: workers for the generations node 0's master names, until the run ends."""
+    """A node other than node 0: workers for the generations node 0's master names, as the
+    node rank it names, until the run ends."""
     address = f"[{config.master_addr}]" if ":" in config.master_addr else config.master_addr
     address += f":{config.control_port}"
     # keepalive: a master whose host vanished is noticed in seconds, not never.
     client = MasterClient(address, config.token, tls_ca=str(config.tls.ca) if config.tls.ca else None, keepalive=True)
+    agent_id = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
     with contextlib.ExitStack() as teardown:
         teardown.callback(client.close)
+
+        def say(message: str) -> None:
+            node = "node" if config.node_rank < 0 else f"node {config.node_rank}"
+            print(f"[ddp-launch] {node}: {message}", file=stderr, flush=True)
+
+        config = _with_masters_run_id(config, client)
         run_dir = config.resolved_run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -243,9 +273,6 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             if state is not None:  # a plain line of its own: this node draws no bars
                 sink(rank, [state], is_stderr)
 
-        def say(message: str) -> None:
-            print(f"[ddp-launch] node {config.node_rank}: {message}", file=stderr, flush=True)
-
         # Started before any worker and stopped after the last one (teardown runs in reverse).
         relay = HeartbeatRelay(
             node_rank=config.node_rank,
@@ -254,6 +281,7 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             interval_s=config.heartbeat_interval_s,
             tls_ca=str(config.tls.ca) if config.tls.ca else None,
             say=say,
+            agent_id=agent_id,
         )
         relay.start()
         teardown.callback(relay.stop)
@@ -264,7 +292,7 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             logs=config.logs,
             run_id=config.run_id,
             role=config.role,
-            node_rank=config.node_rank,
+            node_rank=max(config.node_rank, 0),
             nproc_per_node=config.nproc_per_node,
         )
         teardown.callback(pump.stop)
@@ -274,14 +302,37 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         start_worker = _worker_starter(config, pump, bootstrap)
         started = time.monotonic()
         with signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
-            follower = Follower(config, client, start_worker, wakeup_fd, say)
+            follower = Follower(config, client, start_worker, wakeup_fd, say, agent_id=agent_id)
             requests.append(follower.request_stop)
             result = follower.run()
+        node = "" if config.node_rank < 0 else f" node {config.node_rank}"
         summary = (
-            f"ddp-launch node {config.node_rank}: {result.message} "
+            f"ddp-launch{node}: {result.message} "
             f"({time.monotonic() - started:.0f} s, {result.generations} generation(s))"
         )
         return LaunchResult(result.exit_code, None, summary, "")
+
+
+def _with_masters_run_id(config: RunConfig, client: MasterClient) -> RunConfig:
+    """Every node names its run directory and logs by the master's run id: the first answer
+    of the master (within --join-timeout) tells it. A run id this node was given that is not
+    the master's is an error that names both.
+
+    Raises:
+        ConfigError: the ids differ.
+    """
+    try:
+        status = client.wait_for_status(config.join_timeout_s)
+    except grpc.RpcError:
+        return config  # the follower says why it cannot reach the master, and ends
+    if status.run_id == config.run_id:
+        return config
+    if config.run_id_given:
+        raise ConfigError(
+            f"this node's run id {config.run_id!r} (--rdzv-id/--run-id) is not the master's {status.run_id!r}"
+        )
+    default_dir = config.resolved_run_dir == Path("runs") / config.run_id
+    return dataclasses.replace(config, run_id=status.run_id, run_dir=None if default_dir else config.run_dir)
 
 
 def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) -> dict:
@@ -304,7 +355,7 @@ def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) 
 
 
 def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
-    """start_worker(local_rank, generation): forks one worker from the warm forkserver (or,
+    """start_worker(local_rank, generation, node_rank): forks one worker from the warm forkserver (or,
     with --start-method spawn, starts a fresh interpreter), its stdout and stderr on pipes
     that the output pump reads, its stdin the launcher's."""
     context: Any = forkserver_context() if config.start_method == START_WARM else multiprocessing.get_context("spawn")
@@ -313,12 +364,12 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
     if config.nnodes > 1:  # across hosts gloo and NCCL must bind what reaches the others
         node_env |= socket_ifname_env(config.ddp_addr or config.master_addr, os.environ)
 
-    def start_worker(local_rank: int, generation: int):
+    def start_worker(local_rank: int, generation: int, node_rank: int):
         attempt_dir = ""
         if pump.torchrun_logs is not None:  # TORCHELASTIC_ERROR_FILE goes in torchrun's tree
             pump.torchrun_logs.begin(generation)
             attempt_dir = str(pump.torchrun_logs.attempt_dir(generation).resolve())
-        fields = {**bootstrap, "generation": generation, "attempt_dir": attempt_dir}
+        fields = {**bootstrap, "generation": generation, "attempt_dir": attempt_dir, "node_rank": node_rank}
         worker_env = node_env | env.Bootstrap(local_rank=local_rank, **fields).to_env()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -329,7 +380,7 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
         stdin = _shared_stdin()
         if stdin is not None:
             conns.append(stdin)
-        rank = config.node_rank * config.nproc_per_node + local_rank
+        rank = node_rank * config.nproc_per_node + local_rank
         process = context.Process(
             target=worker_main,
             args=(worker_env, config.target, stdin, conns[0], conns[1]),
@@ -346,6 +397,7 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
             err_r,
             f"generation {generation}, pid {process.pid}, {time.strftime('%c')}",
             generation=generation,
+            local_rank=local_rank,
         )
         return process
 
@@ -392,8 +444,6 @@ def _summary_fields(snap: RunSnapshot, result: RunResult) -> dict:
 
 
 def _versions() -> dict[str, str]:
-    import grpc
-
     found = {"python": platform.python_version(), "ddp_launch": __version__, "grpc": grpc.__version__}
     try:  # without importing torch in the launcher
         found["torch"] = importlib.metadata.version("torch")

@@ -31,6 +31,7 @@ from typing import Any
 from ddp_launch.cluster import ClusterDefaults
 from ddp_launch.cluster import detect as detect_cluster
 from ddp_launch.config import (
+    NODE_BY_ARRIVAL,
     START_SPAWN,
     START_WARM,
     LogOptions,
@@ -44,9 +45,12 @@ from ddp_launch.errors import ConfigError
 
 # torchrun's defaults where ddp-launch keeps torchrun's meaning.
 C10D_DEFAULT_PORT = 29400  # torchrun's port for a c10d endpoint given without one
+# Not torchrun's 30 s: a node that comes later than this is not refused, only admitted at
+# a generation boundary, so the first generation need not wait long for it.
+C10D_LAST_CALL_S = 3.0
 RDZV_BACKENDS = ("static", "c10d")
 # --rdzv-conf keys that mean something here; torchrun's others are rejected, not ignored.
-RDZV_CONF_KEYS = ("is_host", "join_timeout", "timeout")
+RDZV_CONF_KEYS = ("is_host", "join_timeout", "last_call_timeout", "timeout")
 EVENT_LOG_HANDLERS = ("null",)
 
 
@@ -71,8 +75,8 @@ def parse_nproc(value: str) -> int:
     return n
 
 
-def parse_nnodes(value: str) -> int:
-    """torchrun's --nnodes: N, or MIN:MAX where only MIN == MAX is a fixed world."""
+def parse_nnodes(value: str) -> tuple[int, int]:
+    """torchrun's --nnodes: N, or MIN:MAX (elastic when MIN < MAX) -> (MIN, MAX)."""
     text = value.strip()
     lo, sep, hi = text.partition(":")
     try:
@@ -81,11 +85,7 @@ def parse_nnodes(value: str) -> int:
         raise ConfigError(f"--nnodes must be N or MIN:MAX, got {value!r}") from None
     if first < 1 or last < first:
         raise ConfigError(f"--nnodes {value!r}: needs 1 <= MIN <= MAX")
-    if first < last:
-        raise ConfigError(
-            f"--nnodes {value!r}: an elastic range is not supported yet; give a fixed count (--nnodes {last})"
-        )
-    return first
+    return first, last
 
 
 def parse_signals(value: str) -> tuple[int, ...]:
@@ -294,15 +294,9 @@ def _rendezvous(
             host = _bool("is_host", conf["is_host"])
         else:
             host = is_local_host(addr) and (control is None or _can_listen(addr, control))
-        if host:
-            node_rank = 0
-        elif nnodes == 2:
-            node_rank = 1
-        else:
-            raise ConfigError(
-                "--rdzv-backend c10d with more than 2 nodes needs --node-rank on each node "
-                "(node ranks by arrival come with elastic membership)"
-            )
+        # Every other node gets its rank from the master when it joins, as in torchrun's
+        # rendezvous (and again at each generation of an elastic run).
+        node_rank = 0 if host else NODE_BY_ARRIVAL
     return addr, port, control, node_rank
 
 
@@ -316,10 +310,34 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
     _reject(o)
     # --standalone is one node whatever the allocation says (torchrun reads no SLURM).
     cluster = ClusterDefaults() if o["standalone"] else detect_cluster(environ)
-    nnodes = parse_nnodes(o["nnodes"]) if o["nnodes"] is not None else _first(cluster.nnodes, 1)
+    if o["nnodes"] is not None:
+        min_nodes, nnodes = parse_nnodes(o["nnodes"])
+    else:
+        min_nodes = nnodes = _first(cluster.nnodes, 1)
     conf = parse_rdzv_conf(o["rdzv_conf"] or "")
+    elastic = min_nodes < nnodes
+    if elastic and (o["rdzv_backend"] != "c10d" or not o["rdzv_endpoint"]):
+        raise ConfigError(
+            f"--nnodes {min_nodes}:{nnodes} (elastic) needs --rdzv-backend c10d and --rdzv-endpoint HOST:PORT, "
+            "the host whose launcher leads the run"
+        )
     addr, ddp_port, control_port, rdzv_node_rank = _rendezvous(o, conf, cluster, nnodes)
-    node_rank = _first(o["node_rank"], rdzv_node_rank, cluster.node_rank, 0)
+    if elastic:
+        # Node ranks are given at each generation; --node-rank (or SLURM's) only says which
+        # node hosts the master, as is_host does.
+        given = _first(o["node_rank"], cluster.node_rank)
+        node_rank = rdzv_node_rank if given is None or rdzv_node_rank is not None else given
+        node_rank = 0 if node_rank == 0 else NODE_BY_ARRIVAL
+    else:
+        node_rank = _first(o["node_rank"], rdzv_node_rank, cluster.node_rank, 0)
+    last_call = C10D_LAST_CALL_S
+    if "last_call_timeout" in conf:
+        try:
+            last_call = float(conf["last_call_timeout"])
+        except ValueError:
+            raise ConfigError(
+                f"--rdzv-conf last_call_timeout={conf['last_call_timeout']!r} is not a number of seconds"
+            ) from None
     join_timeout = o["join_timeout"]
     for key in ("join_timeout", "timeout"):
         if key in conf:
@@ -356,7 +374,7 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
         duplicate_stdout_filters=_filters(o["duplicate_stdout_filters"]),
         duplicate_stderr_filters=_filters(o["duplicate_stderr_filters"]),
     )
-    extra = {"run_id": run_id} if run_id else {}
+    extra = {"run_id": run_id, "run_id_given": True} if run_id else {}
     return RunConfig(
         target=Target(
             o["script"],
@@ -366,7 +384,9 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
         ),
         nproc_per_node=nproc,
         nnodes=nnodes,
+        min_nodes=min_nodes,
         node_rank=node_rank,
+        last_call_s=last_call,
         token=token,
         tls=TlsFiles(cert=o["tls_cert"], key=o["tls_key"], ca=o["tls_ca"]),
         run_dir=o["run_dir"],

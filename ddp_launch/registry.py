@@ -38,7 +38,7 @@ MAX_TEXT = 64 * 1024
 # (a reader that never drains must not grow the master's memory).
 JOURNAL_LIMIT = 100_000
 
-__all__ = ["RankRecord", "RankState", "Registry", "RunSnapshot"]
+__all__ = ["LostNode", "RankRecord", "RankState", "Registry", "RunSnapshot"]
 
 
 class Rejected(DdpLaunchError):
@@ -108,6 +108,8 @@ class RunSnapshot:
     barrier_open: bool
     ranks: tuple[RankRecord, ...]
     taken_at: float = 0.0
+    restarts: int = 0  # generations begun after a failure (an elastic resize is none)
+    nnodes: int = 1
 
     @property
     def step(self) -> int:
@@ -187,16 +189,49 @@ class HangVerdict:
 
 
 RUNNING = "running"
+# Node 0's own launcher, in the membership: it holds the master, so it is node 0 always.
+MASTER_AGENT = "node-0"
 
 
 @dataclass(frozen=True)
 class RunState:
-    """What a node's launcher follows: the current generation, and how the run ended."""
+    """What a node's launcher follows: the current generation, its nodes, how the run ended.
+
+    `nodes` holds the agent id of each node rank of `generation` ("" for a rank no node has
+    taken yet); generation -1 is an elastic run's first rendezvous, before any generation.
+    """
 
     generation: int
     state: str  # RUNNING, or the outcome ("succeeded", "failed", ...)
     message: str = ""
     exit_code: int = 0
+    nodes: tuple[str, ...] = ()
+
+    def node_rank_of(self, agent_id: str) -> int:
+        """`agent_id`'s node rank in this generation, or -1 when it is not one of its nodes."""
+        return self.nodes.index(agent_id) if agent_id and agent_id in self.nodes else -1
+
+
+@dataclass
+class _Agent:
+    """A node's launcher that follows the run (a WatchRun stream)."""
+
+    agent_id: str
+    hostname: str
+    serial: int  # which of its streams holds the membership (a rejoin replaces it)
+    joined_at: float
+    seen_at: float  # its last node heartbeat (or its join)
+
+
+@dataclass(frozen=True)
+class LostNode:
+    node_rank: int
+    hostname: str
+    why: str
+
+    @property
+    def where(self) -> str:
+        return f"node {self.node_rank}" + (f" ({self.hostname})" if self.hostname else "")
 
 
 @dataclass(frozen=True)
@@ -219,11 +254,17 @@ class Registry:
         ddp_port: int | None = None,
         port_picker: Callable[[str], int] = free_port,
         clock: Callable[[], float] = time.monotonic,
+        min_nodes: int | None = None,
     ) -> None:
         self.run_id = run_id
-        self.nnodes = nnodes
+        # The most nodes; an elastic run (min_nodes < max_nodes) has `nnodes` of them in the
+        # current generation, chosen by the supervisor when it begins (begin_generation).
+        self.max_nodes = nnodes
+        self.min_nodes = nnodes if min_nodes is None else min_nodes
+        self.elastic = self.min_nodes < self.max_nodes
+        self.nnodes = 0 if self.elastic else nnodes
         self.local_world_size = local_world_size
-        self.world_size = nnodes * local_world_size
+        self.world_size = self.nnodes * local_world_size
         self.max_restarts = max_restarts
         self.ddp_addr = ddp_addr
         self._fixed_ddp_port = ddp_port
@@ -233,6 +274,7 @@ class Registry:
         self._cond = threading.Condition()
         self._total_steps = 0
         self.generation = -1
+        self.restarts = 0
         self.ddp_port = 0
         self._slots: list[_Slot] = []
         self._registered = 0
@@ -240,15 +282,38 @@ class Registry:
         # The state a worker's exit is recorded as once the group is being stopped (begin_stop).
         self._stopping: RankState | None = None
         self._journal: deque[Transition] = deque(maxlen=JOURNAL_LIMIT)
-        self.begin_generation(0)
+        self._agents: dict[str, _Agent] = {}
+        self._serial = 0
+        self._lost_nodes: dict[int, LostNode] = {}
+        # The agent of each node rank: fixed for the run unless it is elastic ("" untaken).
+        self._nodes: list[str] = [] if self.elastic else [MASTER_AGENT] + [""] * (nnodes - 1)
+        if not self.elastic:  # an elastic run's first generation begins after its rendezvous
+            self.begin_generation(0)
 
     # -- generations and registration --------------------------------------------------
 
-    def begin_generation(self, generation: int) -> None:
-        """Start generation `generation`: all slots empty, a fresh DDP port, barrier closed."""
+    def begin_generation(self, generation: int, nodes: list[str] | None = None, *, restart: bool = True) -> None:
+        """Start generation `generation`: all slots empty, a fresh DDP port, barrier closed.
+
+        `nodes` (an elastic run only) are the agent ids of its nodes in node-rank order,
+        MASTER_AGENT first; node ranks and the world size change only here. `restart`: it
+        follows a failure (what --max-restarts counts), not a change of membership.
+        """
         with self._cond:
             if generation <= self.generation:
                 raise ValueError(f"generation {generation} is not after {self.generation}")
+            if nodes is not None:
+                if not self.elastic:
+                    raise ValueError("a fixed world's nodes do not change")
+                if not nodes or nodes[0] != MASTER_AGENT or len(nodes) > self.max_nodes:
+                    raise ValueError(f"bad node list {nodes}")
+                self._nodes = list(nodes)
+                self.nnodes = len(nodes)
+                self.world_size = self.nnodes * self.local_world_size
+            elif self.elastic:
+                raise ValueError("an elastic generation needs its nodes")
+            if generation > 0 and restart:
+                self.restarts += 1
             self.generation = generation
             self.ddp_port = self._fixed_ddp_port or self._port_picker(self.ddp_addr)
             now = self._clock()
@@ -260,7 +325,7 @@ class Registry:
             ]
             self._registered = 0
             self._stopping = None
-            self._lost_nodes: dict[int, float] = {}
+            self._lost_nodes = {}
             self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
 
     def register(
@@ -496,26 +561,131 @@ class Registry:
     def end_run(self, state: str, message: str, exit_code: int) -> None:
         """The run is over: every node's launcher stops its workers and exits with exit_code."""
         with self._cond:
-            self._end = RunState(self.generation, state, message, exit_code)
+            self._end = RunState(self.generation, state, message, exit_code, tuple(self._nodes))
             self._cond.notify_all()
 
-    def node_lost(self, node_rank: int) -> None:
-        """Node `node_rank`'s launcher stopped following the run (the master's WatchRun saw its
-        connection end while the run goes on). Forgotten when the next generation begins."""
-        with self._cond:
-            if 0 < node_rank < self.nnodes:
-                self._lost_nodes.setdefault(node_rank, self._clock())
+    # -- membership: the nodes' launchers -------------------------------------------------
 
-    def lost_nodes(self) -> list[tuple[int, str]]:
-        """(node rank, a hostname of its ranks or "") of the nodes lost in this generation."""
+    def join(self, agent_id: str, hostname: str, nproc_per_node: int, node_rank: int = -1) -> int:
+        """A node's launcher follows the run (its WatchRun stream opened); returns the
+        stream's serial, which `leave` names.
+
+        In a fixed world the node takes `node_rank`, or the lowest untaken one (-1), for the
+        whole run. In an elastic run it waits until the supervisor names it in a generation.
+        A join from an agent that already holds a node of the current generation (its
+        launcher lost the master and came back) ends that node's part of the generation.
+
+        Raises:
+            Rejected: another --nproc-per-node, a node rank out of range or taken, no rank left.
+        """
+        if not agent_id or agent_id == MASTER_AGENT:
+            raise Rejected(Rejected.INVALID, f"bad agent id {agent_id!r}")
+        if len(hostname) > MAX_HOSTNAME:
+            raise Rejected(Rejected.INVALID, f"hostname longer than {MAX_HOSTNAME} characters")
+        if nproc_per_node != self.local_world_size:
+            raise Rejected(
+                Rejected.INVALID,
+                f"this node runs --nproc-per-node {nproc_per_node}; the run has {self.local_world_size} per node",
+            )
         with self._cond:
-            lost = sorted(self._lost_nodes)
-            host = {s.node_rank: s.hostname for s in self._slots if s.hostname}
-            return [(n, host.get(n, "")) for n in lost]
+            now = self._clock()
+            if agent_id in self._nodes:
+                self._lose(self._nodes.index(agent_id), hostname, "its launcher lost the master and rejoined")
+            if not self.elastic:
+                self._take_node_rank(agent_id, hostname, node_rank)
+            self._serial += 1
+            previous = self._agents.get(agent_id)
+            self._agents[agent_id] = _Agent(
+                agent_id, hostname, self._serial, previous.joined_at if previous else now, now
+            )
+            self._cond.notify_all()
+            return self._serial
+
+    def _take_node_rank(self, agent_id: str, hostname: str, node_rank: int) -> None:
+        if node_rank < 0:
+            free = [r for r, a in enumerate(self._nodes) if r > 0 and a in ("", agent_id)]
+            if not free:
+                raise Rejected(Rejected.DUPLICATE, f"all {self.max_nodes} node ranks of this run are taken")
+            node_rank = free[0]
+        if not 0 < node_rank < self.max_nodes:
+            raise Rejected(Rejected.INVALID, f"node rank {node_rank} outside [1, {self.max_nodes})")
+        holder = self._nodes[node_rank]
+        if holder not in ("", agent_id):
+            other = self._agents.get(holder)
+            raise Rejected(
+                Rejected.DUPLICATE,
+                f"node rank {node_rank} is taken by the launcher on {other.hostname if other else holder}",
+            )
+        self._nodes[node_rank] = agent_id
+
+    def leave(self, agent_id: str, serial: int) -> None:
+        """The agent's stream `serial` ended. While the run goes on, a node of the current
+        generation is then lost: its workers cannot be supervised any more."""
+        with self._cond:
+            agent = self._agents.get(agent_id)
+            if agent is None or agent.serial != serial:
+                return  # a stream a rejoin replaced
+            del self._agents[agent_id]
+            if agent_id in self._nodes:
+                node_rank = self._nodes.index(agent_id)
+                if self._end is None:
+                    self._lose(node_rank, agent.hostname, "its launcher stopped answering the master")
+                if not self.elastic:
+                    self._nodes[node_rank] = ""  # a node that replaces it may take the rank
+            self._cond.notify_all()
+
+    def node_seen(self, agent_id: str) -> None:
+        """A node heartbeat (a relay's batch): the node's launcher is there."""
+        with self._cond:
+            agent = self._agents.get(agent_id)
+            if agent is not None:
+                agent.seen_at = self._clock()
+
+    def _lose(self, node_rank: int, hostname: str, why: str) -> None:
+        if node_rank > 0 and node_rank not in self._lost_nodes:
+            host = hostname or next((s.hostname for s in self._slots if s.node_rank == node_rank and s.hostname), "")
+            self._lost_nodes[node_rank] = LostNode(node_rank, host, why)
+
+    def lost_nodes(self, silent_after_s: float | None = None) -> list[LostNode]:
+        """The current generation's nodes that are gone: their launcher left, rejoined, or (with
+        `silent_after_s`) sent no node heartbeat for that long (a cut link sends no reset)."""
+        with self._cond:
+            if silent_after_s is not None:
+                now = self._clock()
+                for node_rank, agent_id in enumerate(self._nodes):
+                    agent = self._agents.get(agent_id)
+                    if node_rank > 0 and agent is not None and now - agent.seen_at > silent_after_s:
+                        why = f"no heartbeat from its launcher for {now - agent.seen_at:.0f} s"
+                        self._lose(node_rank, agent.hostname, why)
+            return [self._lost_nodes[n] for n in sorted(self._lost_nodes)]
+
+    def live_agents(self, silent_after_s: float | None = None) -> list[str]:
+        """The following nodes' agent ids, in the order they first joined, without those silent
+        for `silent_after_s` (one that left is no agent any more; one that rejoined is live)."""
+        with self._cond:
+            now = self._clock()
+            agents = sorted(self._agents.values(), key=lambda a: (a.joined_at, a.agent_id))
+            return [a.agent_id for a in agents if silent_after_s is None or now - a.seen_at <= silent_after_s]
+
+    def waiting_agents(self, silent_after_s: float | None = None) -> list[str]:
+        """Live agents that hold no node of the current generation (they wait to be admitted)."""
+        live = self.live_agents(silent_after_s)
+        with self._cond:
+            return [a for a in live if a not in self._nodes]
+
+    def agent_hostname(self, agent_id: str) -> str:
+        with self._cond:
+            agent = self._agents.get(agent_id)
+            return agent.hostname if agent else ""
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        with self._cond:
+            return tuple(self._nodes)
 
     def run_state(self) -> RunState:
         with self._cond:
-            return self._end or RunState(self.generation, RUNNING)
+            return self._end or RunState(self.generation, RUNNING, nodes=tuple(self._nodes))
 
     def wait_run_change(self, seen: RunState | None, timeout_s: float) -> RunState:
         """Block until the run's state differs from `seen` (a restart, the end), or timeout."""
@@ -637,11 +807,12 @@ class Registry:
         # heartbeats never wait for them.
         with self._cond:
             generation, total_steps = self.generation, self._total_steps
-            barrier_open = self._registered == self.world_size
+            restarts, nnodes, world_size = self.restarts, self.nnodes, self.world_size
+            barrier_open = bool(self._slots) and self._registered == self.world_size
             rows = [(vars(s).copy(), self._rate(s)) for s in self._slots]
         return RunSnapshot(
             run_id=self.run_id,
-            world_size=self.world_size,
+            world_size=world_size,
             generation=generation,
             max_restarts=self.max_restarts,
             elapsed_s=now - self._started_at,
@@ -649,6 +820,8 @@ class Registry:
             barrier_open=barrier_open,
             ranks=tuple(_record_of(row, rate, generation, now, total_steps) for row, rate in rows),
             taken_at=now,
+            restarts=restarts,
+            nnodes=nnodes,
         )
 
     def drain_transitions(self) -> list[Transition]:

@@ -124,12 +124,33 @@ class MasterClient:
         request = pb.ExitReport(rank=rank, generation=generation, exit_code=exit_code, exited_at=exited_at)
         self._call(self._stub.ReportExit, request)
 
-    def watch_run(self, node_rank: int):
-        """The master's RunState messages as they come (a restart, the end); iterate it."""
-        return self._stub.WatchRun(pb.WatchRequest(node_rank=node_rank), metadata=self._metadata)
+    def watch_run(self, *, node_rank: int, agent_id: str, nproc_per_node: int):
+        """Join the run and follow it: the master's RunState messages as they come (a
+        restart, the end); iterate it. The node is a member while the stream is open."""
+        request = pb.WatchRequest(
+            node_rank=node_rank, agent_id=agent_id, hostname=os.uname().nodename, nproc_per_node=nproc_per_node
+        )
+        return self._stub.WatchRun(request, metadata=self._metadata)
 
     def get_status(self, timeout_s: float = RPC_TIMEOUT_S) -> pb.RunStatus:
         return self._call(self._stub.GetStatus, pb.StatusRequest(), timeout_s)
+
+    def wait_for_status(self, deadline_s: float) -> pb.RunStatus:
+        """The run's status once the master answers, retrying while it cannot be reached.
+
+        Raises:
+            grpc.RpcError: it refused (a wrong token), or did not answer within `deadline_s`.
+        """
+        end = time.monotonic() + deadline_s
+        delay_s = 0.05
+        while True:
+            try:
+                return self.get_status()
+            except grpc.RpcError as e:
+                if e.code() not in TRANSIENT or time.monotonic() + delay_s > end:
+                    raise
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 1.0)
 
     def _retry_transient(self, call: Callable, deadline_s: float, what: str):
         end = time.monotonic() + deadline_s

@@ -106,6 +106,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def StreamNodeHeartbeats(self, request_iterator: AsyncIterator[pb.HeartbeatBatch], context: Any) -> pb.Ack:
         async for batch in request_iterator:
+            if batch.agent_id:
+                self.registry.node_seen(batch.agent_id)
             for request in batch.heartbeats:
                 try:
                     self._record_heartbeat(request)
@@ -149,29 +151,32 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.Ack()
 
     async def WatchRun(self, request: pb.WatchRequest, context: Any) -> AsyncIterator[pb.RunState]:
+        # The stream is the node's membership: it joins when it opens and leaves when it ends.
         # On the event loop, not in the thread pool: a stream the client cancels (its launcher
         # stopped, its connection closed, or the keepalive pings of wire.server_options found
         # it silent) cancels this coroutine, which is the one way to notice it. The waits on
         # the registry run in a thread each, a second at a time.
+        agent_id = request.agent_id or f"node-rank-{request.node_rank}"
+        try:
+            serial = self.registry.join(agent_id, request.hostname, request.nproc_per_node, request.node_rank)
+        except Rejected as e:
+            self._count(e)
+            await context.abort(_CODES[e.reason], str(e))
+            raise  # unreachable with a real context: abort() raises
         loop = asyncio.get_running_loop()
         seen: RunState | None = None
-        ended_by_run = False
         try:
             while True:
                 state = await loop.run_in_executor(self._watch_pool, self.registry.wait_run_change, seen, WATCH_WAKE_S)
                 if state != seen:
-                    yield pb.RunState(
-                        generation=state.generation, state=state.state, message=state.message, exit_code=state.exit_code
-                    )
+                    yield wire.run_state_to_proto(state, agent_id, self.registry.run_id)
                     seen = state
                 if state.state != RUNNING:
-                    ended_by_run = True
                     return
         finally:
-            # While the run goes on, the node's launcher has gone: its workers cannot be
-            # supervised any more, and node 0's supervisor ends the generation.
-            if not ended_by_run and self.registry.run_state().state == RUNNING:
-                self.registry.node_lost(request.node_rank)
+            # While the run goes on, a node of its generation whose launcher has gone is lost:
+            # its workers cannot be supervised any more, and node 0's supervisor acts on it.
+            self.registry.leave(agent_id, serial)
 
 
 class MasterServer(ServerThread):

@@ -11,6 +11,10 @@ each worker's answered heartbeat (one every few seconds, and the last one), whic
 master directly. A worker's check that its master is alive is therefore unchanged, and a
 heartbeat the master refuses still reaches the worker on its answered one.
 
+A batch goes every interval even when no worker sent anything (between generations, while
+the node waits to be admitted): it is the node's own heartbeat, by which the master tells in
+seconds that a node is gone, where a cut link would leave its connections open for minutes.
+
 A heartbeat waits here for up to one interval: the relay adds the time it held it to the
 heartbeat's step age, so a stall is still dated from the worker's own clock. While the
 master cannot be reached, what is held is dropped (each heartbeat carries the worker's
@@ -52,7 +56,8 @@ class HeartbeatRelay:
     """Takes this node's workers' stream heartbeats and forwards them to the master.
 
     Args:
-        node_rank: this node's rank (sent with each batch).
+        node_rank: this node's rank (sent with each batch; an elastic run's changes).
+        agent_id: this node launcher's identity in the run's membership.
         master_address: host:port of node 0's master.
         token: the run's secret: the workers must send it here, the relay sends it on.
         interval_s: how often a batch goes to the master (the workers' heartbeat interval).
@@ -71,8 +76,10 @@ class HeartbeatRelay:
         tls_ca: str | None = None,
         say: Callable[[str], None] = lambda message: None,
         say_after_s: float = 10.0,
+        agent_id: str = "",
     ) -> None:
         self.node_rank = node_rank
+        self.agent_id = agent_id
         self.master_address = master_address
         self.interval_s = interval_s
         self._metadata = ((TOKEN_METADATA_KEY, token),)
@@ -115,7 +122,7 @@ class HeartbeatRelay:
     def take_batch(self) -> pb.HeartbeatBatch:
         """What is held, as one message; each heartbeat's step age grows by the time it waited."""
         now = time.monotonic()
-        batch = pb.HeartbeatBatch(node_rank=self.node_rank)
+        batch = pb.HeartbeatBatch(node_rank=self.node_rank, agent_id=self.agent_id)
         for heartbeat, received in self._held.values():
             heartbeat.step_age_s += now - received
             batch.heartbeats.append(heartbeat)
@@ -143,8 +150,6 @@ class HeartbeatRelay:
                         next_at = max(next_at + self.interval_s, loop.time())
                         await asyncio.sleep(next_at - loop.time())
                         batch = self.take_batch()
-                        if not batch.heartbeats:
-                            continue
                         await call.write(batch)
                         self.forwarded += len(batch.heartbeats)
                         batch = pb.HeartbeatBatch()

@@ -12,7 +12,7 @@ from ddp_launch.env import Assignment
 from ddp_launch.progress import Progress
 from ddp_launch.proto import orchestrator_pb2 as pb
 from ddp_launch.record import RankRecord, RankState
-from ddp_launch.registry import RunSnapshot
+from ddp_launch.registry import RunSnapshot, RunState
 
 TOKEN_METADATA_KEY = "x-ddp-launch-token"
 # Requests are small (a heartbeat is ~100 bytes, a traceback at most 64 KiB); replies can be
@@ -55,7 +55,7 @@ def server_options() -> list[tuple[str, int]]:
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", int(KEEPALIVE_S * 1000) // 2),
         ("grpc.http2.max_ping_strikes", 0),
-        # and pings them: a node whose host vanished closes its WatchRun (node_lost) in
+        # and pings them: a node whose host vanished closes its WatchRun (it leaves the run) in
         # about KEEPALIVE_S + KEEPALIVE_TIMEOUT_S, where TCP alone would wait many minutes.
         ("grpc.keepalive_time_ms", int(KEEPALIVE_S * 1000)),
         ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
@@ -195,9 +195,23 @@ def snapshot_to_proto(snap: RunSnapshot) -> pb.RunStatus:
         run_id=snap.run_id,
         world_size=snap.world_size,
         generation=snap.generation,
-        restarts=snap.generation,
+        restarts=snap.restarts,
         max_restarts=snap.max_restarts,
         elapsed_s=snap.elapsed_s,
         total_steps=snap.total_steps,
         ranks=[record_to_proto(r) for r in snap.ranks],
+    )
+
+
+def run_state_to_proto(state: RunState, agent_id: str, run_id: str) -> pb.RunState:
+    """The run as one following node sees it: its own node rank in the generation (-1: it
+    waits for a later one)."""
+    return pb.RunState(
+        generation=state.generation,
+        state=state.state,
+        message=state.message,
+        exit_code=state.exit_code,
+        node_rank=state.node_rank_of(agent_id),
+        nnodes=len(state.nodes),
+        run_id=run_id,
     )

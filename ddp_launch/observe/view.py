@@ -89,8 +89,10 @@ def format_states(ranks: Sequence[RankRecord]) -> str:
 
 def _generation_text(snap: RunSnapshot) -> str:
     if snap.generation <= 0:
-        return "gen 0"
-    return f"gen {snap.generation} (restart {snap.generation}/{snap.max_restarts})"
+        return f"gen {max(snap.generation, 0)}"
+    if not snap.restarts:  # an elastic run's nodes changed; no restart was used
+        return f"gen {snap.generation}"
+    return f"gen {snap.generation} (restart {snap.restarts}/{snap.max_restarts})"
 
 
 def _rank_state_text(r: RankRecord) -> str:
@@ -548,15 +550,25 @@ def _summary_step(snap: RunSnapshot, restarts: int, optimizer_steps_all: int | N
     high = max((r.optimizer_steps for r in snap.ranks), default=0)
     opt = f"{low}" if low == high else f"{low}-{high} (by rank)"
     opt += " optimizer steps" + (f" in generation {snap.generation}" if snap.generation else "")
-    if restarts and optimizer_steps_all is not None:
-        opt += f", {optimizer_steps_all} in all {restarts + 1} generations"
+    if snap.generation > 0 and optimizer_steps_all is not None:
+        opt += f", {optimizer_steps_all} in all {snap.generation + 1} generations"
     if not snap.step_reported:
         return opt
     step = f"{snap.step}/{snap.total_steps}" if snap.total_steps else f"{snap.step}"
     return f"{step} (the script's step); {opt}"
 
 
-def format_restart_line(root: RankRecord | None, reason: str, generation: int, max_restarts: int) -> str:
+def format_resize_line(reason: str, generation: int, nnodes: int, world_size: int) -> str:
+    """The console line of an elastic run's change of nodes, which uses no restart:
+
+    ``[ddp-launch] node 2 (h2) joined; generation 3 runs 3 nodes (6 ranks), no restart used``
+    """
+    return f"{PREFIX} {reason}; generation {generation} runs {nnodes} node(s) ({world_size} ranks), no restart used"
+
+
+def format_restart_line(
+    root: RankRecord | None, reason: str, generation: int, max_restarts: int, restart: int | None = None
+) -> str:
     """The console line of a restart: who ended the generation, how, where, and what comes.
 
     ``[ddp-launch] rank 2 died (signal SIGKILL) at step 347; restarting as generation 1
@@ -567,6 +579,8 @@ def format_restart_line(root: RankRecord | None, reason: str, generation: int, m
         reason: the supervisor's message, used when no rank is to blame.
         generation: the generation that starts now.
         max_restarts: --max-restarts.
+        restart: which restart this is (default: `generation`, when no elastic change of
+            nodes came between).
     """
     what = reason
     if root is not None:
@@ -580,4 +594,5 @@ def format_restart_line(root: RankRecord | None, reason: str, generation: int, m
             what = f"rank {root.rank} {verb} ({detail})"
         where = f"step {root.step}" if root.reported_step is not None else f"optimizer step {root.step}"
         what += f" at {where}"
-    return f"{PREFIX} {what}; restarting as generation {generation} (restart {generation}/{max_restarts})"
+    restart = generation if restart is None else restart
+    return f"{PREFIX} {what}; restarting as generation {generation} (restart {restart}/{max_restarts})"

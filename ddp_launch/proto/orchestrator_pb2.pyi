@@ -19,22 +19,34 @@ class ExitReport(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., exit_code: _Optional[int] = ..., exited_at: _Optional[float] = ...) -> None: ...
 
 class WatchRequest(_message.Message):
-    __slots__ = ("node_rank",)
+    __slots__ = ("node_rank", "agent_id", "hostname", "nproc_per_node")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
+    HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    NPROC_PER_NODE_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
-    def __init__(self, node_rank: _Optional[int] = ...) -> None: ...
+    agent_id: str
+    hostname: str
+    nproc_per_node: int
+    def __init__(self, node_rank: _Optional[int] = ..., agent_id: _Optional[str] = ..., hostname: _Optional[str] = ..., nproc_per_node: _Optional[int] = ...) -> None: ...
 
 class RunState(_message.Message):
-    __slots__ = ("generation", "state", "message", "exit_code")
+    __slots__ = ("generation", "state", "message", "exit_code", "node_rank", "nnodes", "run_id")
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    NNODES_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
     generation: int
     state: str
     message: str
     exit_code: int
-    def __init__(self, generation: _Optional[int] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., exit_code: _Optional[int] = ...) -> None: ...
+    node_rank: int
+    nnodes: int
+    run_id: str
+    def __init__(self, generation: _Optional[int] = ..., state: _Optional[str] = ..., message: _Optional[str] = ..., exit_code: _Optional[int] = ..., node_rank: _Optional[int] = ..., nnodes: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
     __slots__ = ("node_rank", "local_rank", "pid", "hostname", "generation", "any_slot")
@@ -132,12 +144,14 @@ class Heartbeat(_message.Message):
     def __init__(self, rank: _Optional[int] = ..., generation: _Optional[int] = ..., pid: _Optional[int] = ..., step: _Optional[int] = ..., samples: _Optional[int] = ..., has_loss: _Optional[bool] = ..., loss: _Optional[float] = ..., metrics: _Optional[_Mapping[str, float]] = ..., total_steps: _Optional[int] = ..., step_age_s: _Optional[float] = ..., step_reported: _Optional[bool] = ..., optimizer_steps: _Optional[int] = ...) -> None: ...
 
 class HeartbeatBatch(_message.Message):
-    __slots__ = ("node_rank", "heartbeats")
+    __slots__ = ("node_rank", "heartbeats", "agent_id")
     NODE_RANK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEATS_FIELD_NUMBER: _ClassVar[int]
+    AGENT_ID_FIELD_NUMBER: _ClassVar[int]
     node_rank: int
     heartbeats: _containers.RepeatedCompositeFieldContainer[Heartbeat]
-    def __init__(self, node_rank: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[Heartbeat, _Mapping]]] = ...) -> None: ...
+    agent_id: str
+    def __init__(self, node_rank: _Optional[int] = ..., heartbeats: _Optional[_Iterable[_Union[Heartbeat, _Mapping]]] = ..., agent_id: _Optional[str] = ...) -> None: ...
 
 class HeartbeatReply(_message.Message):
     __slots__ = ("superseded",)

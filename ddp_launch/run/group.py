@@ -33,8 +33,9 @@ class WorkerHandle(Protocol):
     def join(self, timeout: float | None = None) -> None: ...
 
 
-# start_worker(local_rank, generation) -> a started worker whose output is attached to the pump.
-WorkerStarter = Callable[[int, int], WorkerHandle]
+# start_worker(local_rank, generation, node_rank) -> a started worker whose output is
+# attached to the pump.
+WorkerStarter = Callable[[int, int, int], WorkerHandle]
 # kill_trees(pids, grace_s, first_signal): stop these processes and their descendants.
 TreeKiller = Callable[[list[int], float, int], None]
 # send(pid, signum): one signal to one process; gone or not ours is fine.
@@ -102,8 +103,8 @@ class WorkerGroup:
     """One node's workers; see the module docstring.
 
     Args:
-        start_worker: forks one worker for (local_rank, generation).
-        first_rank: the global rank of local rank 0 on this node.
+        start_worker: forks one worker for (local_rank, generation, node_rank).
+        node_rank: this node's rank (an elastic run's may change at each `start`).
         kill_trees: how `stop` ends the workers' process trees.
         send: how a single signal is sent to one worker (stack dumps).
         send_group: how a signal reaches a worker's whole process group (pause/resume).
@@ -112,26 +113,36 @@ class WorkerGroup:
     def __init__(
         self,
         start_worker: WorkerStarter,
-        first_rank: int = 0,
+        node_rank: int = 0,
         *,
         kill_trees: TreeKiller = stop_process_trees,
         send: Sender = signal_quietly,
         send_group: Sender = signal_process_group,
     ) -> None:
         self._start_worker = start_worker
-        self.first_rank = first_rank
+        self.node_rank = node_rank
+        self.nproc = 0
         self._kill_trees = kill_trees
         self._send = send
         self._send_group = send_group
         self.workers: dict[int, WorkerHandle] = {}
         self._reaped: set[int] = set()
 
-    def start(self, generation: int, nproc: int) -> None:
-        """Start `nproc` workers for `generation` (the previous ones must be stopped)."""
+    @property
+    def first_rank(self) -> int:
+        """The global rank of local rank 0 on this node."""
+        return self.node_rank * self.nproc
+
+    def start(self, generation: int, nproc: int, node_rank: int | None = None) -> None:
+        """Start `nproc` workers for `generation` (the previous ones must be stopped), as
+        node `node_rank` when given (else the node rank it had)."""
         self.workers = {}
         self._reaped = set()
+        self.nproc = nproc
+        if node_rank is not None:
+            self.node_rank = node_rank
         for local_rank in range(nproc):
-            self.workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation)
+            self.workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation, self.node_rank)
 
     @property
     def alive(self) -> dict[int, WorkerHandle]:

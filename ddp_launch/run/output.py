@@ -195,7 +195,9 @@ class OutputPump:
     def log_path(self, rank: int) -> Path:
         return rundir.rank_log(self._log_dir, rank)
 
-    def attach(self, rank: int, stdout_fd: int, stderr_fd: int, header: str, generation: int = 0) -> None:
+    def attach(
+        self, rank: int, stdout_fd: int, stderr_fd: int, header: str, generation: int = 0, local_rank: int | None = None
+    ) -> None:
         """Start reading a worker's pipes (read ends; the pump closes them at EOF).
 
         Args:
@@ -203,8 +205,10 @@ class OutputPump:
             stdout_fd, stderr_fd: the read ends of its pipes.
             header: the line that starts this worker's part of rank-<rank>.log.
             generation: its restart count (torchrun's attempt_<generation> directory).
+            local_rank: its local rank (default: from the node rank the pump was made with;
+                an elastic run's node rank changes).
         """
-        local_rank = rank - self._first_rank
+        local_rank = rank - self._first_rank if local_rank is None else local_rank
         console = self._logs.to_console(local_rank)
         streams = []
         with self._lock:

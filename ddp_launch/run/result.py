@@ -19,6 +19,9 @@ class Outcome(enum.Enum):
     HUNG = "hung"
     INTERRUPTED = "interrupted"
     TIMED_OUT = "timed out"
+    # An elastic run's nodes changed (one joined, one was lost): the next generation runs
+    # with the new set, and no restart is counted. Never the outcome of a whole run.
+    RESIZED = "resized"
 
 
 def shell_exit_code(code: int) -> int:
@@ -71,7 +74,13 @@ class RunResult:
 
     @property
     def restarts(self) -> int:
-        return len(self.generations) - 1
+        """Generations that ended in a failure or a hang and were followed by another (what
+        --max-restarts counts); a membership change is no restart."""
+        return sum(1 for g in self.generations[:-1] if g.outcome is not Outcome.RESIZED)
+
+    @property
+    def resizes(self) -> int:
+        return sum(1 for g in self.generations if g.outcome is Outcome.RESIZED)
 
     @property
     def last(self) -> GenerationResult:

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import psutil
 
 from ddp_launch.config import RunConfig
-from ddp_launch.registry import HangVerdict, Registry, RunSnapshot
+from ddp_launch.registry import MASTER_AGENT, HangVerdict, LostNode, Registry, RunSnapshot
 from ddp_launch.run.group import WorkerGroup, WorkerStarter
 from ddp_launch.run.output import OutputPump
 from ddp_launch.run.result import GenerationResult, Outcome, RunResult, WorkerExit
@@ -37,12 +37,27 @@ STATS_INTERVAL_S = 1.0
 LARGE_WORLD = 64
 LARGE_WORLD_ROUND_S = 1.0
 
+# A node of the generation whose launcher sent no node heartbeat (its relay's batch, one
+# per --heartbeat-interval) for this many intervals, and at least NODE_SILENT_MIN_S, is lost:
+# a cut link or a vanished host is noticed in seconds, never through a collective's timeout.
+NODE_SILENT_INTERVALS = 5
+NODE_SILENT_MIN_S = 5.0
+RENDEZVOUS_POLL_S = 0.1
+
 STACK_DUMP_WAIT_S = 2.0
 # How long a multi-node run waits, after its first known failure, for the other nodes' exit
 # reports before it names the root cause (they arrive within milliseconds of the deaths).
 SETTLE_S = 0.5
 # Stack frames that mean "waiting for peers", not "the cause of the hang".
 _COLLECTIVE_FRAMES = ("torch/distributed/", "torch/autograd/", "torch/nn/parallel/distributed.py")
+
+
+def node_silent_s(config: RunConfig) -> float:
+    """How long a node may go without a node heartbeat before it is lost: seconds by
+    default, and never more than --hang-timeout."""
+    silent = max(NODE_SILENT_MIN_S, NODE_SILENT_INTERVALS * config.heartbeat_interval_s)
+    hang = config.restart.hang_timeout_s
+    return min(silent, hang) if hang > 0 else silent
 
 
 def round_interval_s(world_size: int, tick_s: float = TICK_S) -> float:
@@ -65,6 +80,9 @@ class Supervisor:
             and whether a new generation follows.
         wakeup_fd: readable when a signal arrived (signal.set_wakeup_fd's pipe), or None.
         clock: monotonic clock.
+        say: prints one line for the user (an elastic run's rendezvous).
+        on_resized: called once an elastic run's generation began with other nodes than the
+            last one (after a join or a loss), with the result that ended the last one.
     """
 
     def __init__(
@@ -78,13 +96,14 @@ class Supervisor:
         wakeup_fd: int | None = None,
         clock: Callable[[], float] = time.monotonic,
         group: WorkerGroup | None = None,
+        say: Callable[[str], None] = lambda message: None,
+        on_resized: Callable[[GenerationResult], None] = lambda result: None,
     ) -> None:
         self.config = config
         self.registry = registry
-        first_rank = config.node_rank * config.nproc_per_node
         if group is None:
             assert start_worker is not None, "a Supervisor needs start_worker or group"
-            group = WorkerGroup(start_worker, first_rank)
+            group = WorkerGroup(start_worker, config.node_rank)
         self.group = group
         self._pump = pump
         self._on_tick = on_tick
@@ -94,6 +113,9 @@ class Supervisor:
         self._pending_signal: int | None = None
         self._started_at = clock()
         self._stats: dict[int, psutil.Process] = {}
+        self._say = say
+        self._on_resized = on_resized
+        self._silent_s = node_silent_s(config)
 
     def request_stop(self, signum: int) -> None:
         """Called from the signal handler: the watch loop stops the group at its next wake-up."""
@@ -107,8 +129,18 @@ class Supervisor:
     def run(self) -> RunResult:
         generations: list[GenerationResult] = []
         generation = 0
+        restarts = 0
+        resized = False
         try:
             while True:
+                if self.registry.elastic:
+                    ended = self._rendezvous(generation, restart=bool(generations) and not resized)
+                    if ended is not None:
+                        generations.append(ended)
+                        self._on_generation_end(ended, False)
+                        break
+                    if resized:
+                        self._on_resized(generations[-1])
                 result = self._run_generation(generation)
                 if self._pending_signal is not None and result.outcome is not Outcome.INTERRUPTED:
                     # A failure that came while the group was being stopped (the signal
@@ -118,15 +150,68 @@ class Supervisor:
                     result.message = f"stopped by {signal.Signals(self._pending_signal).name}"
                 generations.append(result)
                 final = result.outcome in (Outcome.SUCCEEDED, Outcome.INTERRUPTED, Outcome.TIMED_OUT)
-                restarting = not final and generation < self.config.restart.max_restarts
+                resized = result.outcome is Outcome.RESIZED
+                restarting = resized or (not final and restarts < self.config.restart.max_restarts)
                 self._on_generation_end(result, restarting)
                 if not restarting:
                     break
                 generation += 1
-                self.registry.begin_generation(generation)
+                if not resized:
+                    restarts += 1
+                if not self.registry.elastic:
+                    self.registry.begin_generation(generation)
         finally:
             self.stop_group()
         return RunResult(generations[-1].outcome, generations, self._clock() - self._started_at)
+
+    # -- an elastic run's rendezvous -------------------------------------------------------
+
+    def _rendezvous(self, generation: int, *, restart: bool) -> GenerationResult | None:
+        """Choose generation `generation`'s nodes and begin it: once --nnodes MIN have joined
+        (this one included) and the last call has passed, or MAX have. A generation that
+        follows a lost node starts at once while MIN remain. Below MIN for --join-timeout,
+        the run ends: returns how (or how a signal ended it), else None."""
+        config = self.config
+        low, high = config.fewest_nodes, config.nnodes
+        started = self._clock()
+        enough_since: float | None = None
+        said = -1
+        wake_fds = [] if self._wakeup_fd is None else [self._wakeup_fd]
+        # The first generation, and one after the run fell below MIN, gives late nodes a
+        # last call; one that follows a change of nodes goes on with those it has.
+        last_call = config.last_call_s if generation == 0 else 0.0
+        while True:
+            agents = self.registry.live_agents(self._silent_s)
+            count = 1 + len(agents)
+            now = self._clock()
+            if count >= low:
+                enough_since = now if enough_since is None else enough_since
+                if count >= high or now - enough_since >= last_call:
+                    nodes = [MASTER_AGENT, *agents[: high - 1]]
+                    self.registry.begin_generation(generation, nodes, restart=restart)
+                    return None
+            else:
+                enough_since = None
+                last_call = config.last_call_s
+                if said != count:
+                    said = count
+                    self._say(f"waiting for nodes: {count} of --nnodes {low}:{high} here")
+                if now - started >= config.join_timeout_s:
+                    return GenerationResult(
+                        generation,
+                        Outcome.FAILED,
+                        message=f"only {count} of the {low} nodes that --nnodes {low}:{high} needs joined "
+                        f"within --join-timeout ({config.join_timeout_s:g} s)",
+                    )
+            self.group.wait(wake_fds, RENDEZVOUS_POLL_S)
+            if self._pending_signal is not None:
+                signum = self._pending_signal
+                return GenerationResult(
+                    generation,
+                    Outcome.INTERRUPTED,
+                    signal_number=signum,
+                    message=f"stopped by {signal.Signals(signum).name}",
+                )
 
     # -- one generation -----------------------------------------------------------------
 
@@ -160,6 +245,7 @@ class Supervisor:
         wake_fds = [] if self._wakeup_fd is None else [self._wakeup_fd]
         mine = set(self.group.workers)
         settle_until: float | None = None  # time.monotonic(): see SETTLE_S
+        self._waiting_since: float | None = None
         while True:
             timeout = config.monitor_interval_s
             if settle_until is not None:
@@ -182,16 +268,12 @@ class Supervisor:
                 next_round = now + round_interval_s(config.world_size, config.monitor_interval_s)
             if not failures and self.config.nnodes > 1 and is_round:
                 failures = self._failures_on_other_nodes()
-                lost = [] if failures else self.registry.lost_nodes()
+                lost = [] if failures else self.registry.lost_nodes(self._silent_s)
                 if lost:
-                    node, host = lost[0]
-                    where = f"node {node}" + (f" ({host})" if host else "")
-                    return GenerationResult(
-                        generation,
-                        Outcome.FAILED,
-                        root_rank=node * config.nproc_per_node,
-                        message=f"{where} lost: its launcher stopped answering the master",
-                    )
+                    return self._node_lost(generation, lost)
+                joined = self._admission(now)
+                if joined is not None:
+                    return joined
             if failures and self.config.nnodes > 1:
                 # A failure on one node kills its peers everywhere within milliseconds (a
                 # collective's "connection closed"), and the first report to arrive is often a
@@ -204,6 +286,11 @@ class Supervisor:
                 seen = {f.rank for f in failures}
                 failures += [f for f in self._failures_on_other_nodes() if f.rank not in seen]
                 failures.sort(key=lambda f: (f.at, f.rank))
+                # A node whose launcher is gone took its ranks with it: its peers' deaths
+                # are the consequence, the lost node the cause.
+                lost = self.registry.lost_nodes(self._silent_s)
+                if lost:
+                    return self._node_lost(generation, lost, failures)
             if failures:
                 first = failures[0]
                 return GenerationResult(
@@ -249,6 +336,42 @@ class Supervisor:
                     )
             self.registry.update_stragglers(config.straggler_fraction, config.straggler_window_s)
             self._on_tick(self.registry.snapshot())
+
+    def _node_lost(
+        self, generation: int, lost: list[LostNode], failures: list[WorkerExit] | None = None
+    ) -> GenerationResult:
+        """A generation that lost a node: an elastic run goes on without it (a resize, no
+        restart used); a fixed world's generation failed, blamed on that node."""
+        first = lost[0]
+        what = ", ".join(f"{n.where} lost: {n.why}" for n in lost)
+        return GenerationResult(
+            generation,
+            Outcome.RESIZED if self.registry.elastic else Outcome.FAILED,
+            failures=failures or [],
+            root_rank=first.node_rank * self.config.nproc_per_node,
+            message=what,
+        )
+
+    def _admission(self, now: float) -> GenerationResult | None:
+        """An elastic run with room admits nodes that wait: a last call after the first one
+        came, then the generation ends so that the next one has them."""
+        if not self.registry.elastic or self.registry.nnodes >= self.config.nnodes:
+            return None
+        waiting = self.registry.waiting_agents(self._silent_s)
+        if not waiting:
+            self._waiting_since = None
+            return None
+        if self._waiting_since is None:
+            self._waiting_since = now
+        room = self.config.nnodes - self.registry.nnodes
+        if len(waiting) < room and now - self._waiting_since < self.config.last_call_s:
+            return None
+        hosts = [self.registry.agent_hostname(a) or a for a in waiting[:room]]
+        return GenerationResult(
+            self.registry.generation,
+            Outcome.RESIZED,
+            message=f"{len(hosts)} node(s) joined ({', '.join(hosts)})",
+        )
 
     def _failures_on_other_nodes(self) -> list[WorkerExit]:
         failed = self.registry.failed_ranks()

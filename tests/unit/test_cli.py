@@ -18,7 +18,7 @@ import ddp_launch.run.warm
 from ddp_launch import env
 from ddp_launch import options as options_module
 from ddp_launch.cli import cli, main
-from ddp_launch.config import RestartPolicy, RunConfig, Target
+from ddp_launch.config import NODE_BY_ARRIVAL, RestartPolicy, RunConfig, Target
 from ddp_launch.errors import ConfigError
 from ddp_launch.options import parse_nproc
 
@@ -572,8 +572,10 @@ def free_port() -> int:
     ("args", "fragment"),
     [
         (["--rdzv_backend", "etcd"], "--rdzv-backend 'etcd' is not supported: use c10d or static"),
-        (["--nnodes", "1:2"], "give a fixed count (--nnodes 2)"),
+        (["--nnodes", "1:2"], "needs --rdzv-backend c10d and --rdzv-endpoint"),
         (["--nnodes", "2:1"], "--nnodes"),
+        (["--nnodes", "2:3", "--rdzv_backend", "static"], "needs --rdzv-backend c10d"),
+        (["--rdzv_conf", "last_call_timeout=soon"], "last_call_timeout='soon' is not a number"),
         (["--no-python", "-m"], "--no-python and -m/--module"),
         (["--numa-binding", "node"], "numactl"),
         (["--logs-specs", "mine"], "--log-dir"),
@@ -649,7 +651,7 @@ def test_did_you_mean_is_gone_for_torchruns_own_options(launched: FakeLaunch) ->
     assert launched.config.run_id == "x"
 
 
-def test_c10d_on_two_nodes_the_endpoints_host_is_node_0_unless_taken(
+def test_c10d_the_endpoints_host_is_node_0_unless_taken_and_others_get_ranks_at_rendezvous(
     launched: FakeLaunch, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     port = free_port() - 1
@@ -657,12 +659,22 @@ def test_c10d_on_two_nodes_the_endpoints_host_is_node_0_unless_taken(
     assert invoke(line).exit_code == 0
     assert launched.configs[-1].node_rank == 0
     assert invoke(["--rdzv_conf", "is_host=0", *line]).exit_code == 0
-    assert launched.configs[-1].node_rank == 1
+    assert launched.configs[-1].node_rank == NODE_BY_ARRIVAL
     monkeypatch.setattr(options_module, "is_local_host", lambda host: False)
     assert invoke(line).exit_code == 0
-    assert launched.configs[-1].node_rank == 1
-    with pytest.raises(ConfigError, match="needs --node-rank"):  # node 1 or 2? only --node_rank says
-        invoke(["--nnodes=3", *line[1:]])
+    assert launched.configs[-1].node_rank == NODE_BY_ARRIVAL
+    assert invoke(["--nnodes=3", *line[1:]]).exit_code == 0  # node 1 or 2: the master says
+    assert (launched.configs[-1].nnodes, launched.configs[-1].node_rank) == (3, NODE_BY_ARRIVAL)
+
+
+def test_an_elastic_range_is_min_and_max_nodes_with_ranks_at_rendezvous(launched: FakeLaunch) -> None:
+    port = free_port() - 1
+    line = ["--nnodes=2:3", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "train.py"]
+    assert invoke(["--rdzv_conf", "last_call_timeout=1.5", *line]).exit_code == 0
+    host = launched.configs[-1]
+    assert (host.fewest_nodes, host.nnodes, host.elastic, host.node_rank, host.last_call_s) == (2, 3, True, 0, 1.5)
+    assert invoke(["--node_rank", "2", *line]).exit_code == 0  # a rank here only says "not the host"
+    assert launched.configs[-1].node_rank == NODE_BY_ARRIVAL
 
 
 @pytest.mark.parametrize(

@@ -387,12 +387,15 @@ def test_registering_a_rank_that_ended_before_registering_says_so(servicer):
     assert err.details == "rank 1 already ended in generation 0 (exit code 1) before it registered"
 
 
-def _watch(servicer: OrchestratorServicer, steps) -> list:
+def _watch(
+    servicer: OrchestratorServicer, steps, *, node_rank: int = 1, agent_id: str = "h1:1", nproc: int = 2
+) -> list:
     """Drive WatchRun (an async generator on the server's loop) through `steps`: each is
     called before the next message is read; returns the messages and what was left."""
 
     async def go() -> list:
-        stream = servicer.WatchRun(pb.WatchRequest(node_rank=1), CallContext())
+        request = pb.WatchRequest(node_rank=node_rank, agent_id=agent_id, hostname="h1", nproc_per_node=nproc)
+        stream = servicer.WatchRun(request, CallContext())
         seen = []
         for step in steps:
             step(stream)
@@ -406,7 +409,9 @@ def _watch(servicer: OrchestratorServicer, steps) -> list:
     return asyncio.run(go())
 
 
-def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
+def test_watch_run_streams_restarts_and_ends_with_the_run(clock):
+    servicer = OrchestratorServicer(make_registry(clock, nnodes=2))
+
     def nothing(stream):
         pass
 
@@ -416,8 +421,11 @@ def test_watch_run_streams_restarts_and_ends_with_the_run(servicer):
     def end(stream):
         servicer.registry.end_run("failed", "rank 3 failed (exit code 1)", 1)
 
-    first, second, last, after = _watch(servicer, [nothing, restart, end, nothing])
-    assert (first.generation, first.state) == (0, "running")
+    try:
+        first, second, last, after = _watch(servicer, [nothing, restart, end, nothing])
+    finally:
+        servicer.close()
+    assert (first.generation, first.state, first.node_rank, first.nnodes, first.run_id) == (0, "running", 1, 2, "run-7")
     assert (second.generation, second.state) == (1, "running")
     assert (last.state, last.exit_code, last.message) == ("failed", 1, "rank 3 failed (exit code 1)")
     assert after is None  # the stream ends with the run
@@ -433,9 +441,48 @@ def test_a_watch_that_ends_while_the_run_goes_on_is_a_lost_node(clock):
     finally:
         servicer.close()
     assert first.state == "running"
-    assert servicer.registry.lost_nodes() == [(1, "")]
+    assert [(n.node_rank, n.hostname) for n in servicer.registry.lost_nodes()] == [(1, "h1")]
     servicer.registry.begin_generation(1)  # a new generation forgets it
     assert servicer.registry.lost_nodes() == []
+
+
+def test_a_node_without_a_rank_gets_the_lowest_free_one_and_another_nproc_is_refused(clock):
+    servicer = OrchestratorServicer(make_registry(clock, nnodes=3))
+    try:
+        (first,) = _watch(servicer, [lambda stream: None], node_rank=-1, agent_id="a")
+        # the stream ended: rank 1 is free again for the next node that joins
+        (again,) = _watch(servicer, [lambda stream: None], node_rank=-1, agent_id="b")
+        with pytest.raises(Aborted) as refused:
+            _watch(servicer, [lambda stream: None], node_rank=-1, agent_id="c", nproc=4)
+    finally:
+        servicer.close()
+    assert (first.node_rank, first.nnodes, again.node_rank) == (1, 3, 1)
+    assert refused.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--nproc-per-node 4; the run has 2 per node" in refused.value.details
+
+
+def test_in_an_elastic_run_a_node_waits_until_a_generation_names_it(clock):
+    registry = Registry(
+        run_id="run-7",
+        nnodes=3,
+        min_nodes=2,
+        local_world_size=2,
+        max_restarts=2,
+        ddp_addr="10.0.0.1",
+        ddp_port=DDP_PORT,
+        clock=clock,
+    )
+    servicer = OrchestratorServicer(registry)
+
+    def admit(stream):
+        registry.begin_generation(0, ["node-0", "h1:1"])
+
+    try:
+        waiting, admitted = _watch(servicer, [lambda stream: None, admit], node_rank=-1)
+    finally:
+        servicer.close()
+    assert (waiting.generation, waiting.node_rank) == (-1, -1)
+    assert (admitted.generation, admitted.node_rank, admitted.nnodes) == (0, 1, 2)
 
 
 def _beats(*requests: pb.Heartbeat):

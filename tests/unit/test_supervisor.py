@@ -146,7 +146,7 @@ class Script:
         self.signals = signals or Signals()
         self.group = WorkerGroup(
             self.start_worker,
-            config.node_rank * config.nproc_per_node,
+            config.node_rank,
             kill_trees=self.signals.kill_trees,
             send=send or self.signals.send,
             send_group=self.signals.send_group,
@@ -190,7 +190,7 @@ class Script:
     def fate(self, generation: int, local_rank: int) -> Fate:
         return self.fates.get(generation, {}).get(local_rank, Fate())
 
-    def start_worker(self, local_rank: int, generation: int) -> FakeWorker:
+    def start_worker(self, local_rank: int, generation: int, node_rank: int) -> FakeWorker:
         self.started.append((local_rank, generation))
         if generation != self.generation:  # the first worker of a new generation
             self.generation, self.gen_tick = generation, 0
@@ -620,8 +620,8 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
     fake_pids = {0: 2**22 + 1001, 1: 2**22 + 1002}
     dumps = {0: dump(RANK_IN_ALLREDUCE), 1: dump(RANK_IN_USER_CODE)}
 
-    def start_with_pid(local_rank: int, generation: int) -> FakeWorker:
-        w = Script.start_worker(s, local_rank, generation)
+    def start_with_pid(local_rank: int, generation: int, node_rank: int) -> FakeWorker:
+        w = Script.start_worker(s, local_rank, generation, node_rank)
         w.pid = fake_pids[w.rank]
         return w
 

@@ -10,7 +10,7 @@ import pytest
 import tqdm
 
 from ddp_launch.observe.format import format_rate
-from ddp_launch.observe.view import LiveView, format_summary
+from ddp_launch.observe.view import LiveView, format_resize_line, format_summary
 from ddp_launch.record import RankRecord, RankState
 from ddp_launch.registry import RunSnapshot
 from tests.fakes import FakeClock
@@ -60,6 +60,8 @@ def snapshot(world: int = 4, *, ranks: list[RankRecord] | None = None, **kw: obj
         "ranks": tuple(ranks if ranks is not None else [rank(i) for i in range(world)]),
     }
     fields.update(kw)
+    # Without an elastic change of nodes, every generation after the first is a restart.
+    fields.setdefault("restarts", fields["generation"])
     return RunSnapshot(**fields)  # type: ignore[arg-type]
 
 
@@ -416,6 +418,19 @@ def test_interactive_bar_without_total_and_with_restarts():
     view.update(snapshot(total_steps=240, generation=2))
     assert " 50%|" in out.getvalue()
     view.close()
+
+
+def test_a_generation_after_an_elastic_resize_uses_no_restart():
+    out = io.StringIO()
+    view = LiveView(out, interactive=False, clock=FakeClock(CLOCK_START))
+    view.update(snapshot(generation=2, restarts=1))
+    view.update(snapshot(generation=3, restarts=1, ranks=[rank(i, generation=3, step=100) for i in range(4)]))
+    text = out.getvalue()
+    assert "gen 3 (restart 1/3)" in text
+    view.close()
+    assert format_resize_line("1 node(s) joined (h2)", 3, 3, 6) == (
+        "[ddp-launch] 1 node(s) joined (h2); generation 3 runs 3 node(s) (6 ranks), no restart used"
+    )
 
 
 def test_close_is_idempotent_and_leaves_no_bars():
