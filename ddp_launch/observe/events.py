@@ -69,6 +69,7 @@ EVENT_KINDS = (
     "progress",
     "failure",
     "restart",
+    "resize",
     "run_end",
 )
 # Worlds larger than this get one aggregate per progress sample instead of a list of ranks.

@@ -213,4 +213,8 @@ class Follower:
                 self._say(f"could not report rank {e.rank}'s exit to the master: {err.code().name}")
 
     def _stop_group(self, first_signal: int = signal.SIGTERM) -> None:
+        """Stop the workers. Their exits are reaped here, unreported: this launcher ended
+        them (a new generation, the end of the run, or the master is gone), and the master
+        counts the ranks of a generation it stopped as stopped."""
         self.group.stop(self.config.restart.stop_grace_s, first_signal)
+        self.group.wait([], 0)

@@ -736,6 +736,7 @@ def run_level_events() -> dict[str, dict]:
             "root_rank": 1,
         },
         "restart": {"generation": 1, "reason": "rank 1 failed", "rank": 1, "exit": "exit code 1"},
+        "resize": {"generation": 1, "reason": "1 node(s) joined (h2)", "nnodes": 3, "world_size": 6},
         "run_end": {
             "outcome": "interrupted",
             "exit_code": 130,
@@ -785,6 +786,7 @@ def test_every_event_a_real_run_writes_validates(log_path: Path, per_rank_limit:
                 run.exit(r, -2 if generation == 2 else -15)
             run.advance(0.5)
             run.observe()
+        run.emit("resize", **fields["resize"])  # the fields only: this fake world is fixed
         run.emit("run_end", **fields["run_end"])
     events = check_all_valid(log_path)
     assert {e["event"] for e in events} == set(EVENT_KINDS)
