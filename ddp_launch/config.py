@@ -193,15 +193,19 @@ class TlsFiles:
                 raise ConfigError(f"{name} {str(path)!r} is not a readable file")
 
 
+class PortInUse(ConfigError):
+    """Nothing can listen on an address this node needs (another process holds it)."""
+
+
 def check_can_listen(host: str, port: int) -> None:
-    """Raise ConfigError when nothing could listen on host:port (e.g. it is in use)."""
+    """Raise PortInUse when nothing could listen on host:port (e.g. it is in use)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError as e:
-            raise ConfigError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+            raise PortInUse(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 # RunConfig.node_rank of a node that gets its rank from the master when it joins.
@@ -229,6 +233,9 @@ class RunConfig:
     min_nodes: int | None = None
     # NODE_BY_ARRIVAL: the master gives this node its rank when it joins (c10d rendezvous).
     node_rank: int = 0
+    # Node 0 because the endpoint is on this host and was free (c10d, no is_host): when
+    # another launcher here took the endpoint first, this one joins its run instead.
+    host_by_guess: bool = False
     # Once min_nodes have joined, how long the master waits for more before a generation
     # starts (torchrun's last_call_timeout; --rdzv-conf last_call_timeout=S).
     last_call_s: float = 3.0

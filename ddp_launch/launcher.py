@@ -32,7 +32,7 @@ import grpc
 import psutil
 
 from ddp_launch import __version__, env, rundir
-from ddp_launch.config import START_WARM, RunConfig
+from ddp_launch.config import NODE_BY_ARRIVAL, START_WARM, PortInUse, RunConfig
 from ddp_launch.control.client import MasterClient
 from ddp_launch.control.master import MasterServer
 from ddp_launch.control.relay import HeartbeatRelay
@@ -74,7 +74,14 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
-    config.validate()
+    try:
+        config.validate()
+    except PortInUse:
+        if not config.host_by_guess:
+            raise
+        # Another launcher on this host took the endpoint between our look and now (nodes
+        # started at once): it is node 0, and this one joins its run.
+        return _follow(_joining(config), stdout, stderr)
     if config.node_rank != 0:
         return _follow(config, stdout, stderr)
     token = config.token or secrets.token_urlsafe(24)
@@ -88,7 +95,12 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         min_nodes=config.fewest_nodes,
     )
     server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
-    server.start()
+    try:
+        server.start()
+    except PortInUse:
+        if not config.host_by_guess:
+            raise
+        return _follow(_joining(config), stdout, stderr)
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
         run_dir = _make_run_dir(config, server, token)
@@ -311,6 +323,11 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             f"({time.monotonic() - started:.0f} s, {result.generations} generation(s))"
         )
         return LaunchResult(result.exit_code, None, summary, "")
+
+
+def _joining(config: RunConfig) -> RunConfig:
+    """This node as one that joins the run of the launcher holding the endpoint."""
+    return dataclasses.replace(config, node_rank=NODE_BY_ARRIVAL, host_by_guess=False)
 
 
 def _with_masters_run_id(config: RunConfig, client: MasterClient) -> RunConfig:

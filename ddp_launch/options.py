@@ -260,9 +260,10 @@ def _reject(o: Mapping[str, Any]) -> None:
 
 def _rendezvous(
     o: Mapping[str, Any], conf: Mapping[str, str], cluster: ClusterDefaults, nnodes: int
-) -> tuple[str, int | None, int | None, int | None]:
-    """(master address, DDP store port, control port, node rank from the rendezvous) from
-    --standalone, --rdzv-* (`conf` is --rdzv-conf parsed) and --master-*, as torchrun reads them."""
+) -> tuple[str, int | None, int | None, int | None, bool]:
+    """(master address, DDP store port, control port, node rank from the rendezvous, whether
+    that rank 0 is a guess) from --standalone, --rdzv-* (`conf` is --rdzv-conf parsed) and
+    --master-*, as torchrun reads them."""
     if o["standalone"] and nnodes > 1:
         raise ConfigError("--standalone runs one node; drop it or --nnodes")
     addr = _first(o["master_addr"], cluster.master_addr, "127.0.0.1")
@@ -285,6 +286,7 @@ def _rendezvous(
             raise ConfigError(f"--master-port must be in 1..65534 (the master listens on port + 1), got {port}")
         control = port + 1
     node_rank = None
+    guessed = False
     guess = o["rdzv_backend"] == "c10d" and nnodes > 1 and o["node_rank"] is None and cluster.node_rank is None
     if endpoint and not o["standalone"] and guess:
         # c10d has no node rank: the node that hosts the store is node 0. As in torchrun, a
@@ -293,11 +295,11 @@ def _rendezvous(
         if "is_host" in conf:
             host = _bool("is_host", conf["is_host"])
         else:
-            host = is_local_host(addr) and (control is None or _can_listen(addr, control))
+            host = guessed = is_local_host(addr) and (control is None or _can_listen(addr, control))
         # Every other node gets its rank from the master when it joins, as in torchrun's
         # rendezvous (and again at each generation of an elastic run).
         node_rank = 0 if host else NODE_BY_ARRIVAL
-    return addr, port, control, node_rank
+    return addr, port, control, node_rank, guessed
 
 
 def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
@@ -321,7 +323,7 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
             f"--nnodes {min_nodes}:{nnodes} (elastic) needs --rdzv-backend c10d and --rdzv-endpoint HOST:PORT, "
             "the host whose launcher leads the run"
         )
-    addr, ddp_port, control_port, rdzv_node_rank = _rendezvous(o, conf, cluster, nnodes)
+    addr, ddp_port, control_port, rdzv_node_rank, host_by_guess = _rendezvous(o, conf, cluster, nnodes)
     if elastic:
         # Node ranks are given at each generation; --node-rank (or SLURM's) only says which
         # node hosts the master, as is_host does.
@@ -386,6 +388,7 @@ def config_from_options(o: Mapping[str, Any], environ: Mapping[str, str] | None 
         nnodes=nnodes,
         min_nodes=min_nodes,
         node_rank=node_rank,
+        host_by_guess=host_by_guess and node_rank == 0,
         last_call_s=last_call,
         token=token,
         tls=TlsFiles(cert=o["tls_cert"], key=o["tls_key"], ca=o["tls_ca"]),

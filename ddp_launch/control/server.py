@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from ddp_launch.config import TlsFiles, check_can_listen
+from ddp_launch.config import PortInUse, TlsFiles, check_can_listen
 from ddp_launch.control.wire import TOKEN_METADATA_KEY, server_options
 from ddp_launch.errors import ConfigError
 
@@ -144,7 +144,7 @@ class ServerThread:
         except RuntimeError:
             bound = 0
         if not bound:
-            raise ConfigError(f"cannot listen on {self.address}: address in use or unavailable")
+            raise PortInUse(f"cannot listen on {self.address}: address in use or unavailable")
         await self._server.start()
         return bound
 

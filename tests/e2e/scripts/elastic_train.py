@@ -1,7 +1,7 @@
 """A resumable gloo loop for elastic runs: STEPS all-reduces, PAUSE s apart, across whatever
 world this generation has. Rank 0 saves the step after each one (OUTDIR/step), so a new
 generation (a node joined or was lost) resumes where the last one was. Each rank appends
-"generation world rank step" to OUTDIR/worlds-<host>.txt at its first step of a generation,
+"generation world rank step pid" to OUTDIR/worlds-<host>.txt at its first step of a generation,
 after an all-reduce whose sum proves that every rank of the world trained in it."""
 
 import os
@@ -26,7 +26,7 @@ for step in range(start, steps):
     assert int(t.item()) == world, (t.item(), world)
     if step == start:
         with open(out / f"worlds-{socket.gethostname()}.txt", "a") as f:
-            f.write(f"{generation} {world} {rank} {step}\n")
+            f.write(f"{generation} {world} {rank} {step} {os.getpid()}\n")
         print(f"generation {generation}: rank {rank} of {world} from step {step}", flush=True)
     if rank == 0:
         tmp = out / "step.tmp"
