@@ -221,6 +221,9 @@ class _Agent:
     serial: int  # which of its streams holds the membership (a rejoin replaces it)
     joined_at: float
     seen_at: float  # its last node heartbeat (or its join)
+    # An elastic run dropped it for its silence: it is admitted again only once it joins
+    # again (a new stream), not when its heartbeats come back on the old one.
+    evicted: bool = False
 
 
 @dataclass(frozen=True)
@@ -657,15 +660,28 @@ class Registry:
                     if node_rank > 0 and agent is not None and now - agent.seen_at > silent_after_s:
                         why = f"no heartbeat from its launcher for {now - agent.seen_at:.0f} s"
                         self._lose(node_rank, agent.hostname, why)
+                        agent.evicted = self.elastic
             return [self._lost_nodes[n] for n in sorted(self._lost_nodes)]
 
     def live_agents(self, silent_after_s: float | None = None) -> list[str]:
         """The following nodes' agent ids, in the order they first joined, without those silent
-        for `silent_after_s` (one that left is no agent any more; one that rejoined is live)."""
+        for `silent_after_s` and those dropped for it (one that left is no agent any more;
+        one that joined again is live)."""
         with self._cond:
             now = self._clock()
             agents = sorted(self._agents.values(), key=lambda a: (a.joined_at, a.agent_id))
-            return [a.agent_id for a in agents if silent_after_s is None or now - a.seen_at <= silent_after_s]
+            return [
+                a.agent_id
+                for a in agents
+                if not a.evicted and (silent_after_s is None or now - a.seen_at <= silent_after_s)
+            ]
+
+    def evicted(self, agent_id: str, serial: int) -> bool:
+        """Whether stream `serial` of the agent belongs to a node dropped for its silence
+        (the master ends that stream, so that the node joins again)."""
+        with self._cond:
+            agent = self._agents.get(agent_id)
+            return agent is not None and agent.serial == serial and agent.evicted
 
     def waiting_agents(self, silent_after_s: float | None = None) -> list[str]:
         """Live agents that hold no node of the current generation (they wait to be admitted)."""

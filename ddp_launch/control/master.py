@@ -173,6 +173,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                     seen = state
                 if state.state != RUNNING:
                     return
+                if self.registry.evicted(agent_id, serial):
+                    # Its link came back before its launcher noticed the loss: make it join
+                    # again, as a node of a later generation.
+                    await context.abort(
+                        grpc.StatusCode.ABORTED, "this node was dropped from the run for its silence; join again"
+                    )
         finally:
             # While the run goes on, a node of its generation whose launcher has gone is lost:
             # its workers cannot be supervised any more, and node 0's supervisor acts on it.

@@ -27,6 +27,7 @@ MAX_REPLY_BYTES = 16 * 1024 * 1024
 # never. Workers' own connections need none: their answered heartbeats have deadlines.
 KEEPALIVE_S = 5.0
 KEEPALIVE_TIMEOUT_S = 5.0
+MAX_RECONNECT_BACKOFF_S = 2.0
 
 
 def channel_options(*, keepalive: bool = False) -> list[tuple[str, int]]:
@@ -42,6 +43,10 @@ def channel_options(*, keepalive: bool = False) -> list[tuple[str, int]]:
             ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT_S * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
+            # After an outage (a cut link that comes back) the node reconnects within about a
+            # second, not after gRPC's backoff has grown towards its two minutes.
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", int(MAX_RECONNECT_BACKOFF_S * 1000)),
         ]
     return options
 

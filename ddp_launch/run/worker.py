@@ -29,6 +29,7 @@ from ddp_launch.run import fresh
 # Not SIGUSR1: PyTorch Lightning uses that one on SLURM.
 STACK_DUMP_SIGNAL = signal.SIGUSR2
 EXIT_BOOTSTRAP_FAILED = 1
+BARRIER_MARGIN_S = 5.0  # see wait_barrier in worker_main
 EXIT_MASTER_LOST = 1
 _PR_SET_PDEATHSIG = 1
 
@@ -146,7 +147,11 @@ def _run(target: Target) -> int:
         fresh.set_title(assignment.rank, target.argv, target.is_module)
         if not target.no_python:
             _configure_torch(assignment, boot.backend, boot.virtual_local_rank)
-        client.wait_barrier(rank=assignment.rank, generation=assignment.generation, deadline_s=boot.join_timeout_s)
+        # A little longer than the launcher's own --join-timeout: its verdict names the ranks
+        # that never came; this worker's own would only say that it waited.
+        client.wait_barrier(
+            rank=assignment.rank, generation=assignment.generation, deadline_s=boot.join_timeout_s + BARRIER_MARGIN_S
+        )
     except (MasterUnavailable, RegistrationRejected) as e:
         _say(f"worker (local rank {boot.local_rank}) could not start: {e}")
         client.close()

@@ -113,6 +113,10 @@ class Hosts:
         """Take `host`'s link down at the switch: its packets vanish, nobody gets a reset."""
         _ip("-n", self.switch, "link", "set", self._port[host], "down")
 
+    def mend(self, host: str) -> None:
+        """Bring `host`'s link back up after `cut`."""
+        _ip("-n", self.switch, "link", "set", self._port[host], "up")
+
     def pids(self, host: str) -> list[int]:
         out = _ip("netns", "pids", self.ns[host], check=False).stdout
         return [int(p) for p in out.split()]

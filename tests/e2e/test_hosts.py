@@ -5,6 +5,7 @@ launcher in bounded time with nothing left behind."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -153,3 +154,152 @@ def test_a_crash_on_node_1_is_blamed_on_node_1_not_on_its_peers_consequence(tmp_
         assert [c["rank"] for c in failure["consequences"]] == [0] or failure["consequences"] == []
         assert "root cause: rank 1 on h1 (node 1)" in err0, err0[-3000:]
         assert node0.returncode == 3, err0[-3000:]  # the root cause's own exit code
+
+
+# -- elastic runs across hosts --------------------------------------------------------------
+
+
+def elastic(hosts: netns.Hosts, host: str, tmp_path, *args: str) -> subprocess.Popen:
+    """torchrun's elastic line on `host`: the same on every host, no node rank."""
+    line = [
+        sys.executable, "-m", "ddp_launch", "--nnodes", "2:3", "--nproc-per-node", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"h0:{PORT}", "--rdzv-id", "job1",
+        "--run-dir", str(tmp_path / f"run-{host}"), "--stop-grace", "1", "--max-restarts", "0", *args,
+    ]  # fmt: skip
+    return hosts.popen(
+        host, line, cwd=tmp_path, env=launcher_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def worlds(out) -> list[tuple[str, int, int, int, int]]:
+    """(host, generation, world size, rank, first step) of each rank's first step of each
+    generation, in order of generation and rank (tests/e2e/scripts/elastic_train.py)."""
+    rows = []
+    for path in out.glob("worlds-*.txt"):
+        host = path.stem.removeprefix("worlds-")
+        rows += [(host, *(int(x) for x in line.split()[:4])) for line in path.read_text().splitlines()]
+    return sorted(rows, key=lambda row: (row[1], row[3]))
+
+
+def steps_done(out) -> int:
+    text = (out / "step").read_text() if (out / "step").exists() else ""
+    return int(text) if text else 0
+
+
+def poll(condition, timeout_s: float, what: str) -> float:
+    """Waits for `condition`; returns when it held (time.monotonic())."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def ended(procs: dict[str, subprocess.Popen], timeout_s: float = 90) -> dict[str, tuple[int, str]]:
+    """(exit code, stderr) of each host's launcher once it ended."""
+    results = {}
+    for h, p in procs.items():
+        err = p.communicate(timeout=timeout_s)[1]
+        results[h] = (p.returncode, err)
+    return results
+
+
+@pytest.mark.timeout(180)
+def test_a_third_host_joins_mid_run_and_its_rank_trains_in_the_bigger_world(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    script = [str(SCRIPTS / "elastic_train.py"), "80", "0.1", str(out)]
+    with netns.Hosts(["h0", "h1", "h2"]) as hosts:
+        procs = {"h0": elastic(hosts, "h0", tmp_path, *script)}
+        procs["h1"] = elastic(hosts, "h1", tmp_path, *script)
+        poll(lambda: steps_done(out) >= 10, 90, "ten steps of two hosts")
+        joined_at = time.monotonic()
+        procs["h2"] = elastic(hosts, "h2", tmp_path, *script)
+        admitted = poll(lambda: any(row[2] == 3 for row in worlds(out)), 60, "a world of 3")
+        results = ended(procs)
+        assert all(code == 0 for code, _ in results.values()), {h: err[-1500:] for h, (_, err) in results.items()}
+        seen = worlds(out)
+        assert [(h, g, w, r) for h, g, w, r, _ in seen if g == 0] == [("h0", 0, 2, 0), ("h1", 0, 2, 1)]
+        assert [(h, w, r) for h, g, w, r, _ in seen if g == 1] == [("h0", 3, 0), ("h1", 3, 1), ("h2", 3, 2)]
+        print(f"h2 trained in the bigger world {admitted - joined_at:.1f} s after it started")
+        assert "1 node(s) joined (h2)" in results["h0"][1]
+        for h in hosts.names:
+            assert not hosts.pids(h)
+
+
+@pytest.mark.timeout(240)
+def test_a_cut_host_leaves_a_smaller_world_in_seconds_and_rejoins_when_its_link_is_back(tmp_path):
+    """h2's link goes down mid-run: nobody gets a reset, its peers wait in an all-reduce. The
+    master must tell from h2's silence (its node heartbeats stop) and go on with h0 and h1
+    within 15 s; h2's launcher stops its stuck workers, and once the link is back it joins
+    again and is admitted: the run ends in a world of 3, every host exit 0, nothing left."""
+    out = tmp_path / "out"
+    out.mkdir()
+    script = [str(SCRIPTS / "elastic_train.py"), "600", "0.1", str(out)]
+    with netns.Hosts(["h0", "h1", "h2"]) as hosts:
+        procs = {h: elastic(hosts, h, tmp_path, *script) for h in hosts.names}
+        poll(lambda: len(worlds(out)) == 3 and steps_done(out) >= 10, 90, "ten steps of three hosts")
+        hosts.cut("h2")
+        cut_at = time.monotonic()
+        smaller = poll(lambda: any(row[2] == 2 for row in worlds(out)), 60, "a world of 2")
+        hosts.mend("h2")
+        poll(lambda: [row[2] for row in worlds(out)].count(3) >= 6, 120, "h2 back in a world of 3")
+        results = ended(procs, timeout_s=120)
+        print(f"h0 and h1 trained as a world of 2 {smaller - cut_at:.1f} s after h2's link was cut")
+        assert all(code == 0 for code, _ in results.values()), {h: err[-1500:] for h, (_, err) in results.items()}
+        assert smaller - cut_at <= 15
+        generations = sorted({(g, w) for _, g, w, _, _ in worlds(out)})
+        assert generations[0] == (0, 3) and (1, 2) in generations and generations[-1][1] == 3
+        lead = results["h0"][1]
+        assert "(h2) lost: no heartbeat from its launcher" in lead, lead[-2000:]
+        assert "lost the master at h0" in results["h2"][1]
+        for h in hosts.names:
+            assert not hosts.pids(h)
+
+
+@pytest.mark.timeout(120)
+def test_a_host_with_another_token_is_refused_and_starts_nothing(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "a").write_text("one secret\n")
+    (tmp_path / "b").write_text("another secret\n")
+    script = [str(SCRIPTS / "hosts_train.py"), "20", "0.02", str(out)]
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        node0 = start(hosts, "h0", 0, tmp_path, "--token-file", str(tmp_path / "a"), "--join-timeout", "8", *script)
+        node1 = start(hosts, "h1", 1, tmp_path, "--token-file", str(tmp_path / "b"), *script)
+        _, err1 = node1.communicate(timeout=60)
+        _, err0 = node0.communicate(timeout=60)
+        assert node1.returncode != 0 and "refused this node's token" in err1, err1[-2000:]
+        assert node0.returncode != 0 and "did not register within --join-timeout" in err0, err0[-2000:]
+        assert not (out / "rank-1.txt").exists() and not (out / "rank-0.txt").exists()
+        assert not hosts.pids("h0") and not hosts.pids("h1")
+
+
+@pytest.mark.timeout(150)
+def test_tls_across_hosts_with_a_certificate_for_the_masters_hostname(tmp_path):
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    pki = tmp_path / "pki"
+    pki.mkdir()
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=pki, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "1", "-subj", "/CN=test CA")  # fmt: skip
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "h0.key", "-out", "h0.csr", "-subj", "/CN=h0")
+    (pki / "san.ext").write_text("subjectAltName=DNS:h0\n")
+    openssl("x509", "-req", "-in", "h0.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "h0.pem", "-days", "1", "-extfile", "san.ext")  # fmt: skip
+    out = tmp_path / "out"
+    out.mkdir()
+    script = [str(SCRIPTS / "hosts_train.py"), "20", "0.02", str(out)]
+    tls = ["--tls-cert", str(pki / "h0.pem"), "--tls-key", str(pki / "h0.key"), "--tls-ca", str(pki / "ca.pem")]
+    with netns.Hosts(["h0", "h1"]) as hosts:
+        node1 = start(hosts, "h1", 1, tmp_path, "--tls-ca", str(pki / "ca.pem"), *script)
+        node0 = start(hosts, "h0", 0, tmp_path, *tls, *script)
+        _, err0 = node0.communicate(timeout=120)
+        _, err1 = node1.communicate(timeout=60)
+        assert (node0.returncode, node1.returncode) == (0, 0), (err0[-2000:], err1[-2000:])
+        assert (out / "rank-1.txt").read_text().split()[:2] == ["h1", "2"]
+        assert not hosts.pids("h0") and not hosts.pids("h1")
