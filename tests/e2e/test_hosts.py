@@ -244,6 +244,7 @@ def test_a_cut_host_leaves_a_smaller_world_in_seconds_and_rejoins_when_its_link_
         smaller = poll(lambda: any(row[2] == 2 for row in worlds(out)), 60, "a world of 2")
         hosts.mend("h2")
         poll(lambda: [row[2] for row in worlds(out)].count(3) >= 6, 120, "h2 back in a world of 3")
+        (out / "finish").write_text("")
         results = ended(procs, timeout_s=120)
         print(f"h0 and h1 trained as a world of 2 {smaller - cut_at:.1f} s after h2's link was cut")
         assert all(code == 0 for code, _ in results.values()), {h: err[-1500:] for h, (_, err) in results.items()}
