@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 
 import pytest
 
@@ -136,3 +137,49 @@ def test_slurm_variables_give_nnodes_node_rank_and_master_address(tmp_path):
     assert run.returncode == 0, run.output
     assert json.loads((run.run_dir / "master.json").read_text())["host"] == "localhost"
     assert json.loads((out / "env-1.json").read_text())["MASTER_ADDR"] == "localhost"
+
+
+def _c10d_pair(tmp_path, *extra0: str, extra1: tuple[str, ...] = (), script=None):
+    """torchrun's c10d line on two launchers of this machine (the first to start leads)."""
+    port = free_port()
+    script = script or [str(SCRIPTS / "env_dump.py"), str(tmp_path)]
+    line = ["--nnodes", "2", "-n", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+            "--stop-grace", "1", "--join-timeout", "20"]  # fmt: skip
+    env = launcher_env()
+    lead = subprocess.Popen(launcher_command(*line, *extra0, *script), cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)  # fmt: skip
+    try:
+        poll = time.monotonic() + 30
+        while not list(tmp_path.glob("runs/*/master.json")) and time.monotonic() < poll:
+            time.sleep(0.1)
+        other = subprocess.run(launcher_command(*line, *extra1, *script), cwd=tmp_path, env=env, text=True,
+                               capture_output=True, timeout=60)  # fmt: skip
+        err0 = lead.communicate(timeout=60)[1]
+    finally:
+        kill_tree(lead.pid)
+    return (lead.returncode, err0), (other.returncode, other.stderr)
+
+
+@pytest.mark.timeout(120)
+def test_every_node_names_its_run_directory_by_the_masters_run_id(tmp_path):
+    """No --rdzv-id, no --run-dir, no scheduler: node 1 once made a run id of its own, so the
+    report's `runs/<id>/rank-<i>.log` pointed where rank 1's log was not."""
+    (code0, err0), (code1, err1) = _c10d_pair(tmp_path)
+    assert (code0, code1) == (0, 0), (err0[-2000:], err1[-2000:])
+    (run_dir,) = (tmp_path / "runs").iterdir()  # one run directory for both nodes
+    assert (run_dir / "rank-0.log").exists() and (run_dir / "rank-1.log").exists()
+    seen = json.loads((tmp_path / "env-1.json").read_text())
+    assert seen["TORCHELASTIC_RUN_ID"] == run_dir.name
+
+
+@pytest.mark.timeout(120)
+def test_a_node_with_another_rdzv_id_is_refused_naming_both_ids(tmp_path):
+    (tmp_path / "tok").write_text("shared secret\n")
+    token = ("--token-file", str(tmp_path / "tok"))
+    (code0, err0), (code1, err1) = _c10d_pair(
+        tmp_path, *token, "--rdzv-id", "job-a", "--join-timeout", "5", extra1=(*token, "--rdzv-id", "job-b")
+    )
+    assert code1 == 2, err1[-2000:]
+    assert "this node's run id 'job-b' (--rdzv-id/--run-id) is not the master's 'job-a'" in err1
+    assert len(err1.strip().splitlines()) == 1, err1
+    assert code0 != 0 and not (tmp_path / "env-1.json").exists()
