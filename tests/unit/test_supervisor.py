@@ -24,7 +24,7 @@ import ddp_launch.run.supervisor as supervisor_module
 from ddp_launch.config import RestartPolicy, RunConfig, Target
 from ddp_launch.progress import Progress
 from ddp_launch.record import describe_exit
-from ddp_launch.registry import HangVerdict, RankState, Registry, RunSnapshot
+from ddp_launch.registry import MASTER_AGENT, HangVerdict, RankState, Registry, RunSnapshot
 from ddp_launch.run.group import WorkerGroup
 from ddp_launch.run.result import Outcome, RunResult, WorkerExit, shell_exit_code
 from ddp_launch.run.supervisor import Supervisor, _main_thread_stack, _root_of_hang
@@ -789,3 +789,325 @@ def test_every_collective_marker_counts_as_waiting(frame: str) -> None:
     verdicts = [verdict(0, 10.0), verdict(1, 11.0)]
 
     assert _root_of_hang(verdicts, {0: waiting, 1: dump(RANK_IN_USER_CODE)}) == 1
+
+
+# -- elastic runs: rendezvous, resizes -------------------------------------------------------
+
+
+class ElasticScript(Script):
+    """A Script whose registry is elastic (config.min_nodes < config.nnodes), with other
+    nodes' launchers played by the test: they join (`join`), send node heartbeats on every
+    tick, and, in the generations of `finish`, register their ranks and exit 0 on that tick.
+
+    Every wait of the supervisor (the rendezvous' polls, the watch loop's wake-ups) moves the
+    fake clock by its timeout: nothing happens in between, as in a real run. Ticks move it no
+    further (seconds_per_tick 0).
+    """
+
+    def __init__(self, config: RunConfig, fates=None, *, finish: dict[int, int] | None = None, **kw) -> None:
+        kw.setdefault("seconds_per_tick", 0.0)
+        super().__init__(config, fates, **kw)
+        self.registry = Registry(
+            run_id="run-1",
+            nnodes=config.nnodes,
+            local_world_size=config.nproc_per_node,
+            max_restarts=config.restart.max_restarts,
+            ddp_addr="127.0.0.1",
+            port_picker=FakePorts(),
+            clock=self.clock,
+            min_nodes=config.min_nodes,
+        )
+        self.said: list[str] = []
+        self.resized: list[int] = []
+        self.supervisor = Supervisor(
+            config,
+            self.registry,
+            None,
+            self.pump,
+            on_tick=self.on_tick,
+            on_generation_end=lambda result, restarting: self.ended.append(
+                (result.generation, result.outcome, restarting)
+            ),
+            clock=self.clock,
+            group=self.group,
+            say=self.said.append,
+            on_resized=lambda result: self.resized.append(result.generation),
+        )
+        self.serials: dict[str, int] = {}
+        self.finish = finish or {}
+        self.polls: list[tuple[float, int]] = []  # (clock, registry generation) at each wait
+        # (generation, nodes, clock) of each generation begun
+        self.began: list[tuple[int, tuple[str, ...], float]] = []
+        real_begin = self.registry.begin_generation
+
+        def begin(generation: int, nodes: list[str] | None = None, *, restart: bool = True) -> None:
+            real_begin(generation, nodes, restart=restart)
+            self.began.append((generation, self.registry.run_state().nodes, self.clock()))
+
+        self.registry.begin_generation = begin  # type: ignore[method-assign]
+        real_wait = self.group.wait
+
+        def wait(wake_fds, timeout_s: float):
+            self.polls.append((self.clock(), self.registry.generation))
+            if self.on_poll is not None:
+                self.on_poll(self)
+            assert self.clock() - START < 10_000, "the supervisor never ended its wait"
+            self.clock.advance(timeout_s)
+            return real_wait(wake_fds, 0)
+
+        self.group.wait = wait  # type: ignore[method-assign]
+        self.on_poll: Callable[[ElasticScript], None] | None = None  # called at every wait
+        self.mute: set[str] = set()  # agents whose node heartbeats stopped
+
+    def join(self, agent: str) -> None:
+        self.serials[agent] = self.registry.join(agent, f"host-{agent}", self.config.nproc_per_node)
+
+    def leave(self, agent: str) -> None:
+        self.registry.leave(agent, self.serials[agent])
+
+    def on_tick(self, snap: RunSnapshot) -> None:
+        super().on_tick(snap)
+        for agent in self.registry.live_agents():
+            if agent not in self.mute:
+                self.registry.node_seen(agent)
+        generation = self.registry.generation
+        if self.finish.get(generation) == self.gen_tick:
+            nproc = self.config.nproc_per_node
+            for rank in range(nproc, self.registry.world_size):
+                self.registry.register(
+                    node_rank=rank // nproc,
+                    local_rank=rank % nproc,
+                    pid=20_000 + 100 * generation + rank,
+                    hostname=f"node-{rank // nproc}",
+                    generation=generation,
+                )
+            for rank in range(nproc, self.registry.world_size):
+                self.registry.record_exit(rank, generation, 0)
+
+
+def elastic_config(**kw: object) -> RunConfig:
+    kw.setdefault("nnodes", 3)
+    kw.setdefault("min_nodes", 2)
+    kw.setdefault("last_call_s", 2.0)
+    kw.setdefault("control_port", 29400)
+    return make_config(**kw)
+
+
+@pytest.fixture
+def elastic_scripts(signals: Signals):
+    made: list[ElasticScript] = []
+
+    def make(config: RunConfig, fates: dict[int, dict[int, Fate]] | None = None, **kw: object) -> ElasticScript:
+        s = ElasticScript(config, fates, signals=signals, **kw)  # type: ignore[arg-type]
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.close()
+    assert signals.sent == [] and signals.group_sent == [], "a test signalled a process"
+
+
+def test_an_elastic_run_at_min_nodes_begins_after_the_last_call(elastic_scripts) -> None:
+    s = elastic_scripts(elastic_config(), finish={0: 1})
+    s.join("a")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [(g, nodes) for g, nodes, _ in s.began] == [(0, (MASTER_AGENT, "a"))]
+    began_at = s.began[0][2]
+    assert START + 2.0 <= began_at < START + 2.0 + 2 * supervisor_module.RENDEZVOUS_POLL_S
+    # Nothing began during the last call: the rendezvous polled through it.
+    during = [g for t, g in s.polls if t < START + 2.0]
+    assert len(during) >= 19 and set(during) == {-1}
+    assert (s.registry.nnodes, s.registry.world_size) == (2, 4)
+    assert s.started == [(0, 0), (1, 0)]
+    assert result.resizes == 0 and result.restarts == 0
+    assert s.said == []  # MIN was there from the start: nobody was waited for
+
+
+def test_an_elastic_run_at_max_nodes_begins_at_once(elastic_scripts) -> None:
+    s = elastic_scripts(elastic_config(), finish={0: 1})
+    s.join("a")
+    s.join("b")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert s.began == [(0, (MASTER_AGENT, "a", "b"), START)]
+    assert (s.registry.nnodes, s.registry.world_size) == (3, 6)
+    assert all(g == 0 for _, g in s.polls)  # no rendezvous poll: every wait was the watch loop's
+
+
+def test_an_elastic_run_below_min_nodes_fails_after_the_join_timeout(elastic_scripts) -> None:
+    s = elastic_scripts(elastic_config(join_timeout_s=5.0))
+
+    result = s.run()
+
+    assert result.outcome is Outcome.FAILED
+    assert [g.generation for g in result.generations] == [0]
+    assert "only 1 of the 2 nodes" in result.last.message
+    assert "--join-timeout (5 s)" in result.last.message
+    assert s.began == [] and s.started == []
+    assert s.registry.generation == -1
+    assert START + 5.0 <= s.clock() < START + 5.0 + 2 * supervisor_module.RENDEZVOUS_POLL_S
+    assert s.said == ["waiting for nodes: 1 of --nnodes 2:3 here"]  # said once, not per poll
+    assert s.ended == [(0, Outcome.FAILED, False)]
+
+
+def test_a_lost_node_resizes_an_elastic_run_without_a_restart(elastic_scripts) -> None:
+    left_at: list[float] = []
+
+    def b_leaves(tick: int, s: Script) -> None:
+        if s.generation == 0 and tick == 2:
+            s.leave("b")  # type: ignore[attr-defined]
+            left_at.append(s.clock())
+
+    fates = {0: {0: RUNS, 1: RUNS}}
+    s = elastic_scripts(elastic_config(max_restarts=0), fates, finish={1: 1}, on_tick=b_leaves)
+    s.join("a")
+    s.join("b")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [g.outcome for g in result.generations] == [Outcome.RESIZED, Outcome.SUCCEEDED]
+    assert result.restarts == 0
+    assert result.resizes == 1
+    assert s.registry.restarts == 0
+    assert [(g, nodes) for g, nodes, _ in s.began] == [(0, (MASTER_AGENT, "a", "b")), (1, (MASTER_AGENT, "a"))]
+    first = result.generations[0]
+    assert first.message == "node 2 (host-b) lost: its launcher stopped answering the master"
+    assert first.root_rank == 4  # node 2's first rank
+    assert s.ended == [(0, Outcome.RESIZED, True), (1, Outcome.SUCCEEDED, False)]
+    assert s.resized == [0]
+    assert s.started == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    assert (s.registry.nnodes, s.registry.world_size) == (2, 4)
+    # Lost on the next round, and the next generation goes on with the nodes it has at
+    # once: no last call (2 s) for a resize that keeps MIN.
+    assert s.began[1][2] == pytest.approx(left_at[0] + s.config.monitor_interval_s)
+
+
+def test_a_resize_below_min_nodes_fails_after_the_join_timeout_without_a_restart(elastic_scripts) -> None:
+    def a_leaves(tick: int, s: Script) -> None:
+        if s.generation == 0 and tick == 2:
+            s.leave("a")  # type: ignore[attr-defined]
+
+    config = elastic_config(max_restarts=0, join_timeout_s=5.0)
+    s = elastic_scripts(config, {0: {0: RUNS, 1: RUNS}}, on_tick=a_leaves)
+    s.join("a")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.FAILED
+    assert [g.outcome for g in result.generations] == [Outcome.RESIZED, Outcome.FAILED]
+    assert result.generations[0].message == "node 1 (host-a) lost: its launcher stopped answering the master"
+    assert "only 1 of the 2 nodes" in result.last.message
+    assert result.restarts == 0
+    assert [g for g, _, _ in s.began] == [0]
+    assert s.started == [(0, 0), (1, 0)]
+    assert s.resized == []  # no generation began with the new nodes
+    assert s.said == ["waiting for nodes: 1 of --nnodes 2:3 here"]
+
+
+def test_a_run_that_fell_below_min_gives_late_nodes_a_last_call_again(elastic_scripts) -> None:
+    def a_leaves(tick: int, s: Script) -> None:
+        if s.generation == 0 and tick == 2:
+            s.leave("a")  # type: ignore[attr-defined]
+
+    rendezvous_from: list[float] = []
+    joined_at: list[float] = []
+
+    def c_joins(s: ElasticScript) -> None:
+        # One second into generation 1's rendezvous (the run is below MIN), c joins.
+        if s.ended and s.registry.generation == 0:
+            rendezvous_from[:] = rendezvous_from or [s.clock()]
+            if not joined_at and s.clock() >= rendezvous_from[0] + 1.0:
+                s.join("c")
+                joined_at.append(s.clock())
+
+    s = elastic_scripts(elastic_config(), {0: {0: RUNS, 1: RUNS}}, finish={1: 1}, on_tick=a_leaves)
+    s.on_poll = c_joins
+    s.join("a")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [g.outcome for g in result.generations] == [Outcome.RESIZED, Outcome.SUCCEEDED]
+    assert [(g, nodes) for g, nodes, _ in s.began] == [(0, (MASTER_AGENT, "a")), (1, (MASTER_AGENT, "c"))]
+    assert len(joined_at) == 1
+    # MIN came back with c: the last call (2 s) runs from then.
+    assert joined_at[0] + 2.0 <= s.began[1][2] < joined_at[0] + 2.0 + 2 * supervisor_module.RENDEZVOUS_POLL_S
+    assert s.said == ["waiting for nodes: 1 of --nnodes 2:3 here"]
+    assert s.resized == [0]
+    assert result.restarts == 0
+
+
+@pytest.mark.parametrize(("nnodes", "waits_s"), [(3, 0.0), (4, 2.0)])
+def test_a_node_that_joins_mid_run_is_admitted_by_a_resize(elastic_scripts, nnodes, waits_s) -> None:
+    """Room for one node: b is admitted at the next round. Room for two: the last call (2 s)
+    gives others the chance to come along first."""
+    joined_at: list[float] = []
+
+    def b_joins(tick: int, s: Script) -> None:
+        if s.generation == 0 and tick == 4:
+            s.join("b")  # type: ignore[attr-defined]
+            joined_at.append(s.clock())
+
+    s = elastic_scripts(elastic_config(nnodes=nnodes), {0: {0: RUNS, 1: RUNS}}, finish={1: 1}, on_tick=b_joins)
+    s.join("a")
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [g.outcome for g in result.generations] == [Outcome.RESIZED, Outcome.SUCCEEDED]
+    assert result.generations[0].message == "1 node(s) joined (host-b)"
+    assert result.restarts == 0 and result.resizes == 1
+    assert [(g, nodes) for g, nodes, _ in s.began] == [(0, (MASTER_AGENT, "a")), (1, (MASTER_AGENT, "a", "b"))]
+    waited = s.began[1][2] - joined_at[0]
+    assert waits_s <= waited < waits_s + 2 * s.config.monitor_interval_s
+    assert s.resized == [0]
+    assert (s.registry.nnodes, s.registry.world_size) == (3, 6)
+
+
+def test_a_silent_node_is_dropped_until_it_joins_again(elastic_scripts) -> None:
+    events: dict[str, float] = {}
+
+    def b_goes_silent_then_rejoins(tick: int, s: Script) -> None:
+        if s.generation == 0 and tick == 2:
+            s.mute.add("b")  # type: ignore[attr-defined]
+            events["last_seen"] = s.clock() - s.config.monitor_interval_s  # the tick before
+        elif s.generation == 1 and tick >= 4:
+            s.registry.node_seen("b")  # its old stream's heartbeats come back: not enough
+            if tick == 8:
+                s.mute.discard("b")  # type: ignore[attr-defined]
+                s.join("b")  # type: ignore[attr-defined]
+                events["rejoined"] = s.clock()
+
+    fates = {0: {0: RUNS, 1: RUNS}, 1: {0: RUNS, 1: RUNS}}
+    s = elastic_scripts(elastic_config(), fates, finish={2: 1}, on_tick=b_goes_silent_then_rejoins)
+    s.join("a")
+    s.join("b")
+    old_serial = s.serials["b"]
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED
+    assert [g.outcome for g in result.generations] == [Outcome.RESIZED, Outcome.RESIZED, Outcome.SUCCEEDED]
+    assert result.generations[0].message.startswith("node 2 (host-b) lost: no heartbeat from its launcher for")
+    assert result.generations[1].message == "1 node(s) joined (host-b)"
+    assert [(g, nodes) for g, nodes, _ in s.began] == [
+        (0, (MASTER_AGENT, "a", "b")),
+        (1, (MASTER_AGENT, "a")),
+        (2, (MASTER_AGENT, "a", "b")),
+    ]
+    # Lost once silent for more than node_silent_s (5 s), not before.
+    silent_s = supervisor_module.node_silent_s(s.config)
+    assert silent_s == 5.0
+    silent_for = s.began[1][2] - events["last_seen"]
+    assert silent_s < silent_for <= silent_s + s.config.monitor_interval_s
+    # Generation 1 ran on until b joined again on a new stream.
+    assert s.began[2][2] == pytest.approx(events["rejoined"] + s.config.monitor_interval_s)
+    assert s.serials["b"] != old_serial
+    assert result.restarts == 0 and result.resizes == 2
