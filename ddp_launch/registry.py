@@ -605,8 +605,10 @@ class Registry:
             return self._serial
 
     def _take_node_rank(self, agent_id: str, hostname: str, node_rank: int) -> None:
+        if node_rank < 0 and agent_id in self._nodes:  # a rejoin keeps its rank for the run
+            node_rank = self._nodes.index(agent_id)
         if node_rank < 0:
-            free = [r for r, a in enumerate(self._nodes) if r > 0 and a in ("", agent_id)]
+            free = [r for r, a in enumerate(self._nodes) if r > 0 and a == ""]
             if not free:
                 raise Rejected(Rejected.DUPLICATE, f"all {self.max_nodes} node ranks of this run are taken")
             node_rank = free[0]
@@ -619,6 +621,7 @@ class Registry:
                 Rejected.DUPLICATE,
                 f"node rank {node_rank} is taken by the launcher on {other.hostname if other else holder}",
             )
+        self._nodes = ["" if a == agent_id else a for a in self._nodes]  # one rank per node
         self._nodes[node_rank] = agent_id
 
     def leave(self, agent_id: str, serial: int) -> None:

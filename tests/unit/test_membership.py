@@ -206,11 +206,6 @@ def test_a_rejoin_of_a_node_of_the_generation_loses_that_node(clock) -> None:
     assert reg.live_agents() == ["a", "b"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Registry._take_node_rank: a rejoin by arrival takes the lowest free node rank and "
-    "keeps the one it held, so the agent holds two node ranks and no other launcher can take the second",
-)
 def test_a_rejoin_by_arrival_keeps_its_node_rank_when_a_lower_one_is_free(clock) -> None:
     reg = make_registry(clock)
     serial = join(reg, "a")
