@@ -24,6 +24,20 @@ Usage::
 
 Both functions work the same under ddp-launch, torchrun or plain ``python``. torch is imported
 inside them so that ``import ddp_launch`` stays cheap for code that never touches a checkpoint.
+
+**Snapshots** lose at most one step to a crash, at the cost of a copy in memory::
+
+    state = checkpoint.load("ckpt/last.pt")       # the newest: a snapshot or the file
+    for step in range(start, steps):
+        train_step()
+        checkpoint.snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "step": step + 1}, step=step + 1)
+        if end_of_epoch and rank == 0:
+            checkpoint.save(..., "ckpt/last.pt")  # durable: survives the node, the job
+
+`snapshot` returns at once; the node's launcher holds the copies in memory (see
+`ddp_launch.snapshots`), so they outlive a worker's death but not the run. Under torchrun or
+plain ``python`` it does nothing, and `load` reads the file, as before.
 """
 
 from __future__ import annotations
@@ -33,7 +47,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["load", "save"]
+from ddp_launch import snapshots
+
+__all__ = ["load", "loaded_from", "save", "snapshot"]
 
 StrPath = str | os.PathLike[str]
 
@@ -117,11 +133,17 @@ def _remove_orphaned_temps(path: Path) -> None:
             pass  # alive, someone else's
 
 
-def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True) -> Any | None:
-    """Read a checkpoint written by `save` (or by plain `torch.save`).
+def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True, sharded: bool = False) -> Any | None:
+    """The newest state to resume from: a snapshot of this run, or the checkpoint at ``path``.
+
+    Under ddp-launch with snapshots taken (`snapshot`), it is the newest snapshot step that
+    every rank of this generation can load (their nodes' snapshots; one agreement over
+    torch.distributed, so call it after ``init_process_group``), unless the file at ``path``
+    holds a newer ``"step"``. Every rank then gets the same step. Otherwise it reads the file
+    (written by `save` or by plain `torch.save`), as under torchrun.
 
     Args:
-        path: The checkpoint path.
+        path: The durable checkpoint path.
         map_location: Passed to `torch.load`. ``"cpu"`` by default, so that a checkpoint saved
             from ``cuda:0`` loads on any rank and on machines without a GPU; ``load_state_dict``
             then copies the tensors to wherever the model's parameters are.
@@ -129,9 +151,10 @@ def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True)
             types and containers of them (all that model and optimizer state dicts and step
             counters need), so a checkpoint cannot run code when it is loaded. Set it to False
             only for checkpoints you trust that hold other Python objects.
+        sharded: the snapshots hold each rank's own shard (FSDP2), as `snapshot` was told.
 
     Returns:
-        The saved object, or ``None`` when ``path`` does not exist (nothing to resume from).
+        The saved object, or ``None`` when there is nothing to resume from.
 
     Raises:
         OSError: ``path`` exists but cannot be read.
@@ -143,9 +166,99 @@ def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True)
     # and the read still means "no checkpoint" rather than an error.
     try:
         with open(path, "rb") as f:
-            return torch.load(f, map_location=map_location, weights_only=weights_only)
+            durable = torch.load(f, map_location=map_location, weights_only=weights_only)
     except FileNotFoundError:
-        return None
+        durable = None
+    global _loaded_from
+    _loaded_from = None if durable is None else str(path)
+    where = snapshots.directory()
+    if where is None:
+        return durable
+    step = _agreed_snapshot_step(where, sharded=sharded)
+    file_step = durable.get("step") if isinstance(durable, dict) else None
+    # A file without a "step" cannot be compared: a snapshot of this run is then preferred.
+    if step is None or (isinstance(file_step, int) and file_step >= step):
+        _drop_snapshots_after(where, file_step if isinstance(file_step, int) else -1, sharded)
+        return durable
+    _drop_snapshots_after(where, step, sharded)
+    rank = int(os.environ.get("RANK", "0"))
+    state = snapshots.read(where, step, rank, sharded=sharded, map_location=map_location, weights_only=weights_only)
+    _loaded_from = f"the snapshot of step {step}"
+    return state
+
+
+_loaded_from: str | None = None
+
+
+def loaded_from() -> str | None:
+    """Where the last `load` found its state: the file's path, ``"the snapshot of step N"``,
+    or None when it found nothing."""
+    return _loaded_from
+
+
+def snapshot(state: Any, *, step: int, sharded: bool = False) -> bool:
+    """Keep `state` (a ``state_dict()``-like nest of tensors and plain values) at `step` in
+    the node's memory, so that a crash loses at most the steps since; call it after every
+    optimizer step if you like.
+
+    It returns at once: the tensors are copied (a memcpy on CPU, an asynchronous copy from a
+    GPU) and written by a thread. While the previous one is still being written it returns
+    False and takes none, so it never slows the loop down to the copy's pace. Replicated state
+    (DDP) is kept once per node; with ``sharded=True`` (FSDP2's ``fully_shard``) every rank
+    keeps its own shard. Outside ddp-launch it does nothing and returns False.
+
+    Returns:
+        Whether a snapshot was taken (or, for replicated state on a rank other than the node's
+        first, is taken by that one).
+    """
+    taker = _snapshotter()
+    return False if taker is None else taker.take(state, step, sharded=sharded)
+
+
+_taker: snapshots.Snapshotter | None = None
+_taker_pid = 0
+
+
+def _snapshotter() -> snapshots.Snapshotter | None:
+    global _taker, _taker_pid
+    if _taker is None or _taker_pid != os.getpid():
+        where = snapshots.directory()
+        if where is None or not where.is_dir():
+            return None
+        e = os.environ
+        _taker = snapshots.Snapshotter(
+            where, int(e.get("RANK", "0")), int(e.get("LOCAL_RANK", "0")), int(e.get("WORLD_SIZE", "1"))
+        )
+        _taker_pid = os.getpid()
+    return _taker
+
+
+def _agreed_snapshot_step(where: Path, *, sharded: bool) -> int | None:
+    """The newest step every rank can load, agreed over torch.distributed when it runs."""
+    snapshots.remove_orphans(where)
+    e = os.environ
+    rank, world = int(e.get("RANK", "0")), int(e.get("WORLD_SIZE", "1"))
+    mine = snapshots.loadable_steps(where, rank, world, sharded=sharded)
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, sorted(mine))
+        common = set(every[0]).intersection(*every[1:]) if every else set()
+    else:
+        common = mine
+    return max(common) if common else None
+
+
+def _drop_snapshots_after(where: Path, step: int, sharded: bool) -> None:
+    """A resume from `step` makes newer snapshots another timeline's: they must never be
+    loaded later. Removed by the node's first rank (each rank its own when sharded)."""
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if not sharded and local_rank != 0:
+        return
+    for f in snapshots.committed(where):
+        if f.step > step and (not sharded or f.rank == rank):
+            f.path.unlink(missing_ok=True)
 
 
 def _fsync_dir(directory: Path) -> None:

@@ -31,7 +31,7 @@ from typing import Any, TextIO
 import grpc
 import psutil
 
-from ddp_launch import __version__, env, rundir
+from ddp_launch import __version__, env, rundir, snapshots
 from ddp_launch.config import NODE_BY_ARRIVAL, START_WARM, PortInUse, RunConfig
 from ddp_launch.control.client import MasterClient
 from ddp_launch.control.master import MasterServer
@@ -192,11 +192,13 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
             nproc_per_node=config.nproc_per_node,
         )
         teardown.callback(pump.stop)
+        snapshot_dir = _snapshot_dir(config, run_dir)
+        teardown.callback(snapshots.remove_directory, snapshot_dir)  # after the last worker
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
         bootstrap = _bootstrap(config, server.address, token, run_dir)
 
-        start_worker = _worker_starter(config, pump, bootstrap)
+        start_worker = _worker_starter(config, pump, bootstrap, snapshot_dir)
 
         with signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             supervisor = Supervisor(
@@ -308,10 +310,12 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             nproc_per_node=config.nproc_per_node,
         )
         teardown.callback(pump.stop)
+        snapshot_dir = _snapshot_dir(config, run_dir)
+        teardown.callback(snapshots.remove_directory, snapshot_dir)
         teardown.callback(_stop_all_descendants, config.restart.stop_grace_s)
         _become_subreaper()
         bootstrap = _bootstrap(config, address, config.token, run_dir) | {"heartbeat_relay": relay.address}
-        start_worker = _worker_starter(config, pump, bootstrap)
+        start_worker = _worker_starter(config, pump, bootstrap, snapshot_dir)
         started = time.monotonic()
         with signals_as_stop_requests(config.signals) as (wakeup_fd, requests):
             follower = Follower(config, client, start_worker, wakeup_fd, say, agent_id=agent_id)
@@ -371,7 +375,16 @@ def _bootstrap(config: RunConfig, control_addr: str, token: str, run_dir: Path) 
     )
 
 
-def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
+def _snapshot_dir(config: RunConfig, run_dir: Path) -> Path:
+    """This node's memory for the workers' snapshots (ddp_launch.checkpoint.snapshot): kept
+    across generations, removed when the run ends."""
+    try:
+        return snapshots.make_directory(config.run_id, run_dir)
+    except OSError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict, snapshot_dir: Path | None = None):
     """start_worker(local_rank, generation, node_rank): forks one worker from the warm forkserver (or,
     with --start-method spawn, starts a fresh interpreter), its stdout and stderr on pipes
     that the output pump reads, its stdin the launcher's."""
@@ -380,6 +393,8 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict):
     node_env = env.node_env(config.nproc_per_node, os.environ, config.role, signal_names)
     if config.nnodes > 1:  # across hosts gloo and NCCL must bind what reaches the others
         node_env |= socket_ifname_env(config.ddp_addr or config.master_addr, os.environ)
+    if snapshot_dir is not None:
+        node_env[snapshots.SNAPSHOT_DIR_ENV] = str(snapshot_dir)
 
     def start_worker(local_rank: int, generation: int, node_rank: int):
         attempt_dir = ""

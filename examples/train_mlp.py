@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 try:
     from ddp_launch import checkpoint, report
-except ImportError:  # ddp-launch not installed: no live progress, plain torch checkpoints
+except ImportError:  # ddp-launch not installed: no live progress, plain torch checkpoints, no snapshots
     checkpoint = None
 
     def report(**metrics: float) -> None:
@@ -48,6 +48,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps in total (0: no limit)")
     p.add_argument("--checkpoint", metavar="PATH", help="save to / resume from this file")
     p.add_argument("--checkpoint-every", type=int, default=10, metavar="N", help="steps between saves")
+    p.add_argument(
+        "--no-snapshot",
+        dest="snapshot",
+        action="store_false",
+        help="with --checkpoint under ddp-launch, do not keep an in-memory snapshot after every step",
+    )
     p.add_argument("--samples", type=int, default=4096, help="size of the synthetic dataset")
     p.add_argument("--print-digest", action="store_true", help="print a sha256 of the final parameters")
     return p.parse_args()
@@ -168,7 +174,8 @@ def main() -> None:
             done = start_batch * state["world_size"] * state["batch_size"]
             start_batch = min(done // (world_size * args.batch_size), steps_per_epoch)
         if rank == 0:
-            print(f"resuming from {args.checkpoint}: epoch {start_epoch} step {global_step}", flush=True)
+            source = checkpoint.loaded_from() if checkpoint is not None else args.checkpoint
+            print(f"resuming from {source}: epoch {start_epoch} step {global_step}", flush=True)
     ddp_model = DistributedDataParallel(model, device_ids=[local_rank] if backend == "nccl" else None)
     settle_gradient_buckets(ddp_model, data, device)
 
@@ -176,11 +183,11 @@ def main() -> None:
     # restart continues mid-epoch instead of redoing (or dropping) the batches since the save.
     position = (start_epoch, start_batch)
 
-    def save() -> None:
+    def state_now() -> dict:
         epoch, batch = position
         if batch == steps_per_epoch:
             epoch, batch = epoch + 1, 0
-        state = {
+        return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             "epoch": epoch,
@@ -189,7 +196,9 @@ def main() -> None:
             "world_size": world_size,
             "batch_size": args.batch_size,
         }
-        save_checkpoint(state, args.checkpoint)
+
+    def save() -> None:
+        save_checkpoint(state_now(), args.checkpoint)
 
     # Only rank 0 saves, and no barrier follows: after every step all ranks hold the same
     # parameters (DDP averages the gradients), so rank 0's copy is the whole world's state, and
@@ -197,6 +206,10 @@ def main() -> None:
     # crash mid-save leaves the previous checkpoint; a barrier would only make every rank wait
     # for rank 0's disk.
     saving = bool(args.checkpoint) and rank == 0
+    # A snapshot after every step (kept in the node launcher's memory, see
+    # ddp_launch.checkpoint.snapshot): a crash then loses at most a step, not the steps since
+    # the last save. Every rank calls it; one copy per node is kept.
+    snapshotting = bool(args.checkpoint) and args.snapshot and checkpoint is not None
     last_saved_step = global_step
     for epoch in range(start_epoch, args.epochs):
         if 0 < args.max_steps <= global_step:
@@ -223,6 +236,8 @@ def main() -> None:
                 samples=global_step * args.batch_size * world_size,
                 total_steps=total_steps,
             )
+            if snapshotting:
+                checkpoint.snapshot(state_now(), step=global_step)
             if saving and args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0:
                 save()
                 last_saved_step = global_step

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -42,25 +43,39 @@ def uninterrupted_digest(tmp_path_factory):
 
 
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize(("fault", "step"), [("exit1", 25), ("sigkill", 25), ("save-crash", 20)])
-def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrupted_digest, fault, step):
+@pytest.mark.parametrize(
+    ("fault", "step", "snapshots"),
+    [("exit1", 25, False), ("sigkill", 25, False), ("save-crash", 20, False), ("exit1", 25, True),
+     ("sigkill", 25, True), ("save-crash", 20, True)],
+)  # fmt: skip
+def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrupted_digest, fault, step, snapshots):
     ckpt = tmp_path / "ckpt.pt"
     rank = 0 if fault == "save-crash" else 1  # rank 0 is the one that saves
     run = run_launcher(
         ["-n", "2", "--max-restarts", "1", "--stop-grace", "2", FAULTS, fault, str(rank), str(step), *TRAIN,
-         "--checkpoint", str(ckpt)],
+         "--checkpoint", str(ckpt), *([] if snapshots else ["--no-snapshot"])],
         tmp_path,
         timeout_s=200,
     )  # fmt: skip
     assert run.returncode == 0, run.output
     assert f"[rank {rank}] injecting {fault} at step {step}" in run.stdout
-    # Generation 1 resumed from the last good checkpoint: step 20 (or 10 when the save at 20 died).
-    resumed_at = 10 if fault == "save-crash" else 20
-    assert f"resuming from {ckpt}: epoch 0 step {resumed_at}" in run.stdout, run.stdout
+    if snapshots:
+        # A snapshot after every step (node 0's local rank 0 keeps the node's one copy): the
+        # crash right after step K's update loses at most that step (K when rank 0 finished
+        # step K and snapshotted it). The save-crash dies in the first torch.save after step
+        # 20, the snapshot's writer: a torn snapshot that must never be loaded.
+        resumed = re.search(r"resuming from the snapshot of step (\d+): epoch 0 step (\d+)", run.stdout)
+        assert resumed is not None, run.stdout
+        assert int(resumed.group(1)) == int(resumed.group(2)) in (step - 1, step), run.stdout
+    else:
+        # Generation 1 resumed from the last good checkpoint: step 20 (or 10 when the save at 20 died).
+        resumed_at = 10 if fault == "save-crash" else 20
+        assert f"resuming from {ckpt}: epoch 0 step {resumed_at}" in run.stdout, run.stdout
     found = digests(run.stdout)
     assert sorted(found) == [0, 1] and set(found.values()) == {uninterrupted_digest}
     assert "restarts   1" in run.stderr
     assert not list(tmp_path.glob(".ckpt.pt.tmp*")), "a half-written temporary file was left behind"
+    assert not list(Path("/dev/shm").glob(f"ddp-launch-{run.run_dir.name}-*")), "snapshots outlived the run"
 
 
 @pytest.mark.timeout(120)
