@@ -22,6 +22,7 @@ Runs and what they give:
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -110,6 +111,7 @@ class _Runner:
         measure_usage: bool = False,
         script: Path = WORKLOAD,
         torchrun_tee_logs: bool = False,
+        events: list[dict] | None = None,
     ) -> RunOutcome:
         tmp = Path(tempfile.mkdtemp(prefix=f"bench-{figure_group}-", dir=self.settings.tmp_root))
         try:
@@ -138,6 +140,8 @@ class _Runner:
                 stop_when=stop_when,
                 measure_usage=measure_usage,
             )
+            if events is not None and launcher == DDP_LAUNCH:  # read before the directory goes
+                events += _read_events(tmp / "run" / "events.jsonl")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self.records.append(
@@ -268,6 +272,47 @@ def train_figures(settings: Settings, wanted: set[str], records: list[dict], say
     return list(figures.values())
 
 
+def _read_events(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []
+
+
+def recovery_breakdown(death: float, events: list[dict], first_steps: list[float], bad: int) -> dict[str, float]:
+    """Where a recovery's time went, from the run's events and the workload's marks:
+
+    * seen: the fault -> the registry's record of the rank's death (the sentinel woke the
+      supervisor and it recorded the exit)
+    * stopped: -> the `restart` event (the other ranks stopped, the failure logged)
+    * forked: -> the first `register` of generation 1 (fork from the warm forkserver, the
+      worker's bootstrap, its Register RPC)
+    * barrier: -> `barrier_open` of generation 1 (every rank registered)
+    * first_step: -> every rank's first optimizer step (init_process_group, DDP's
+      construction, the first step itself)
+    """
+
+    def first(kind: str, generation: int, **match: object) -> float | None:
+        times = [
+            e["t"]
+            for e in events
+            if e.get("event") == kind and e.get("generation") == generation
+            and all(e.get(k) == v for k, v in match.items())
+        ]  # fmt: skip
+        return min(times) if times else None
+
+    seen = first("state", 0, rank=bad, state="failed")
+    marks = [("seen", seen), ("stopped", first("restart", 1)), ("forked", first("register", 1)),
+             ("barrier", first("barrier_open", 1)), ("first_step", max(first_steps))]  # fmt: skip
+    out, previous = {}, death
+    for stage, at in marks:
+        if at is None:
+            continue
+        out[stage] = round(at - previous, 4)
+        previous = at
+    return out
+
+
 def recovery_figure(settings: Settings, records: list[dict], say: Progress) -> Figure:
     n, k, bad = settings.fault_nproc, settings.fault_step, settings.fault_rank
     fig = Figure(
@@ -290,16 +335,29 @@ def recovery_figure(settings: Settings, records: list[dict], say: Progress) -> F
     for pair in range(settings.pairs):
         for launcher in _order(pair):
             say(f"recovery N={n} pair {pair + 1}/{settings.pairs}: {launcher}")
+            events: list[dict] = []
             o = runner.run(
-                "recovery", pair, launcher, n, args, bench_env=bench_env, max_restarts=1, stop_when=stop_when
-            )
+                "recovery", pair, launcher, n, args, bench_env=bench_env, max_restarts=1, stop_when=stop_when,
+                events=events,
+            )  # fmt: skip
             death = o.marks.get(f"fault-gen0-rank{bad}")
             again = _first_steps(o.marks, 1, n)
             if death and again:
                 fig.add(launcher, pair, max(again) - death[0], exit_code=o.exit_code)
+                if launcher == DDP_LAUNCH:
+                    stages = recovery_breakdown(death[0], events, again, bad)
+                    fig.breakdown.append(stages)
+                    say("  " + ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in stages.items()))
             else:
                 what = "the fault did not fire" if not death else "generation 1 never had every rank step"
                 fig.add(launcher, pair, None, _describe(o, what), o.exit_code)
+    summary = fig.to_json()
+    for name, got in summary["launchers"].items():
+        if got["n"]:
+            say(f"recovery N={n} {name}: p50 {got['median']:.3f} s, p90 {got['p90']:.3f} s, p99 {got['p99']:.3f} s")
+    if "vs_torchrun_median" in summary:
+        say(f"recovery N={n} ddp-launch / torchrun's median: {summary['vs_torchrun_median']}")
+        say(f"recovery N={n} where the time went (medians): {summary['breakdown_median_s']}")
     return fig
 
 

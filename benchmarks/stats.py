@@ -29,6 +29,8 @@ class Figure:
     not_detected: dict[str, int] = field(default_factory=lambda: {name: 0 for name in LAUNCHERS})
     bound_s: float | None = None  # for "not detected within the bound"
     exit_codes: dict[str, list[int | None]] = field(default_factory=lambda: {name: [] for name in LAUNCHERS})
+    # Where ddp-launch's time went, pair by pair ({stage: seconds}); see figures.recovery_figure.
+    breakdown: list[dict[str, float]] = field(default_factory=list)
 
     def add(self, launcher: str, pair: int, value: float | None, error: str = "", exit_code: int | None = 0) -> None:
         """Record `launcher`'s value for pair `pair` (runs of one pair are added in any order)."""
@@ -46,6 +48,9 @@ class Figure:
     def add_not_detected(self, launcher: str, pair: int, exit_code: int | None) -> None:
         self.add(launcher, pair, None, exit_code=exit_code)
         self.not_detected[launcher] += 1
+
+    def values_of(self, launcher: str) -> list[float]:
+        return [v for v in self.values[launcher] if v is not None]
 
     def ratios(self) -> list[float]:
         a, b = self.values[DDP_LAUNCH], self.values[TORCHRUN]
@@ -71,11 +76,14 @@ class Figure:
         launchers = {}
         for name in LAUNCHERS:
             got = [v for v in self.values[name] if v is not None]
+            ordered = sorted(got)
             launchers[name] = {
                 "values": self.values[name],
                 "n": len(got),
                 "min": min(got) if got else None,
                 "median": median(got),
+                "p90": percentile(ordered, 90),
+                "p99": percentile(ordered, 99),
                 "max": max(got) if got else None,
                 "failed": len(self.errors[name]),
                 "errors": self.errors[name],
@@ -85,7 +93,18 @@ class Figure:
                 launchers[name]["not_detected"] = self.not_detected[name]
                 launchers[name]["bound_s"] = self.bound_s
         ratios = self.ratios()
+        extra: dict[str, object] = {}
+        if self.breakdown:
+            stages = list(self.breakdown[0])
+            extra["breakdown_median_s"] = {
+                stage: median([b[stage] for b in self.breakdown if stage in b]) for stage in stages
+            }
+            extra["breakdown"] = self.breakdown
+            dl, tr = sorted(v for v in self.values[DDP_LAUNCH] if v), median(self.values_of(TORCHRUN))
+            if dl and tr:
+                extra["vs_torchrun_median"] = {f"p{q}": round((percentile(dl, q) or 0.0) / tr, 4) for q in (50, 90, 99)}
         return {
+            **extra,
             "kind": "pairs",
             "title": self.title,
             "unit": self.unit,
