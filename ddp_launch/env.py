@@ -187,8 +187,13 @@ def torchrun_env(
     *,
     virtual_local_rank: bool = False,
     attempt_dir: str = "",
+    agent_store: bool = False,
 ) -> dict[str, str]:
     """The variables torchrun would set for this worker, to be merged into its environment.
+
+    `agent_store`: the DDP store at MASTER_PORT is up before the script starts (rank 0's
+    worker hosts it), so every rank's init_process_group connects to it as a client, as
+    under torchrun's own agent store (TORCHELASTIC_USE_AGENT_STORE=True).
 
     Args:
         a: the worker's assignment from the master.
@@ -219,7 +224,7 @@ def torchrun_env(
         RUN_ID: a.run_id,
         RESTART_COUNT: str(a.generation),
         MAX_RESTARTS: str(a.max_restarts),
-        USE_AGENT_STORE: "False",
+        USE_AGENT_STORE: str(agent_store),
         NCCL_ASYNC_ERROR_HANDLING: environ.get(NCCL_ASYNC_ERROR_HANDLING) or "1",
     }
 

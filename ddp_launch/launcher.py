@@ -93,6 +93,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         ddp_addr=config.ddp_addr or config.master_addr,
         ddp_port=config.ddp_port,
         min_nodes=config.fewest_nodes,
+        barrier_waits_for_rank0=True,  # rank 0's worker serves the DDP store first
     )
     server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
     try:

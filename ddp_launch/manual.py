@@ -51,7 +51,14 @@ def run_master(
     run_id = new_run_id()
     run_dir = run_dir or Path("runs") / run_id
     token = os.environ.get(env.TOKEN) or secrets.token_urlsafe(24)
-    registry = Registry(run_id=run_id, nnodes=world_size, local_world_size=1, max_restarts=0, ddp_addr=host)
+    registry = Registry(
+        run_id=run_id,
+        nnodes=world_size,
+        local_world_size=1,
+        max_restarts=0,
+        ddp_addr=host,
+        barrier_waits_for_rank0=True,
+    )
     server = MasterServer(registry, token, host, port)
     server.start()
     stop: list[int] = []

@@ -258,8 +258,12 @@ class Registry:
         port_picker: Callable[[str], int] = free_port,
         clock: Callable[[], float] = time.monotonic,
         min_nodes: int | None = None,
+        barrier_waits_for_rank0: bool = False,
     ) -> None:
         self.run_id = run_id
+        # The launcher's workers: rank 0 serves the DDP store before it waits at the barrier,
+        # and the barrier opens only then (see _maybe_open_barrier).
+        self._wait_for_rank0 = barrier_waits_for_rank0
         # The most nodes; an elastic run (min_nodes < max_nodes) has `nnodes` of them in the
         # current generation, chosen by the supervisor when it begins (begin_generation).
         self.max_nodes = nnodes
@@ -281,6 +285,8 @@ class Registry:
         self.ddp_port = 0
         self._slots: list[_Slot] = []
         self._registered = 0
+        self._rank0_at_barrier = False
+        self._barrier_is_open = False
         self._end: RunState | None = None
         # The state a worker's exit is recorded as once the group is being stopped (begin_stop).
         self._stopping: RankState | None = None
@@ -327,6 +333,8 @@ class Registry:
                 for r in range(self.world_size)
             ]
             self._registered = 0
+            self._rank0_at_barrier = False
+            self._barrier_is_open = False
             self._stopping = None
             self._lost_nodes = {}
             self._cond.notify_all()  # wakes barrier waiters of the old generation: superseded
@@ -379,16 +387,24 @@ class Registry:
             slot.registered_at = now
             self._set_state(slot, RankState.WAITING, now, "register")
             self._registered += 1
-            if self._registered == self.world_size:
-                for s in self._slots:
-                    if s.state is RankState.WAITING:  # not one that already exited
-                        s.state, s.state_since = RankState.TRAINING, now
-                        s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
-                self._journal.append(
-                    Transition(now, "barrier_open", generation, fields={"world_size": self.world_size})
-                )
-                self._cond.notify_all()
+            self._maybe_open_barrier(now)
             return self._assignment(slot)
+
+    def _maybe_open_barrier(self, now: float) -> None:
+        """The barrier opens once every rank has registered, and (barrier_waits_for_rank0)
+        rank 0 waits at it: rank 0's worker serves the DDP store before it comes to the
+        barrier, so no rank that passes it finds the store missing (the lock is held)."""
+        if self._barrier_is_open or self._registered != self.world_size:
+            return
+        if self._wait_for_rank0 and not self._rank0_at_barrier:
+            return
+        self._barrier_is_open = True
+        for s in self._slots:
+            if s.state is RankState.WAITING:  # not one that already exited
+                s.state, s.state_since = RankState.TRAINING, now
+                s.last_heartbeat_at = now  # the heartbeat clock starts at the barrier
+        self._journal.append(Transition(now, "barrier_open", self.generation, fields={"world_size": self.world_size}))
+        self._cond.notify_all()
 
     def _assignment(self, slot: _Slot) -> Assignment:
         return Assignment(
@@ -425,21 +441,24 @@ class Registry:
     @property
     def barrier_open(self) -> bool:
         with self._cond:
-            return self._registered == self.world_size
+            return self._barrier_is_open
 
     def wait_barrier(self, *, rank: int, generation: int, timeout_s: float) -> BarrierResult:
-        """Block until every rank of `generation` has registered, the generation ends, or timeout."""
+        """Block until the barrier of `generation` opens (every rank registered, rank 0 waits
+        here), the generation ends, or timeout."""
         with self._cond:
             if generation < self.generation:
                 return BarrierResult(open=False, superseded=True)
             self._registered_slot(rank, generation)
+            if rank == 0 and not self._rank0_at_barrier:
+                self._rank0_at_barrier = True
+                self._maybe_open_barrier(self._clock())
             self._cond.wait_for(
-                lambda: self.generation != generation or self._registered == self.world_size,
-                timeout=max(0.0, timeout_s),
+                lambda: self.generation != generation or self._barrier_is_open, timeout=max(0.0, timeout_s)
             )
             if self.generation != generation:
                 return BarrierResult(open=False, superseded=True)
-            return BarrierResult(open=self._registered == self.world_size, superseded=False)
+            return BarrierResult(open=self._barrier_is_open, superseded=False)
 
     # -- progress ------------------------------------------------------------------------
 
@@ -827,7 +846,7 @@ class Registry:
         with self._cond:
             generation, total_steps = self.generation, self._total_steps
             restarts, nnodes, world_size = self.restarts, self.nnodes, self.world_size
-            barrier_open = bool(self._slots) and self._registered == self.world_size
+            barrier_open = self._barrier_is_open
             rows = [(vars(s).copy(), self._rate(s)) for s in self._slots]
         return RunSnapshot(
             run_id=self.run_id,

@@ -135,6 +135,9 @@ def _run(target: Target) -> int:
             deadline_s=boot.join_timeout_s,
             any_slot=boot.node_rank < 0,
         )
+        # The script runs in this process (not with --no-python): rank 0 hosts the DDP store
+        # here, before the barrier, so nobody's init_process_group finds it missing.
+        agent_store = not target.no_python
         os.environ.update(
             env.torchrun_env(
                 assignment,
@@ -142,11 +145,14 @@ def _run(target: Target) -> int:
                 boot.run_dir,
                 virtual_local_rank=boot.virtual_local_rank,
                 attempt_dir=boot.attempt_dir,
+                agent_store=agent_store,
             )
         )
         fresh.set_title(assignment.rank, target.argv, target.is_module)
         if not target.no_python:
             _configure_torch(assignment, boot.backend, boot.virtual_local_rank)
+        if agent_store and assignment.rank == 0:
+            _host_ddp_store(assignment)
         # A little longer than the launcher's own --join-timeout: its verdict names the ranks
         # that never came; this worker's own would only say that it waited.
         client.wait_barrier(
@@ -239,6 +245,48 @@ def _report(client, assignment, e: BaseException, tb_text: str) -> None:
         client.report_failure(assignment, type(e).__name__, tb_text)
     except Exception as rpc_error:  # the traceback is in the log anyway
         _say(f"could not send the traceback to the master: {rpc_error!r}")
+
+
+_ddp_store: object = None  # rank 0's TCPStore server: it lives as long as the worker
+LIBUV_STORE_FROM_RANKS = 1024
+
+
+def _host_ddp_store(assignment: env.Assignment) -> None:
+    """Rank 0 serves the generation's DDP store (MASTER_PORT) before the start barrier.
+
+    When rank 0's own init_process_group started it, the other ranks' often came first and
+    found nothing listening: torch's TCPStore client then retries after a back-off that cost
+    about half a second in most restarts. Served here, it is up before any rank passes the
+    barrier (the master opens it only once rank 0 waits there), and every rank connects as
+    a client (TORCHELASTIC_USE_AGENT_STORE=True, as under torchrun's agent store).
+
+    Raises:
+        MasterUnavailable: the port cannot be bound (the generation fails at once, instead of
+            every rank waiting for a store that never comes).
+    """
+    global _ddp_store
+    import datetime
+
+    from torch.distributed import TCPStore
+
+    from ddp_launch.errors import MasterUnavailable
+
+    try:
+        _ddp_store = TCPStore(
+            host_name=assignment.ddp_addr,
+            port=assignment.ddp_port,
+            world_size=assignment.world_size,
+            is_master=True,
+            timeout=datetime.timedelta(minutes=30),  # init_process_group's default
+            wait_for_workers=False,
+            multi_tenant=True,
+            # torch's libuv server scales to huge worlds, but opens fds (a /dev/null among
+            # them) that rank 0 of a torchrun worker would not have before its own
+            # init_process_group; below that size the classic server is as fast.
+            use_libuv=assignment.world_size >= LIBUV_STORE_FROM_RANKS,
+        )
+    except (RuntimeError, OSError) as e:
+        raise MasterUnavailable(f"rank 0 cannot serve the DDP store on port {assignment.ddp_port}: {e}") from None
 
 
 def _configure_torch(assignment: env.Assignment, backend: str, virtual_local_rank: bool) -> None:

@@ -129,7 +129,8 @@ def torchrun_command(*args: str) -> list[str]:
 
 def torchrun_env(base: dict[str, str] | None = None) -> dict[str, str]:
     """torch 2.13's torchrun restarts and tears down reliably only with this setting; it also
-    makes rank 0 host the DDP store, as ddp-launch does (TORCHELASTIC_USE_AGENT_STORE=False)."""
+    makes rank 0's init_process_group host the DDP store (TORCHELASTIC_USE_AGENT_STORE=False
+    with c10d), where ddp-launch's rank 0 serves it before the script starts (True)."""
     return {**(base or launcher_env()), "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 

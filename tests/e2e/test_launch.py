@@ -55,7 +55,9 @@ def test_workers_see_the_torchrun_environment(tmp_path):
         assert e["MASTER_ADDR"] == "127.0.0.1"
         assert e["TORCHELASTIC_RUN_ID"] == "job-42"
         assert e["TORCHELASTIC_RESTART_COUNT"] == "0" and e["TORCHELASTIC_MAX_RESTARTS"] == "3"
-        assert e["TORCHELASTIC_USE_AGENT_STORE"] == "False"
+        # The store is up before the script starts (rank 0's worker serves it), as torchrun's
+        # agent store is by default: every rank's init_process_group connects as a client.
+        assert e["TORCHELASTIC_USE_AGENT_STORE"] == "True"
         assert e["OMP_NUM_THREADS"] == "1" and e["torch_threads"] == 1
         assert e["DDP_LAUNCH_BACKEND"] == "gloo"
         assert e["TORCH_NCCL_ASYNC_ERROR_HANDLING"] == "1"

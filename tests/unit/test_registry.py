@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from ddp_launch.progress import Progress
-from ddp_launch.registry import RATE_WINDOW_S, RankState, Registry, Rejected
+from ddp_launch.registry import RATE_WINDOW_S, BarrierResult, RankState, Registry, Rejected
 from tests.fakes import FakeClock
 
 DDP_ADDR = "127.0.0.1"
@@ -724,3 +724,22 @@ def test_a_step_age_never_dates_a_step_before_the_previous_heartbeat(clock):
     clock.advance(5.0)
     beat(reg, 0, step=3)
     assert [v.stalled_for_s for v in reg.find_hung(4) if v.rank == 0] == [pytest.approx(6.0)]
+
+
+def test_with_rank0_serving_the_store_the_barrier_opens_only_once_rank0_waits_at_it(clock) -> None:
+    """Rank 0's worker serves the DDP store and then comes to the barrier: until it is there,
+    a rank that passed the barrier could find no store and wait out torch's back-off."""
+    reg = Registry(
+        run_id="r", nnodes=1, local_world_size=2, max_restarts=0, ddp_addr="127.0.0.1", ddp_port=29500,
+        clock=clock, barrier_waits_for_rank0=True,
+    )  # fmt: skip
+    register_all(reg)
+    assert not reg.barrier_open
+    assert reg.wait_barrier(rank=1, generation=0, timeout_s=0) == BarrierResult(open=False, superseded=False)
+    assert reg.wait_barrier(rank=0, generation=0, timeout_s=0) == BarrierResult(open=True, superseded=False)
+    assert reg.barrier_open and reg.wait_barrier(rank=1, generation=0, timeout_s=0).open
+    reg.begin_generation(1)  # rank 0 of generation 1 comes first this time: it waits for the rest
+    register(reg, 0, generation=1)
+    assert reg.wait_barrier(rank=0, generation=1, timeout_s=0).open is False
+    register(reg, 1, generation=1)
+    assert reg.barrier_open
