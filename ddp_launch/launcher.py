@@ -33,7 +33,7 @@ import psutil
 
 from ddp_launch import __version__, env, rundir, snapshots
 from ddp_launch.config import NODE_BY_ARRIVAL, START_WARM, PortInUse, RunConfig
-from ddp_launch.control.client import MasterClient
+from ddp_launch.control.client import TRANSIENT, MasterClient
 from ddp_launch.control.master import MasterServer
 from ddp_launch.control.relay import HeartbeatRelay
 from ddp_launch.errors import ConfigError
@@ -43,7 +43,7 @@ from ddp_launch.observe.failure import build_report, format_report
 from ddp_launch.observe.view import LiveView, format_resize_line, format_restart_line, format_summary
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
-from ddp_launch.run.follower import Follower
+from ddp_launch.run.follower import EXIT_MASTER_LOST, Follower
 from ddp_launch.run.group import stop_process_trees
 from ddp_launch.run.output import PIPE, TERMINAL, OutputPump
 from ddp_launch.run.result import GenerationResult, Outcome, RunResult, shell_exit_code
@@ -272,7 +272,11 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
             node = "node" if config.node_rank < 0 else f"node {config.node_rank}"
             print(f"[ddp-launch] {node}: {message}", file=stderr, flush=True)
 
-        config = _with_masters_run_id(config, client)
+        try:
+            config = _with_masters_run_id(config, client)
+        except MasterUnreachable as e:
+            # The whole --join-timeout went to reaching it: nothing was started.
+            return LaunchResult(EXIT_MASTER_LOST, None, f"ddp-launch: {e}", "")
         run_dir = config.resolved_run_dir
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -330,6 +334,10 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
         return LaunchResult(result.exit_code, None, summary, "")
 
 
+class MasterUnreachable(Exception):
+    """A node's master did not answer within --join-timeout."""
+
+
 def _joining(config: RunConfig) -> RunConfig:
     """This node as one that joins the run of the launcher holding the endpoint."""
     return dataclasses.replace(config, node_rank=NODE_BY_ARRIVAL, host_by_guess=False)
@@ -342,11 +350,17 @@ def _with_masters_run_id(config: RunConfig, client: MasterClient) -> RunConfig:
 
     Raises:
         ConfigError: the ids differ.
+        MasterUnreachable: the master did not answer within --join-timeout.
     """
     try:
         status = client.wait_for_status(config.join_timeout_s)
-    except grpc.RpcError:
-        return config  # the follower says why it cannot reach the master, and ends
+    except grpc.RpcError as e:
+        if e.code() in TRANSIENT:
+            raise MasterUnreachable(
+                f"the master at {client.address} could not be reached within --join-timeout "
+                f"({config.join_timeout_s:g} s)"
+            ) from None
+        return config  # it refused (the token): the follower says so, and ends
     if status.run_id == config.run_id:
         return config
     if config.run_id_given:

@@ -17,7 +17,7 @@ import pytest
 from tests.e2e.launch import SCRIPTS, free_port, kill_tree, launcher_command, launcher_env
 
 pytestmark = [pytest.mark.e2e]
-STEPS, PAUSE_S = 60, 0.2
+STEPS, PAUSE_S = 60, 0.1
 
 
 def elastic_line(port: int, *args: str, nnodes: str = "2:3") -> list[str]:

@@ -266,7 +266,7 @@ def test_a_host_with_another_token_is_refused_and_starts_nothing(tmp_path):
     (tmp_path / "b").write_text("another secret\n")
     script = [str(SCRIPTS / "hosts_train.py"), "20", "0.02", str(out)]
     with netns.Hosts(["h0", "h1"]) as hosts:
-        node0 = start(hosts, "h0", 0, tmp_path, "--token-file", str(tmp_path / "a"), "--join-timeout", "8", *script)
+        node0 = start(hosts, "h0", 0, tmp_path, "--token-file", str(tmp_path / "a"), "--join-timeout", "4", *script)
         node1 = start(hosts, "h1", 1, tmp_path, "--token-file", str(tmp_path / "b"), *script)
         _, err1 = node1.communicate(timeout=60)
         _, err0 = node0.communicate(timeout=60)

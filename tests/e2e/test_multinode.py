@@ -177,7 +177,7 @@ def test_a_node_with_another_rdzv_id_is_refused_naming_both_ids(tmp_path):
     (tmp_path / "tok").write_text("shared secret\n")
     token = ("--token-file", str(tmp_path / "tok"))
     (code0, err0), (code1, err1) = _c10d_pair(
-        tmp_path, *token, "--rdzv-id", "job-a", "--join-timeout", "5", extra1=(*token, "--rdzv-id", "job-b")
+        tmp_path, *token, "--rdzv-id", "job-a", "--join-timeout", "3", extra1=(*token, "--rdzv-id", "job-b")
     )
     assert code1 == 2, err1[-2000:]
     assert "this node's run id 'job-b' (--rdzv-id/--run-id) is not the master's 'job-a'" in err1
