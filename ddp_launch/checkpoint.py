@@ -138,7 +138,8 @@ def load(path: StrPath, map_location: Any = "cpu", *, weights_only: bool = True,
 
     Under ddp-launch with snapshots taken (`snapshot`), it is the newest snapshot step that
     every rank of this generation can load (their nodes' snapshots; one agreement over
-    torch.distributed, so call it after ``init_process_group``), unless the file at ``path``
+    torch.distributed, so call it after ``init_process_group``; without one, a run of several
+    nodes resumes from the file), unless the file at ``path``
     holds a newer ``"step"``. Every rank then gets the same step. Otherwise it reads the file
     (written by `save` or by plain `torch.save`), as under torchrun.
 
@@ -245,8 +246,12 @@ def _agreed_snapshot_step(where: Path, *, sharded: bool) -> int | None:
         every: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(every, sorted(mine))
         common = set(every[0]).intersection(*every[1:]) if every else set()
+    elif int(e.get("GROUP_WORLD_SIZE", "1")) > 1:
+        # Several nodes and no process group to agree over: each node holds other snapshots,
+        # and ranks resuming from different steps would never meet again. The file it is.
+        common = set()
     else:
-        common = mine
+        common = mine  # one node: every rank sees the same snapshots
     return max(common) if common else None
 
 

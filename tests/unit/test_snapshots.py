@@ -150,3 +150,16 @@ def test_the_launcher_makes_the_directory_in_memory_and_removes_it(tmp_path):
         assert d.parent == Path("/dev/shm")
     snapshots.remove_directory(d)
     assert not d.exists()
+
+
+def test_without_a_process_group_several_nodes_resume_from_the_file(where, tmp_path, monkeypatch):
+    """Each node has snapshots of its own: ranks that cannot agree must not pick by node."""
+    checkpoint.snapshot(state_at(6), step=6)
+    checkpoint._snapshotter().wait()
+    checkpoint.save(state_at(2), tmp_path / "ckpt.pt")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: every rank sees the same ones
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 6
+    monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
+    assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 2
+    assert snapshots.committed(where) == []  # step 6 is the timeline that was not kept
