@@ -74,33 +74,18 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
     """
     stdout = stdout or sys.stdout
     stderr = stderr or sys.stderr
+    if config.node_rank != 0:
+        config.validate()
+        return _follow(config, stdout, stderr)
+    token = config.token or secrets.token_urlsafe(24)
     try:
         config.validate()
+        registry, server = _start_master(config, token)
     except PortInUse:
         if not config.host_by_guess:
             raise
         # Another launcher on this host took the endpoint between our look and now (nodes
         # started at once): it is node 0, and this one joins its run.
-        return _follow(_joining(config), stdout, stderr)
-    if config.node_rank != 0:
-        return _follow(config, stdout, stderr)
-    token = config.token or secrets.token_urlsafe(24)
-    registry = Registry(
-        run_id=config.run_id,
-        nnodes=config.nnodes,
-        local_world_size=config.nproc_per_node,
-        max_restarts=config.restart.max_restarts,
-        ddp_addr=config.ddp_addr or config.master_addr,
-        ddp_port=config.ddp_port,
-        min_nodes=config.fewest_nodes,
-        barrier_waits_for_rank0=True,  # rank 0's worker serves the DDP store first
-    )
-    server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
-    try:
-        server.start()
-    except PortInUse:
-        if not config.host_by_guess:
-            raise
         return _follow(_joining(config), stdout, stderr)
     with contextlib.ExitStack() as teardown:
         teardown.callback(server.stop)
@@ -336,6 +321,27 @@ def _follow(config: RunConfig, stdout: TextIO, stderr: TextIO) -> LaunchResult:
 
 class MasterUnreachable(Exception):
     """A node's master did not answer within --join-timeout."""
+
+
+def _start_master(config: RunConfig, token: str) -> tuple[Registry, MasterServer]:
+    """Node 0's registry and its gRPC master, listening.
+
+    Raises:
+        PortInUse: the control port is taken.
+    """
+    registry = Registry(
+        run_id=config.run_id,
+        nnodes=config.nnodes,
+        local_world_size=config.nproc_per_node,
+        max_restarts=config.restart.max_restarts,
+        ddp_addr=config.ddp_addr or config.master_addr,
+        ddp_port=config.ddp_port,
+        min_nodes=config.fewest_nodes,
+        barrier_waits_for_rank0=True,  # rank 0's worker serves the DDP store first
+    )
+    server = MasterServer(registry, token, host=config.master_addr, port=config.control_port or 0, tls=config.tls)
+    server.start()
+    return registry, server
 
 
 def _joining(config: RunConfig) -> RunConfig:
