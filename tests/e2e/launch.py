@@ -122,6 +122,35 @@ def poll_status(run_dir: Path, until, timeout_s: float = 90.0) -> dict | None:
     return status
 
 
+def poll_until(condition, timeout_s: float, what: str) -> float:
+    """Waits (0.1 s polls) until `condition()` holds, failing the test after `timeout_s`;
+    returns when it held (time.monotonic())."""
+    end = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def elastic_rows(out: Path) -> list[tuple[str, int, int, int, int, int]]:
+    """What tests/e2e/scripts/elastic_train.py wrote in `out`: (host, generation, world size,
+    rank, first step, pid) of each rank's first step of each generation, in order of
+    generation and rank."""
+    rows = []
+    for path in out.glob("worlds-*.txt"):
+        host = path.stem.removeprefix("worlds-")
+        for line in path.read_text().splitlines():
+            generation, world, rank, step, pid = (int(x) for x in line.split())
+            rows.append((host, generation, world, rank, step, pid))
+    return sorted(rows, key=lambda row: (row[1], row[3]))
+
+
+def elastic_steps_done(out: Path) -> int:
+    """The steps elastic_train.py's rank 0 saved in `out` (0 before the first)."""
+    text = (out / "step").read_text() if (out / "step").exists() else ""
+    return int(text) if text else 0
+
+
 def torchrun_command(*args: str) -> list[str]:
     """torchrun itself (its console script is `python -m torch.distributed.run`)."""
     return [sys.executable, "-m", "torch.distributed.run", *args]

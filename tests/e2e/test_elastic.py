@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.e2e.launch import SCRIPTS, free_port, kill_tree, launcher_command, launcher_env
+from tests.e2e.launch import (
+    SCRIPTS,
+    elastic_rows,
+    elastic_steps_done,
+    free_port,
+    kill_tree,
+    launcher_command,
+    launcher_env,
+    poll_until,
+)
 
 pytestmark = [pytest.mark.e2e]
 STEPS, PAUSE_S = 60, 0.1
@@ -38,26 +46,7 @@ def start(tmp_path: Path, port: int, *args: str, nnodes: str = "2:3") -> subproc
 
 def worlds(out: Path) -> list[tuple[int, int, int, int]]:
     """(generation, world size, rank, first step) of every rank's first step of a generation."""
-    return [row[:4] for row in _rows(out)]
-
-
-def _rows(out: Path) -> list[tuple[int, ...]]:
-    rows = []
-    for path in out.glob("worlds-*.txt"):
-        rows += [tuple(int(x) for x in line.split()) for line in path.read_text().splitlines()]
-    return sorted(rows)
-
-
-def steps_done(out: Path) -> int:
-    text = (out / "step").read_text() if (out / "step").exists() else ""
-    return int(text) if text else 0
-
-
-def wait_until(condition, timeout_s: float, what: str) -> None:
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
-        time.sleep(0.1)
+    return [row[1:5] for row in elastic_rows(out)]
 
 
 def events(tmp_path: Path) -> list[dict]:
@@ -84,8 +73,8 @@ def test_a_node_that_joins_mid_run_trains_in_the_bigger_world(tmp_path):
     script = [str(SCRIPTS / "elastic_train.py"), str(STEPS), str(PAUSE_S), str(out)]
     first = [start(tmp_path, port, *script), start(tmp_path, port, *script)]
     try:
-        wait_until(lambda: len(worlds(out)) >= 2, 60, "the first generation's 2 ranks")
-        wait_until(lambda: steps_done(out) >= 5, 30, "five steps")
+        poll_until(lambda: len(worlds(out)) >= 2, 60, "the first generation's 2 ranks")
+        poll_until(lambda: elastic_steps_done(out) >= 5, 30, "five steps")
         late = start(tmp_path, port, *script)
     except BaseException:
         finish(first, timeout_s=1)
@@ -115,10 +104,10 @@ def test_a_lost_node_leaves_a_smaller_world_that_finishes(tmp_path):
     script = [str(SCRIPTS / "elastic_train.py"), str(STEPS), str(PAUSE_S), str(out)]
     procs = [start(tmp_path, port, *script) for _ in range(3)]
     try:
-        wait_until(lambda: len(worlds(out)) >= 3, 60, "the first generation's 3 ranks")
-        wait_until(lambda: steps_done(out) >= 5, 30, "five steps")
+        poll_until(lambda: len(worlds(out)) >= 3, 60, "the first generation's 3 ranks")
+        poll_until(lambda: elastic_steps_done(out) >= 5, 30, "five steps")
         # Node 2's host vanishes: its launcher and its workers die at once (no goodbye).
-        (worker,) = [row[4] for row in _rows(out) if row[2] == 2]
+        (worker,) = [row[5] for row in elastic_rows(out) if row[3] == 2]
         victim = next(p for p in procs if worker in [c.pid for c in psutil.Process(p.pid).children(recursive=True)])
         tree = [psutil.Process(victim.pid), *psutil.Process(victim.pid).children(recursive=True)]
         for proc in tree:
@@ -156,7 +145,7 @@ def test_a_node_with_another_nproc_is_refused_with_exit_2_and_starts_nothing(tmp
     port = free_port()
     host = start(tmp_path, port, "--join-timeout", "20", str(SCRIPTS / "env_dump.py"), str(tmp_path))
     try:
-        wait_until(lambda: (tmp_path / "runs" / "job1" / "master.json").exists(), 30, "the master")
+        poll_until(lambda: (tmp_path / "runs" / "job1" / "master.json").exists(), 30, "the master")
         odd = subprocess.run(
             [*elastic_line(port, "--nproc-per-node", "2", str(SCRIPTS / "env_dump.py"), str(tmp_path))],
             cwd=tmp_path, env=launcher_env(), capture_output=True, text=True, timeout=30,

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from tests.e2e import netns
-from tests.e2e.launch import SCRIPTS, launcher_env
+from tests.e2e.launch import SCRIPTS, elastic_rows, elastic_steps_done, launcher_env, poll_until
 
 REASON = netns.available()
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
@@ -173,26 +173,8 @@ def elastic(hosts: netns.Hosts, host: str, tmp_path, *args: str) -> subprocess.P
 
 def worlds(out) -> list[tuple[str, int, int, int, int]]:
     """(host, generation, world size, rank, first step) of each rank's first step of each
-    generation, in order of generation and rank (tests/e2e/scripts/elastic_train.py)."""
-    rows = []
-    for path in out.glob("worlds-*.txt"):
-        host = path.stem.removeprefix("worlds-")
-        rows += [(host, *(int(x) for x in line.split()[:4])) for line in path.read_text().splitlines()]
-    return sorted(rows, key=lambda row: (row[1], row[3]))
-
-
-def steps_done(out) -> int:
-    text = (out / "step").read_text() if (out / "step").exists() else ""
-    return int(text) if text else 0
-
-
-def poll(condition, timeout_s: float, what: str) -> float:
-    """Waits for `condition`; returns when it held (time.monotonic())."""
-    end = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < end, f"{what}: not within {timeout_s} s"
-        time.sleep(0.1)
-    return time.monotonic()
+    generation, in order of generation and rank."""
+    return [row[:5] for row in elastic_rows(out)]
 
 
 def ended(procs: dict[str, subprocess.Popen], timeout_s: float = 90) -> dict[str, tuple[int, str]]:
@@ -212,10 +194,10 @@ def test_a_third_host_joins_mid_run_and_its_rank_trains_in_the_bigger_world(tmp_
     with netns.Hosts(["h0", "h1", "h2"]) as hosts:
         procs = {"h0": elastic(hosts, "h0", tmp_path, *script)}
         procs["h1"] = elastic(hosts, "h1", tmp_path, *script)
-        poll(lambda: steps_done(out) >= 10, 90, "ten steps of two hosts")
+        poll_until(lambda: elastic_steps_done(out) >= 10, 90, "ten steps of two hosts")
         joined_at = time.monotonic()
         procs["h2"] = elastic(hosts, "h2", tmp_path, *script)
-        admitted = poll(lambda: any(row[2] == 3 for row in worlds(out)), 60, "a world of 3")
+        admitted = poll_until(lambda: any(row[2] == 3 for row in worlds(out)), 60, "a world of 3")
         results = ended(procs)
         assert all(code == 0 for code, _ in results.values()), {h: err[-1500:] for h, (_, err) in results.items()}
         seen = worlds(out)
@@ -238,12 +220,12 @@ def test_a_cut_host_leaves_a_smaller_world_in_seconds_and_rejoins_when_its_link_
     script = [str(SCRIPTS / "elastic_train.py"), "600", "0.1", str(out)]
     with netns.Hosts(["h0", "h1", "h2"]) as hosts:
         procs = {h: elastic(hosts, h, tmp_path, *script) for h in hosts.names}
-        poll(lambda: len(worlds(out)) == 3 and steps_done(out) >= 10, 90, "ten steps of three hosts")
+        poll_until(lambda: len(worlds(out)) == 3 and elastic_steps_done(out) >= 10, 90, "ten steps of three hosts")
         hosts.cut("h2")
         cut_at = time.monotonic()
-        smaller = poll(lambda: any(row[2] == 2 for row in worlds(out)), 60, "a world of 2")
+        smaller = poll_until(lambda: any(row[2] == 2 for row in worlds(out)), 60, "a world of 2")
         hosts.mend("h2")
-        poll(lambda: [row[2] for row in worlds(out)].count(3) >= 6, 120, "h2 back in a world of 3")
+        poll_until(lambda: [row[2] for row in worlds(out)].count(3) >= 6, 120, "h2 back in a world of 3")
         (out / "finish").write_text("")
         results = ended(procs, timeout_s=120)
         print(f"h0 and h1 trained as a world of 2 {smaller - cut_at:.1f} s after h2's link was cut")
