@@ -46,13 +46,13 @@ def uninterrupted_digest(tmp_path_factory):
 @pytest.mark.parametrize(
     ("fault", "step", "snapshots"),
     # Files only (--no-snapshot): a death after a step, and a death in the middle of a save.
-    # With snapshots: both again, and a clean exit 1.
+    # With snapshots: a clean exit 1, a SIGKILL, and a death in the middle of a snapshot.
     [("sigkill", 25, False), ("save-crash", 20, False), ("exit1", 25, True), ("sigkill", 25, True),
-     ("save-crash", 20, True)],
+     ("snapshot-crash", 20, True)],
 )  # fmt: skip
 def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrupted_digest, fault, step, snapshots):
     ckpt = tmp_path / "ckpt.pt"
-    rank = 0 if fault == "save-crash" else 1  # rank 0 is the one that saves
+    rank = 0 if fault.endswith("-crash") else 1  # rank 0 saves, and keeps node 0's snapshots
     run = run_launcher(
         ["-n", "2", "--max-restarts", "1", "--stop-grace", "2", FAULTS, fault, str(rank), str(step), *TRAIN,
          "--checkpoint", str(ckpt), *([] if snapshots else ["--no-snapshot"])],
@@ -64,11 +64,12 @@ def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrup
     if snapshots:
         # A snapshot after every step (node 0's local rank 0 keeps the node's one copy): the
         # crash right after step K's update loses at most that step (K when rank 0 finished
-        # step K and snapshotted it). The save-crash dies in the first torch.save after step
-        # 20, the snapshot's writer: a torn snapshot that must never be loaded.
+        # step K and snapshotted it). The snapshot-crash tears step K's snapshot after its
+        # first tensor: it must never be loaded, and step K-1's is.
         resumed = re.search(r"resuming from the snapshot of step (\d+): epoch 0 step (\d+)", run.stdout)
         assert resumed is not None, run.stdout
-        assert int(resumed.group(1)) == int(resumed.group(2)) in (step - 1, step), run.stdout
+        expected = (step - 1,) if fault == "snapshot-crash" else (step - 1, step)
+        assert int(resumed.group(1)) == int(resumed.group(2)) in expected, run.stdout
     else:
         # Generation 1 resumed from the last good checkpoint: step 20 (or 10 when the save at 20 died).
         resumed_at = 10 if fault == "save-crash" else 20

@@ -1,10 +1,11 @@
 """In-memory snapshots (ddp_launch.snapshots, checkpoint.snapshot / load), in one process:
-the writer thread, the commit by rename, the bound of two per rank, and which state `load`
-picks. Across a real crash: tests/e2e/test_supervision.py (bit-identical resume)."""
+the slots and their commit, the bound of two per writer, what a snapshot keeps, and which
+state `load` picks. Across a real crash: tests/e2e/test_supervision.py (bit-identical resume)."""
 
 from __future__ import annotations
 
 import os
+import pickle
 import subprocess
 import sys
 import threading
@@ -36,7 +37,6 @@ def test_a_snapshot_is_a_copy_taken_when_called_and_load_prefers_it_to_an_older_
     live = state_at(5)
     assert checkpoint.snapshot(live, step=5)
     live["model"]["w"].fill_(99.0)  # the script's next step changes its tensors in place
-    checkpoint._snapshotter().wait()
     assert [(f.rank, f.step) for f in snapshots.committed(where)] == [(0, 5)]
     got = checkpoint.load(tmp_path / "ckpt.pt")
     assert got["step"] == 5 and got["model"]["w"].tolist() == [5.0, 5.0, 5.0]
@@ -46,14 +46,14 @@ def test_a_snapshot_is_a_copy_taken_when_called_and_load_prefers_it_to_an_older_
 
 def test_a_newer_file_wins_and_makes_newer_snapshots_of_the_old_timeline_go(where, tmp_path):
     checkpoint.snapshot(state_at(3), step=3)
-    checkpoint._snapshotter().wait()
     checkpoint.save(state_at(7), tmp_path / "ckpt.pt")
     assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 7
     assert checkpoint.loaded_from() == str(tmp_path / "ckpt.pt")
     assert [f.step for f in snapshots.committed(where)] == [3]  # older: harmless, kept
     # Once a resume from step 7 is chosen (the ranks agreed on it), a snapshot of step 9 left
     # on this node is another timeline's: it goes, so that no later load can pick it.
-    (where / "rank-0.step-9.pt").write_bytes((where / "rank-0.step-3.pt").read_bytes())
+    checkpoint.snapshot(state_at(9), step=9)
+    assert [f.step for f in snapshots.committed(where)] == [3, 9]
     checkpoint._drop_snapshots_after(where, 7, sharded=False)
     assert [f.step for f in snapshots.committed(where)] == [3]
 
@@ -71,76 +71,145 @@ def test_outside_ddp_launch_snapshot_does_nothing_and_load_reads_the_file(tmp_pa
     assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 4
 
 
-def test_while_a_write_is_in_flight_the_next_call_takes_none(where, monkeypatch):
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy is CUDA's")
+def test_while_a_cuda_copy_is_in_flight_the_next_call_takes_none(where, monkeypatch):
     release = threading.Event()
-    real_save = torch.save
+    real_fill = snapshots._Slot.fill
 
-    def slow_save(obj, f, *a, **k):
+    def slow_fill(self, *a, **k):
         release.wait(10)
-        real_save(obj, f, *a, **k)
+        real_fill(self, *a, **k)
 
-    monkeypatch.setattr(torch, "save", slow_save)
+    monkeypatch.setattr(snapshots._Slot, "fill", slow_fill)
     taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
-    assert taker.take(state_at(1), 1)
-    assert taker.take(state_at(2), 2) is False  # returns at once, nothing taken
+    on_gpu = {"w": torch.ones(3, device="cuda")}
+    assert taker.take(on_gpu, 1)
+    assert taker.take(on_gpu, 2) is False  # returns at once, nothing taken
     release.set()
     taker.wait(10)
     assert (taker.taken, taker.skipped) == (1, 1)
     assert [f.step for f in snapshots.committed(where)] == [1]
 
 
-def test_at_most_two_per_rank_and_the_newest_committed_one_stays_while_the_next_is_written(where, monkeypatch):
+def test_two_slots_per_writer_and_the_newest_stays_committed_while_the_next_is_written(where, monkeypatch):
     taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
     for step in range(1, 5):
-        taker.take(state_at(step), step)
-        taker.wait(10)
-    assert [f.step for f in snapshots.committed(where)] == [4]
+        assert taker.take(state_at(step), step)
+    assert [f.step for f in snapshots.committed(where)] == [3, 4]
+    assert sorted(os.listdir(where)) == ["node.slot-0", "node.slot-1"]  # no file per step
     seen_during_write: list[list[int]] = []
-    real_save = torch.save
+    real_views = snapshots._Slot.views
 
-    def watching_save(obj, f, *a, **k):
+    def watching_views(self, *a, **k):
         seen_during_write.append([g.step for g in snapshots.committed(where)])
-        real_save(obj, f, *a, **k)
+        return real_views(self, *a, **k)
 
-    monkeypatch.setattr(torch, "save", watching_save)
+    monkeypatch.setattr(snapshots._Slot, "views", watching_views)
     taker.take(state_at(5), 5)
-    taker.wait(10)
-    assert seen_during_write == [[4]]  # the last committed one, and the one being written: two
-    assert [f.step for f in snapshots.committed(where)] == [5]
+    assert seen_during_write == [[4]]  # step 3's slot is being overwritten: not loadable
+    assert [f.step for f in snapshots.committed(where)] == [4, 5]
 
 
-def test_a_writer_killed_mid_write_leaves_no_snapshot_only_a_temp_that_goes(where):
-    """A child process takes a snapshot whose torch.save dies half-way (os._exit)."""
+def test_a_writer_killed_mid_copy_leaves_a_slot_that_never_loads_and_the_previous_one(where, tmp_path):
+    """A child process dies (os._exit) after the first of two tensors reached the slot."""
     code = (
         "import os, torch\n"
         "from ddp_launch import snapshots\n"
         "t = snapshots.Snapshotter(__import__('pathlib').Path(os.environ['W']), 0, 0, 1)\n"
-        "t.take({'w': torch.ones(3)}, 1); t.wait()\n"
-        "def die(obj, f, *a, **k):\n"
-        "    f.write(b'half a snapshot'); f.flush(); os._exit(9)\n"
-        "torch.save = die\n"
-        "t.take({'w': torch.zeros(3)}, 2); t.wait()\n"
+        "for step in (1, 2):\n"
+        "    t.take({'a': torch.full((4,), float(step)), 'b': torch.full((4,), float(step))}, step)\n"
+        "real = snapshots._Slot.views\n"
+        "class Die:\n"
+        "    def copy_(self, src): os._exit(9)\n"
+        "snapshots._Slot.views = lambda self, *a: [real(self, *a)[0], Die()]\n"
+        "t.take({'a': torch.full((4,), 3.0), 'b': torch.full((4,), 3.0)}, 3)\n"
     )
     child = subprocess.run([sys.executable, "-c", code], env={**os.environ, "W": str(where)}, timeout=60)
     assert child.returncode == 9
-    assert [f.step for f in snapshots.committed(where)] == [1]  # step 2 never committed
-    assert [n for n in os.listdir(where) if ".tmp-" in n]  # the torn one is only a temp file
-    snapshots.remove_orphans(where)
-    assert sorted(os.listdir(where)) == ["rank-0.step-1.pt"]
+    assert [f.step for f in snapshots.committed(where)] == [2]  # step 1's slot was torn by 3
+    got = checkpoint.load(tmp_path / "none.pt")
+    assert got["a"].tolist() == got["b"].tolist() == [2.0] * 4
+
+
+def test_every_dense_tensor_comes_back_bit_identical_and_a_layout_change_grows_the_slot(where, tmp_path):
+    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
+    wide = torch.randn(6, 5)
+    state = {
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "scalar": torch.tensor(3, dtype=torch.int64),
+        "empty": torch.empty(0, 4),
+        "strided": wide.t(),  # not contiguous: kept by value, in its own shape
+        "flags": torch.tensor([True, False]),
+        "plain": {"lr": 0.1, "name": "sgd", "blob": b"\x00\x01", "none": None, "pair": (1, 2.5)},
+    }
+    assert taker.take(state, 1)
+    got = checkpoint.load(tmp_path / "none.pt")
+    for key in ("bf16", "scalar", "empty", "strided", "flags"):
+        assert got[key].dtype == state[key].dtype and got[key].shape == state[key].shape
+        assert torch.equal(got[key], state[key]), key
+    assert got["plain"] == state["plain"]
+    assert taker.take({"w": torch.arange(100_000, dtype=torch.float64)}, 2)  # more than slot 1 held
+    assert taker.take({"w": torch.arange(200_000, dtype=torch.float64)}, 3)  # more than either
+    assert checkpoint.load(tmp_path / "none.pt")["w"].tolist() == list(map(float, range(200_000)))
+
+
+def test_a_value_that_is_not_plain_is_refused_naming_where_it_is(where):
+    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
+    with pytest.raises(TypeError, match=r"state\['opt'\]\['sched'\] is a object; a snapshot keeps"):
+        taker.take({"opt": {"sched": object()}}, 1)
+    assert snapshots.committed(where) == []
+
+
+def test_a_structure_that_names_other_code_is_never_unpickled(where):
+    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
+    taker.take({"w": torch.ones(2)}, 1)
+    slot = taker.slots(False)[0]
+    evil = pickle.dumps((os.system, ()))  # a global that a plain pickle.load would call
+    at = int(slot.header[6])
+    slot.raw[at : at + len(evil)] = list(evil)
+    slot.header[7] = len(evil)
+    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+        snapshots.read(where, 1, 0, sharded=False)
+
+
+def test_a_full_memory_filesystem_skips_the_snapshot_with_one_line(where, monkeypatch, capsys):
+    def full(fd, offset, length):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1)
+    assert taker.take(state_at(1), 1) is False
+    assert taker.take(state_at(2), 2) is False
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["[ddp-launch] snapshot of step 1 not kept: [Errno 28] No space left on device"]
+    assert snapshots.committed(where) == []
 
 
 def test_replicated_state_is_kept_once_per_node_sharded_state_by_every_rank(where):
     other = snapshots.Snapshotter(where, rank=1, local_rank=1, world_size=2)
     assert other.take(state_at(3), 3)  # local rank 0's copy serves it
-    other.wait()
     assert snapshots.committed(where) == []
     assert other.take(state_at(3), 3, sharded=True)
-    other.wait(10)
     assert [(f.rank, f.step) for f in snapshots.committed(where)] == [(1, 3)]
     assert snapshots.loadable_steps(where, 1, 2, sharded=True) == {3}
     assert snapshots.loadable_steps(where, 0, 2, sharded=True) == set()  # not rank 0's shard
     assert snapshots.loadable_steps(where, 1, 4, sharded=True) == set()  # another world
-    assert snapshots.loadable_steps(where, 0, 2, sharded=False) == {3}
+    assert snapshots.loadable_steps(where, 0, 2, sharded=False) == set()  # a shard is not the state
+    first = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=2)
+    assert first.take(state_at(4), 4)
+    assert snapshots.loadable_steps(where, 1, 2, sharded=False) == {4}  # every rank of the node
+
+
+def test_a_killed_launchers_directory_is_removed_by_the_next_one_a_live_ones_kept(tmp_path):
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    shm = tmp_path / "shm"
+    dead = shm / f"ddp-launch-run-a-{int(gone.stdout)}"
+    live = shm / f"ddp-launch-run-b-{os.getpid()}"
+    other = shm / "someone-else-1"
+    for d in (dead, live, other):
+        (d / "inner").mkdir(parents=True)
+    snapshots.remove_abandoned(shm)
+    assert sorted(p.name for p in shm.iterdir()) == sorted([live.name, other.name])
 
 
 def test_the_launcher_makes_the_directory_in_memory_and_removes_it(tmp_path):
@@ -155,7 +224,6 @@ def test_the_launcher_makes_the_directory_in_memory_and_removes_it(tmp_path):
 def test_without_a_process_group_several_nodes_resume_from_the_file(where, tmp_path, monkeypatch):
     """Each node has snapshots of its own: ranks that cannot agree must not pick by node."""
     checkpoint.snapshot(state_at(6), step=6)
-    checkpoint._snapshotter().wait()
     checkpoint.save(state_at(2), tmp_path / "ckpt.pt")
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("GROUP_WORLD_SIZE", "1")  # one node: every rank sees the same ones

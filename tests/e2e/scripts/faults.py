@@ -8,6 +8,8 @@ usage: faults.py FAULT RANK STEP [example args...]
   sigstop    rank RANK stops itself (SIGSTOP) after step STEP
   hold-gil   rank RANK holds the GIL forever before its first step (heartbeats stop too)
   save-crash rank RANK dies (os._exit) in the middle of the checkpoint save after step STEP
+  snapshot-crash  rank RANK dies (os._exit) in the middle of its snapshot after step STEP, with
+             the first tensor of the state copied and the rest not
 The fault only fires when TORCHELASTIC_RESTART_COUNT is 0, so a restart runs clean.
 """
 
@@ -58,6 +60,17 @@ def after_step(optimizer, args, kwargs):
 
         # The example saves right after this step: that save dies half-way through.
         torch.save = save_half_then_die
+    if fault == "snapshot-crash":
+        from ddp_launch import snapshots
+
+        real_views = snapshots._Slot.views
+
+        class DieOnCopy:
+            def copy_(self, src):
+                os._exit(1)
+
+        # The example snapshots right after this step: that one is torn after its first tensor.
+        snapshots._Slot.views = lambda self, *a: [real_views(self, *a)[0], DieOnCopy()]
 
 
 if armed and fault == "hold-gil":
