@@ -2,6 +2,8 @@
 
 Runs ddp-launch and torchrun side by side on the same script, in alternating pairs, prints
 a table and writes every value, pair by pair, to a JSON file. See benchmarks/README.md.
+``--figures soak`` runs the fault soak instead (benchmarks/soak.py: 200 runs, about half an
+hour, never part of the default set).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import control_plane, figures, report
+from benchmarks import control_plane, figures, report, soak
 
 FIGURES = ("startup", "throughput", "overhead", "recovery", "hang", "output", "control")
 HERE = Path(__file__).resolve().parent
@@ -72,9 +74,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = p.parse_args(argv)
     wanted = {f.strip() for f in args.figures.split(",") if f.strip()}
-    unknown = wanted - set(FIGURES)
+    unknown = wanted - set(FIGURES) - {"soak"}
     if unknown:
-        p.error(f"unknown figure(s) {sorted(unknown)}; choose from {','.join(FIGURES)}")
+        p.error(f"unknown figure(s) {sorted(unknown)}; choose from {','.join(FIGURES)} (or soak)")
+    if "soak" in wanted and len(wanted) > 1:
+        p.error("--figures soak runs alone (about half an hour)")
     if args.pairs is not None and args.pairs < 1:
         p.error("--pairs must be >= 1")
     args.wanted = wanted
@@ -89,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(report.markdown_tables(result))
         return 0
+    if "soak" in args.wanted:
+        return soak.main([] if args.out is None else ["--out", str(args.out)])
     out = args.out or HERE / ("results-quick.json" if args.quick else "results.json")
     started = time.monotonic()
 

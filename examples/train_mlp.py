@@ -55,6 +55,7 @@ def parse_args() -> argparse.Namespace:
         help="with --checkpoint under ddp-launch, do not keep an in-memory snapshot after every step",
     )
     p.add_argument("--samples", type=int, default=4096, help="size of the synthetic dataset")
+    p.add_argument("--loader-workers", type=int, default=0, metavar="N", help="DataLoader worker processes per rank")
     p.add_argument("--print-digest", action="store_true", help="print a sha256 of the final parameters")
     return p.parse_args()
 
@@ -150,7 +151,9 @@ def main() -> None:
 
     data = make_dataset(args.samples, args.seed)
     sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=0)
+    workers = max(0, args.loader_workers)
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, num_workers=workers,
+                        persistent_workers=workers > 0)  # fmt: skip
     steps_per_epoch = len(loader)
     total_steps = args.epochs * steps_per_epoch
     if args.max_steps > 0:
