@@ -2,7 +2,8 @@
 (also ``python -m benchmarks --figures soak``; never part of CI: about half an hour)
 
 Runs examples/train_mlp.py (through benchmarks/soak_train.py, which records every rank's
-steps) under ddp-launch at N=4 with ``--max-restarts 3``, a snapshot after every step, and
+steps) under ddp-launch at N=4 with ``--max-restarts 3``, a snapshot after every step (no
+budget: ``--snapshot-budget 0``), and
 injects one or two faults per run at random moments, from outside, by pid:
 
 ======================  =====================================================================
@@ -89,7 +90,7 @@ class Run:
     def start(self) -> None:
         self.records.mkdir(parents=True)
         args = ["--max-steps", str(STEPS), "--epochs", "1000", "--checkpoint", str(self.where / "ckpt.pt"),
-                "--checkpoint-every", "50"]  # fmt: skip
+                "--checkpoint-every", "50", "--snapshot-budget", "0"]  # fmt: skip
         if "loader-sigkill" in self.faults:
             args += ["--loader-workers", "1"]
         cmd = launcher_command(
@@ -358,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.runs < 1:
         p.error("--runs must be >= 1")
+    # A SIGTERM to the soak must still stop the run in flight (soak_one's finally).
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))
     rng = random.Random(args.seed)
     results = []
     started = time.monotonic()

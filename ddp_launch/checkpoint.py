@@ -25,13 +25,13 @@ Usage::
 Both functions work the same under ddp-launch, torchrun or plain ``python``. torch is imported
 inside them so that ``import ddp_launch`` stays cheap for code that never touches a checkpoint.
 
-**Snapshots** lose at most one step to a crash, at the cost of a copy in memory::
+**Snapshots** lose a step or a few to a crash, at the cost of a copy in memory::
 
     state = checkpoint.load("ckpt/last.pt")       # the newest: a snapshot or the file
     for step in range(start, steps):
         train_step()
-        checkpoint.snapshot({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "step": step + 1}, step=step + 1)
+        checkpoint.snapshot(lambda: {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "step": step + 1}, step=step + 1)
         if end_of_epoch and rank == 0:
             checkpoint.save(..., "ckpt/last.pt")  # durable: survives the node, the job
 
@@ -49,7 +49,7 @@ from typing import Any
 
 from ddp_launch import snapshots
 
-__all__ = ["load", "loaded_from", "save", "snapshot"]
+__all__ = ["load", "loaded_from", "save", "snapshot", "snapshot_counts"]
 
 StrPath = str | os.PathLike[str]
 
@@ -197,24 +197,44 @@ def loaded_from() -> str | None:
     return _loaded_from
 
 
-def snapshot(state: Any, *, step: int, sharded: bool = False) -> bool:
-    """Keep `state` (a ``state_dict()``-like nest of tensors and plain values) at `step` in
-    the node's memory, so that a crash loses at most the steps since; call it after every
-    optimizer step if you like.
+DEFAULT_BUDGET = 0.03
+
+
+def snapshot(state: Any, *, step: int, sharded: bool = False, budget: float | None = DEFAULT_BUDGET) -> bool:
+    """Keep `state` (a ``state_dict()``-like nest of tensors and plain values, or a function
+    that returns one) at `step` in the node's memory, so that a crash loses at most the
+    steps since; call it after every optimizer step.
 
     It costs one copy of the tensors into memory the node's launcher owns: a memcpy in the
-    call on CPU (tens of microseconds for a few MB), an asynchronous copy from a GPU that a
-    thread commits. While a GPU copy is still in flight it returns False and takes none, so
-    it never slows the loop down to the copy's pace. Replicated state
-    (DDP) is kept once per node; with ``sharded=True`` (FSDP2's ``fully_shard``) every rank
-    keeps its own shard. Outside ddp-launch it does nothing and returns False.
+    call on CPU, an asynchronous copy from a GPU that a thread commits (while one is still
+    in flight the next call takes none). Snapshots take at most `budget` of the loop's time
+    (3% by default): when one costs more than that share of a step, only every 2nd, 4th, ...
+    step is kept, the same steps on every rank. ``budget=None`` keeps every call's. Pass a
+    function (``lambda: {...}``) so that the steps passed over do not even build the state.
+    Replicated state (DDP) is kept once per node; with ``sharded=True`` (FSDP2's
+    ``fully_shard``) every rank keeps its own shard. Outside ddp-launch it does nothing and
+    returns False.
 
     Returns:
         Whether a snapshot was taken (or, for replicated state on a rank other than the node's
-        first, is taken by that one).
+        first, left to that one).
+
+    Raises:
+        TypeError: the state holds something other than tensors, containers and plain values.
     """
     taker = _snapshotter()
-    return False if taker is None else taker.take(state, step, sharded=sharded)
+    return False if taker is None else taker.take(state, step, sharded=sharded, budget=budget)
+
+
+def snapshot_counts() -> dict[str, int] | None:
+    """This process's snapshots so far: ``taken``, ``passed_over`` (by the budget),
+    ``in_flight`` (calls that found a GPU copy still running) and ``every`` (the budget's
+    spacing now, in steps); None when it takes none (outside ddp-launch, or not the node's
+    first rank for replicated state)."""
+    taker = _snapshotter()
+    if taker is None or taker.taken + taker.thinned + taker.skipped == 0:
+        return None
+    return {"taken": taker.taken, "passed_over": taker.thinned, "in_flight": taker.skipped, "every": taker.every}
 
 
 _taker: snapshots.Snapshotter | None = None

@@ -36,7 +36,9 @@ import shutil
 import struct
 import sys
 import threading
+import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -48,6 +50,7 @@ _EMPTY, _WRITING, _COMMITTED = 0, 1, 2
 _DATA_AT = 4096  # the header's page; tensors start on the next
 _ALIGN = 64
 _HEADER = struct.Struct("=8q")
+_MOST_APART = 1024  # the budget never spaces snapshots further apart than this many steps
 # The plain values a snapshot keeps beside its tensors: what a state_dict() holds.
 _PLAIN = (int, float, bool, str, bytes, complex, type(None))
 
@@ -307,16 +310,23 @@ class _Slot:
 class Snapshotter:
     """One worker's snapshots (see the module docstring)."""
 
-    def __init__(self, where: Path, rank: int, local_rank: int, world_size: int) -> None:
+    def __init__(
+        self, where: Path, rank: int, local_rank: int, world_size: int, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.where = where
         self.rank = rank
         self.local_rank = local_rank
         self.world_size = world_size
+        self._clock = clock
+        self.every = 1  # the budget's spacing: a snapshot of every step that is a multiple
+        self._loop_s: float | None = None  # the script's own time between calls (smoothed)
+        self._returned_at: float | None = None
         self._slots: dict[bool, list[_Slot]] = {}
         self._writer: threading.Thread | None = None
         self._staging: tuple[Any, list[Any]] | None = None  # CUDA: pinned host copies
         self.taken = 0  # snapshots committed
         self.skipped = 0  # calls that found a copy still in flight
+        self.thinned = 0  # calls the budget passed over
         self.error: BaseException | None = None  # the last failure to write one, if any
 
     def slots(self, sharded: bool) -> list[_Slot]:
@@ -325,13 +335,41 @@ class Snapshotter:
             self._slots[sharded] = [_Slot(self.where / f"{stem}.slot-{k}") for k in (0, 1)]
         return self._slots[sharded]
 
-    def take(self, state: Any, step: int, *, sharded: bool = False) -> bool:
-        """Snapshot `state` at `step`; False when a copy is still in flight (nothing taken)."""
+    def take(self, state: Any, step: int, *, sharded: bool = False, budget: float | None = None) -> bool:
+        """Snapshot `state` (or what the function `state` returns) at `step`. False when
+        none was taken: a copy still in flight, or a step the budget passes over.
+
+        `budget` is the share of the loop's time snapshots may take. After each snapshot,
+        its cost against the script's own time per call sets `every`, the smallest power of
+        two such that one snapshot every `every` steps stays within it; only steps that are
+        multiples of it are kept. A power of two, so that ranks whose costs differ a little
+        still share their steps (a multiple of 4 is one of 2), and a step number, not a
+        clock, so that every rank of a node or a world keeps the same steps.
+        """
         if not sharded and self.local_rank != 0:
             return True  # replicated state: local rank 0's copy serves the whole node
-        if self._writer is not None and self._writer.is_alive():
-            self.skipped += 1
-            return False
+        began = self._clock()
+        if self._returned_at is not None:
+            gap = began - self._returned_at
+            self._loop_s = gap if self._loop_s is None else 0.8 * self._loop_s + 0.2 * gap
+        try:
+            if budget and step % self.every:
+                self.thinned += 1
+                return False
+            if self._writer is not None and self._writer.is_alive():
+                self.skipped += 1
+                return False
+            taken = self._take(state() if callable(state) else state, step, sharded)
+            if taken and budget and self._loop_s:
+                cost, every = self._clock() - began, 1
+                while cost > budget * every * self._loop_s and every < _MOST_APART:
+                    every *= 2
+                self.every = every
+            return taken
+        finally:
+            self._returned_at = self._clock()
+
+    def _take(self, state: Any, step: int, sharded: bool) -> bool:
         structure, leaves = _flatten(state)
         # The slot without the newest snapshot; the newest stays loadable meanwhile.
         slot = min(self.slots(sharded), key=lambda s: s.step())

@@ -54,6 +54,13 @@ def parse_args() -> argparse.Namespace:
         action="store_false",
         help="with --checkpoint under ddp-launch, do not keep an in-memory snapshot after every step",
     )
+    p.add_argument(
+        "--snapshot-budget",
+        type=float,
+        default=0.03,
+        metavar="SHARE",
+        help="the share of the loop's time snapshots may take (0: a snapshot of every step)",
+    )
     p.add_argument("--samples", type=int, default=4096, help="size of the synthetic dataset")
     p.add_argument("--loader-workers", type=int, default=0, metavar="N", help="DataLoader worker processes per rank")
     p.add_argument("--print-digest", action="store_true", help="print a sha256 of the final parameters")
@@ -211,7 +218,8 @@ def main() -> None:
     saving = bool(args.checkpoint) and rank == 0
     # A snapshot after every step (kept in the node launcher's memory, see
     # ddp_launch.checkpoint.snapshot): a crash then loses at most a step, not the steps since
-    # the last save. Every rank calls it; one copy per node is kept.
+    # the last save, unless a snapshot costs more than --snapshot-budget of a step: then
+    # every 2nd, 4th, ... step. Every rank calls it; one copy per node is kept.
     snapshotting = bool(args.checkpoint) and args.snapshot and checkpoint is not None
     last_saved_step = global_step
     for epoch in range(start_epoch, args.epochs):
@@ -239,8 +247,8 @@ def main() -> None:
                 samples=global_step * args.batch_size * world_size,
                 total_steps=total_steps,
             )
-            if snapshotting:
-                checkpoint.snapshot(state_now(), step=global_step)
+            if snapshotting:  # a function: steps the budget passes over build no state
+                checkpoint.snapshot(state_now, step=global_step, budget=args.snapshot_budget or None)
             if saving and args.checkpoint_every > 0 and global_step % args.checkpoint_every == 0:
                 save()
                 last_saved_step = global_step
@@ -252,6 +260,10 @@ def main() -> None:
     if saving and global_step != last_saved_step:
         save()
 
+    counts = checkpoint.snapshot_counts() if snapshotting else None
+    if counts is not None:
+        print(f"snapshots: {counts['taken']} taken, {counts['passed_over']} passed over by the budget, "
+              f"every {counts['every']} step(s) at the end", flush=True)  # fmt: skip
     if rank == 0:
         loss, accuracy = evaluate(model, data, device)
         print(f"final loss {loss:.4f} accuracy {accuracy:.4f}", flush=True)

@@ -55,14 +55,14 @@ def test_crash_restarts_and_resumes_to_identical_parameters(tmp_path, uninterrup
     rank = 0 if fault.endswith("-crash") else 1  # rank 0 saves, and keeps node 0's snapshots
     run = run_launcher(
         ["-n", "2", "--max-restarts", "1", "--stop-grace", "2", FAULTS, fault, str(rank), str(step), *TRAIN,
-         "--checkpoint", str(ckpt), *([] if snapshots else ["--no-snapshot"])],
+         "--checkpoint", str(ckpt), *(["--snapshot-budget", "0"] if snapshots else ["--no-snapshot"])],
         tmp_path,
         timeout_s=200,
     )  # fmt: skip
     assert run.returncode == 0, run.output
     assert f"[rank {rank}] injecting {fault} at step {step}" in run.stdout
     if snapshots:
-        # A snapshot after every step (node 0's local rank 0 keeps the node's one copy): the
+        # A snapshot after every step (no budget; node 0's local rank 0 keeps the node's one copy): the
         # crash right after step K's update loses at most that step (K when rank 0 finished
         # step K and snapshotted it). The snapshot-crash tears step K's snapshot after its
         # first tensor: it must never be loaded, and step K-1's is.

@@ -231,3 +231,34 @@ def test_without_a_process_group_several_nodes_resume_from_the_file(where, tmp_p
     monkeypatch.setenv("GROUP_WORLD_SIZE", "2")
     assert checkpoint.load(tmp_path / "ckpt.pt")["step"] == 2
     assert snapshots.committed(where) == []  # step 6 is the timeline that was not kept
+
+
+def test_the_budget_keeps_every_step_when_cheap_and_spaces_them_by_powers_of_two_when_not(where):
+    now = [0.0]
+    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1, clock=lambda: now[0])
+    built: list[int] = []
+
+    def run(steps: range, loop_s: float, snapshot_s: float) -> list[bool]:
+        out = []
+        for step in steps:
+            now[0] += loop_s  # the script's own step
+
+            def state(step: int = step) -> dict:
+                built.append(step)
+                now[0] += snapshot_s  # what building and copying it costs
+                return state_at(step)
+
+            out.append(taker.take(state, step, budget=0.1))
+        return out
+
+    assert all(run(range(1, 6), loop_s=0.010, snapshot_s=0.0005))  # 5% of a step: within
+    assert taker.every == 1
+    run(range(6, 8), loop_s=0.010, snapshot_s=0.003)  # 30%: a snapshot every 4th step fits
+    assert taker.every == 4
+    built.clear()
+    kept = run(range(8, 17), loop_s=0.010, snapshot_s=0.003)
+    assert [s for s, k in zip(range(8, 17), kept, strict=True) if k] == [8, 12, 16]
+    assert built == [8, 12, 16]  # a function as the state: the steps passed over built none
+    assert taker.thinned == 6 + 1  # step 7, then 9-11 and 13-15
+    assert [f.step for f in snapshots.committed(where)] == [12, 16]
+    assert taker.take(state_at(17), 17, budget=None)  # no budget: every call's
