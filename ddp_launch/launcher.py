@@ -44,13 +44,13 @@ from ddp_launch.observe.view import LiveView, format_resize_line, format_restart
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
 from ddp_launch.run.follower import EXIT_MASTER_LOST, Follower
-from ddp_launch.run.group import stop_process_trees
+from ddp_launch.run.group import signal_quietly, stop_process_trees
 from ddp_launch.run.output import PIPE, TERMINAL, OutputPump
 from ddp_launch.run.result import GenerationResult, Outcome, RunResult, shell_exit_code
 from ddp_launch.run.signals import signals_as_stop_requests
 from ddp_launch.run.supervisor import Supervisor
 from ddp_launch.run.warm import forkserver_context, quiet_grpc_forks
-from ddp_launch.run.worker import worker_main
+from ddp_launch.run.worker import standby_main, worker_main
 
 EXIT_TIMEOUT = 124
 EXIT_HUNG = 1
@@ -405,10 +405,13 @@ def _snapshot_dir(config: RunConfig, run_dir: Path) -> Path:
         raise ConfigError(str(e)) from None
 
 
-def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict, snapshot_dir: Path | None = None):
+def _worker_starter(
+    config: RunConfig, pump: OutputPump, bootstrap: dict, snapshot_dir: Path | None = None
+) -> _WorkerStarter:
     """start_worker(local_rank, generation, node_rank): forks one worker from the warm forkserver (or,
     with --start-method spawn, starts a fresh interpreter), its stdout and stderr on pipes
-    that the output pump reads, its stdin the launcher's."""
+    that the output pump reads, its stdin the launcher's. Its `prepare` forks one ahead of a
+    restart (see `_WorkerStarter`)."""
     context: Any = forkserver_context() if config.start_method == START_WARM else multiprocessing.get_context("spawn")
     signal_names = ",".join(signal.Signals(s).name for s in config.signals)
     node_env = env.node_env(config.nproc_per_node, os.environ, config.role, signal_names)
@@ -416,35 +419,118 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict, snapsh
         node_env |= socket_ifname_env(config.ddp_addr or config.master_addr, os.environ)
     if snapshot_dir is not None:
         node_env[snapshots.SNAPSHOT_DIR_ENV] = str(snapshot_dir)
+    return _WorkerStarter(config, pump, bootstrap, context, node_env)
 
-    def start_worker(local_rank: int, generation: int, node_rank: int):
+
+@dataclass
+class _Standby:
+    process: Any
+    go: multiprocessing.connection.Connection
+    out_r: int
+    err_r: int
+
+
+class _WorkerStarter:
+    """Starts workers; with `prepare`, a restart's workers are forked while the generation
+    before them trains. Each such standby has done the fork and waits, idle, on a pipe: a
+    restart then only tells it to go (`__call__` takes it when it is alive), and the fork no
+    longer sits between a death and the next generation's barrier. `discard` kills those a
+    run did not need."""
+
+    def __init__(self, config: RunConfig, pump: OutputPump, bootstrap: dict, context: Any, node_env: dict) -> None:
+        self._config, self._pump, self._bootstrap = config, pump, bootstrap
+        self._context, self._node_env = context, node_env
+        self._standbys: dict[tuple[int, int, int], _Standby] = {}
+
+    def __call__(self, local_rank: int, generation: int, node_rank: int) -> Any:
+        rank = node_rank * self._config.nproc_per_node + local_rank
+        standby = self._standbys.pop((local_rank, generation, node_rank), None)
+        if standby is not None:
+            if self._go(standby):
+                self._attach(rank, standby.out_r, standby.err_r, standby.process, generation, local_rank)
+                return standby.process
+            self._drop(standby)
+        env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
+        process = self._context.Process(
+            target=worker_main, args=(env_, self._config.target, *conns), name=f"ddp-launch-rank-{rank}"
+        )
+        self._start(process, conns)
+        self._attach(rank, out_r, err_r, process, generation, local_rank)
+        return process
+
+    def prepare(self, local_rank: int, generation: int, node_rank: int) -> None:
+        """Fork the worker of (local_rank, generation, node_rank) now, to wait for its start."""
+        key = (local_rank, generation, node_rank)
+        if key in self._standbys:
+            return
+        env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
+        go_r, go_w = multiprocessing.Pipe(duplex=False)
+        process = self._context.Process(
+            target=standby_main,
+            args=(env_, self._config.target, *conns, go_r),
+            name=f"ddp-launch-standby-{local_rank}",
+        )
+        self._start(process, [*conns, go_r])
+        self._standbys[key] = _Standby(process, go_w, out_r, err_r)
+
+    def discard(self) -> None:
+        """Kill the standbys no generation took (idle: nothing of theirs is lost)."""
+        for standby in self._standbys.values():
+            self._drop(standby)
+        for standby in self._standbys.values():
+            # Reaped by the forkserver before it goes: else they outlive the run as zombies.
+            standby.process.join(timeout=2.0)
+        self._standbys.clear()
+
+    def _go(self, standby: _Standby) -> bool:
+        # exitcode reads the forkserver's status pipe: a standby whose forkserver died (it
+        # was SIGKILLed) reads as gone, though the process itself may live on, reparented.
+        if standby.process.exitcode is not None:
+            return False
+        try:
+            standby.go.send(True)
+        except OSError:
+            return False
+        standby.go.close()
+        return True
+
+    def _drop(self, standby: _Standby) -> None:
+        with contextlib.suppress(OSError):
+            standby.go.close()
+        if standby.process.pid:
+            signal_quietly(standby.process.pid, signal.SIGKILL)
+        for fd in (standby.out_r, standby.err_r):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _worker_env(self, local_rank: int, generation: int, node_rank: int) -> tuple[dict, list, tuple[int, int]]:
         attempt_dir = ""
-        if pump.torchrun_logs is not None:  # TORCHELASTIC_ERROR_FILE goes in torchrun's tree
-            pump.torchrun_logs.begin(generation)
-            attempt_dir = str(pump.torchrun_logs.attempt_dir(generation).resolve())
-        fields = {**bootstrap, "generation": generation, "attempt_dir": attempt_dir, "node_rank": node_rank}
-        worker_env = node_env | env.Bootstrap(local_rank=local_rank, **fields).to_env()
+        if self._pump.torchrun_logs is not None:  # TORCHELASTIC_ERROR_FILE goes in torchrun's tree
+            attempt_dir = str(self._pump.torchrun_logs.attempt_dir(generation).resolve())
+        fields = {**self._bootstrap, "generation": generation, "attempt_dir": attempt_dir, "node_rank": node_rank}
+        worker_env = self._node_env | env.Bootstrap(local_rank=local_rank, **fields).to_env()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        conns = [
+        conns: list[Any] = [
+            _shared_stdin(),
             multiprocessing.connection.Connection(out_w, readable=False),
             multiprocessing.connection.Connection(err_w, readable=False),
         ]
-        stdin = _shared_stdin()
-        if stdin is not None:
-            conns.append(stdin)
-        rank = node_rank * config.nproc_per_node + local_rank
-        process = context.Process(
-            target=worker_main,
-            args=(worker_env, config.target, stdin, conns[0], conns[1]),
-            name=f"ddp-launch-rank-{rank}",
-        )
+        return worker_env, conns, (out_r, err_r)
+
+    @staticmethod
+    def _start(process: Any, conns: list[Any]) -> None:
         try:
             process.start()
         finally:
             for conn in conns:
-                conn.close()
-        pump.attach(
+                if conn is not None:
+                    conn.close()
+
+    def _attach(self, rank: int, out_r: int, err_r: int, process: Any, generation: int, local_rank: int) -> None:
+        if self._pump.torchrun_logs is not None:
+            self._pump.torchrun_logs.begin(generation)
+        self._pump.attach(
             rank,
             out_r,
             err_r,
@@ -452,9 +538,6 @@ def _worker_starter(config: RunConfig, pump: OutputPump, bootstrap: dict, snapsh
             generation=generation,
             local_rank=local_rank,
         )
-        return process
-
-    return start_worker
 
 
 def _shared_stdin() -> multiprocessing.connection.Connection | None:

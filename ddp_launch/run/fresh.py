@@ -183,6 +183,17 @@ def set_title(rank: int, argv: list[str], is_module: bool) -> None:
     _set_process_name(name)
 
 
+def set_standby_title(local_rank: str) -> None:
+    """`ps` shows a worker forked ahead of a restart for what it is, not as the forkserver."""
+    try:
+        import setproctitle
+
+        setproctitle.setproctitle(f"ddp-launch standby (local rank {local_rank}, idle until a restart)")
+    except ImportError:
+        pass
+    _set_process_name(f"standby{local_rank}")
+
+
 def _set_process_name(name: str) -> None:
     if not sys.platform.startswith("linux"):
         return

@@ -36,6 +36,17 @@ class WorkerHandle(Protocol):
 # start_worker(local_rank, generation, node_rank) -> a started worker whose output is
 # attached to the pump.
 WorkerStarter = Callable[[int, int, int], WorkerHandle]
+
+
+class Standbys(Protocol):
+    """Workers forked ahead of a restart (the launcher's starter); `start_worker` takes
+    one when there is one for the worker it is asked for."""
+
+    def prepare(self, local_rank: int, generation: int, node_rank: int) -> None: ...
+
+    def discard(self) -> None: ...
+
+
 # kill_trees(pids, grace_s, first_signal): stop these processes and their descendants.
 TreeKiller = Callable[[list[int], float, int], None]
 # send(pid, signum): one signal to one process; gone or not ours is fine.
@@ -53,31 +64,63 @@ class Exit:
 def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
     """Stop these processes and all their descendants: `first_signal` (and SIGCONT, for a
     stopped one), wait up to `grace_s`, then SIGKILL. Already gone is fine."""
-    procs: dict[int, psutil.Process] = {}
-    for pid in pids:
-        try:
-            root = psutil.Process(pid)
-            procs[root.pid] = root
-            # The tree is read before anything is signalled: orphans are hard to find later.
-            for child in root.children(recursive=True):
-                procs[child.pid] = child
-        except psutil.NoSuchProcess:
-            continue
+    procs = _trees(pids)  # read before anything is signalled: orphans are hard to find later
     if not procs:
         return
-    for p in procs.values():
+    for p in procs:
         for sig in (first_signal, signal.SIGCONT):
             try:
                 p.send_signal(sig)
             except psutil.NoSuchProcess:
                 pass
-    _, alive = psutil.wait_procs(list(procs.values()), timeout=grace_s)
+    alive = _wait_gone(procs, grace_s)
     for p in alive:
         try:
             p.kill()
         except psutil.NoSuchProcess:
             pass
-    psutil.wait_procs(alive, timeout=2.0)
+    _wait_gone(alive, 2.0)
+
+
+def _trees(pids: list[int]) -> list[psutil.Process]:
+    """The processes and their descendants, from one read of the process table (a restart
+    waits for this: one read per worker, as psutil's children() does, costs milliseconds)."""
+    children: dict[int, list[psutil.Process]] = {}
+    for p in psutil.process_iter(["ppid"]):
+        children.setdefault(p.info["ppid"], []).append(p)
+    found: dict[int, psutil.Process] = {}
+    todo = []
+    for pid in pids:
+        try:
+            todo.append(psutil.Process(pid))
+        except psutil.NoSuchProcess:
+            continue
+    while todo:
+        p = todo.pop()
+        if p.pid not in found:
+            found[p.pid] = p
+            todo.extend(children.get(p.pid, []))
+    return list(found.values())
+
+
+def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:
+    """Until every one of `procs` has exited (a zombie has), or `timeout_s`; returns those
+    still alive. Polled every 2 ms: these are not our children, so there is nothing to wait
+    on, and psutil's own wait backs off to 40 ms between looks, which a restart would pay."""
+    deadline = time.monotonic() + timeout_s
+    alive = list(procs)
+    while True:
+        alive = [p for p in alive if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.002)
+
+
+def _running(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def signal_quietly(pid: int, signum: int) -> None:
@@ -105,6 +148,7 @@ class WorkerGroup:
     Args:
         start_worker: forks one worker for (local_rank, generation, node_rank).
         node_rank: this node's rank (an elastic run's may change at each `start`).
+        standbys: forks a generation's workers ahead of it (`prepare`).
         kill_trees: how `stop` ends the workers' process trees.
         send: how a single signal is sent to one worker (stack dumps).
         send_group: how a signal reaches a worker's whole process group (pause/resume).
@@ -118,8 +162,10 @@ class WorkerGroup:
         kill_trees: TreeKiller = stop_process_trees,
         send: Sender = signal_quietly,
         send_group: Sender = signal_process_group,
+        standbys: Standbys | None = None,
     ) -> None:
         self._start_worker = start_worker
+        self._standbys = standbys
         self.node_rank = node_rank
         self.nproc = 0
         self._kill_trees = kill_trees
@@ -143,6 +189,17 @@ class WorkerGroup:
             self.node_rank = node_rank
         for local_rank in range(nproc):
             self.workers[self.first_rank + local_rank] = self._start_worker(local_rank, generation, self.node_rank)
+
+    def prepare(self, generation: int) -> None:
+        """Fork `generation`'s workers now (as standbys), so that a restart into it does not
+        wait for the forks; nothing without standbys."""
+        if self._standbys is not None:
+            for local_rank in range(self.nproc):
+                self._standbys.prepare(local_rank, generation, self.node_rank)
+
+    def discard_prepared(self) -> None:
+        if self._standbys is not None:
+            self._standbys.discard()
 
     @property
     def alive(self) -> dict[int, WorkerHandle]:

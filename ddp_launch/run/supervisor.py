@@ -16,12 +16,13 @@ from __future__ import annotations
 import signal
 import time
 from collections.abc import Callable
+from typing import cast
 
 import psutil
 
 from ddp_launch.config import RunConfig
 from ddp_launch.registry import MASTER_AGENT, HangVerdict, LostNode, Registry, RunSnapshot
-from ddp_launch.run.group import WorkerGroup, WorkerStarter
+from ddp_launch.run.group import Standbys, WorkerGroup, WorkerStarter
 from ddp_launch.run.output import OutputPump
 from ddp_launch.run.result import GenerationResult, Outcome, RunResult, WorkerExit
 from ddp_launch.run.worker import STACK_DUMP_SIGNAL
@@ -58,6 +59,10 @@ def node_silent_s(config: RunConfig) -> float:
     silent = max(NODE_SILENT_MIN_S, NODE_SILENT_INTERVALS * config.heartbeat_interval_s)
     hang = config.restart.hang_timeout_s
     return min(silent, hang) if hang > 0 else silent
+
+
+# How long a generation trains before the next one's workers are forked, as standbys.
+PREPARE_AFTER_S = 0.25
 
 
 def round_interval_s(world_size: int, tick_s: float = TICK_S) -> float:
@@ -103,7 +108,9 @@ class Supervisor:
         self.registry = registry
         if group is None:
             assert start_worker is not None, "a Supervisor needs start_worker or group"
-            group = WorkerGroup(start_worker, config.node_rank)
+            # The launcher's starter can fork a restart's workers ahead (group.prepare).
+            standbys = cast(Standbys, start_worker) if hasattr(start_worker, "prepare") else None
+            group = WorkerGroup(start_worker, config.node_rank, standbys=standbys)
         self.group = group
         self._pump = pump
         self._on_tick = on_tick
@@ -141,7 +148,10 @@ class Supervisor:
                         break
                     if resized:
                         self._on_resized(generations[-1])
-                result = self._run_generation(generation)
+                # A restart's workers are forked while this generation trains (not for an
+                # elastic run: who the next generation's nodes are is not known yet).
+                ahead = not self.registry.elastic and restarts < self.config.restart.max_restarts
+                result = self._run_generation(generation, prepare_next=ahead)
                 if self._pending_signal is not None and result.outcome is not Outcome.INTERRUPTED:
                     # A failure that came while the group was being stopped (the signal
                     # forwarded to it may have caused it) must not start a new generation.
@@ -162,6 +172,7 @@ class Supervisor:
                     self.registry.begin_generation(generation)
         finally:
             self.stop_group()
+            self.group.discard_prepared()
         return RunResult(generations[-1].outcome, generations, self._clock() - self._started_at)
 
     # -- an elastic run's rendezvous -------------------------------------------------------
@@ -215,10 +226,10 @@ class Supervisor:
 
     # -- one generation -----------------------------------------------------------------
 
-    def _run_generation(self, generation: int) -> GenerationResult:
+    def _run_generation(self, generation: int, *, prepare_next: bool = False) -> GenerationResult:
         self._stats = {}
         self.group.start(generation, self.config.nproc_per_node)
-        result = self._watch(generation)
+        result = self._watch(generation, prepare_next=prepare_next)
         if result.outcome is Outcome.HUNG and result.hung:
             result.stacks = self._dump_stacks()
             result.root_rank = _root_of_hang(result.hung, result.stacks)
@@ -236,7 +247,7 @@ class Supervisor:
         result.snapshot = self.registry.snapshot()
         return result
 
-    def _watch(self, generation: int) -> GenerationResult:
+    def _watch(self, generation: int, *, prepare_next: bool = False) -> GenerationResult:
         config = self.config
         join_deadline = self._clock() + config.join_timeout_s
         run_deadline = None if config.timeout_s is None else self._started_at + config.timeout_s
@@ -245,6 +256,7 @@ class Supervisor:
         wake_fds = [] if self._wakeup_fd is None else [self._wakeup_fd]
         mine = set(self.group.workers)
         settle_until: float | None = None  # time.monotonic(): see SETTLE_S
+        trains_since: float | None = None  # when the barrier was first seen open
         self._waiting_since: float | None = None
         while True:
             timeout = config.monitor_interval_s
@@ -263,6 +275,12 @@ class Supervisor:
                     failures.append(WorkerExit(e.rank, e.pid, e.exit_code, e.at or time.time()))
             alive = self.group.alive
             now = self._clock()
+            if prepare_next and not failures and self.registry.barrier_open:
+                # Not at once: the forks would take CPU from the generation's own start.
+                trains_since = now if trains_since is None else trains_since
+                if now - trains_since >= PREPARE_AFTER_S:
+                    self.group.prepare(generation + 1)
+                    prepare_next = False
             is_round = now >= next_round
             if is_round:
                 next_round = now + round_interval_s(config.world_size, config.monitor_interval_s)

@@ -75,6 +75,26 @@ def worker_main(
     _run_and_exit(environ, target)
 
 
+def standby_main(
+    environ: dict[str, str],
+    target: Target,
+    stdin: Connection | None,
+    stdout: Connection,
+    stderr: Connection,
+    go: Connection,
+) -> None:
+    """A worker forked ahead of a restart: idle until the launcher says go, then
+    `worker_main`. The end of `go` without a word (the run needed no restart, or the
+    launcher died) ends it, having done nothing."""
+    fresh.set_standby_title(environ.get(env.LOCAL_RANK, "?"))
+    try:
+        go.recv()
+    except (EOFError, OSError):
+        os._exit(0)
+    go.close()
+    worker_main(environ, target, stdin, stdout, stderr)
+
+
 def _die_with_parent() -> None:
     """Ask Linux to SIGKILL this worker when its parent dies, so a killed launcher (its
     forkserver exits with it) leaves no orphan, whatever the script is doing."""

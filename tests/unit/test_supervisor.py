@@ -141,6 +141,7 @@ class Script:
         seconds_per_tick: float = TICK_S,
         signals: Signals | None = None,
         send: Callable[[int, int], None] | None = None,
+        standbys: RecordedStandbys | None = None,
     ) -> None:
         self.config = config
         self.signals = signals or Signals()
@@ -150,6 +151,7 @@ class Script:
             kill_trees=self.signals.kill_trees,
             send=send or self.signals.send,
             send_group=self.signals.send_group,
+            standbys=standbys,
         )
         self.fates = fates or {}
         self.clock = FakeClock(START)
@@ -251,6 +253,21 @@ def make_config(nproc: int = 2, **kw: object) -> RunConfig:
         hang_timeout_s=kw.pop("hang_timeout_s", 300.0),  # type: ignore[arg-type]
     )
     return RunConfig(target=Target("train.py"), nproc_per_node=nproc, run_dir=Path("unused"), restart=restart, **kw)  # type: ignore[arg-type]
+
+
+class RecordedStandbys:
+    """The starter's standbys, recorded: (local rank, generation, node rank, the fake time)."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.prepared: list[tuple[int, int, int, float]] = []
+        self.discarded = 0
+
+    def prepare(self, local_rank: int, generation: int, node_rank: int) -> None:
+        self.prepared.append((local_rank, generation, node_rank, self.clock()))
+
+    def discard(self) -> None:
+        self.discarded += 1
 
 
 class Signals:
@@ -364,6 +381,36 @@ def test_a_failure_restarts_the_whole_group(scripts) -> None:
     assert s.ended == [(0, Outcome.FAILED, True), (1, Outcome.SUCCEEDED, False)]
     # Rank 0 of generation 0 was still running: the stop ended it.
     assert s.workers[0].exitcode == -signal.SIGTERM
+
+
+def test_a_restart_s_workers_are_forked_while_the_generation_before_trains(scripts) -> None:
+    now = [START]
+    standbys = RecordedStandbys(lambda: now[0])
+    s = scripts(make_config(max_restarts=2), {0: {0: RUNS, 1: Fate(1, at_tick=5)}, 1: {0: Fate(0, at_tick=3)}},
+                standbys=standbys)  # fmt: skip
+    standbys.clock = s.clock
+    opened = START  # the fake clock when generation 0's barrier opened (both registered at once)
+
+    result = s.run()
+
+    assert result.outcome is Outcome.SUCCEEDED and result.restarts == 1
+    gen1 = [p for p in standbys.prepared if p[1] == 1]
+    assert [p[:3] for p in gen1] == [(0, 1, 0), (1, 1, 0)]  # once each, for generation 1
+    assert gen1[0][3] - opened >= supervisor_module.PREPARE_AFTER_S  # not during the start
+    # Generation 1 prepared generation 2 in turn (a restart was left); the end discarded them.
+    assert [p[:3] for p in standbys.prepared if p[1] == 2] == [(0, 2, 0), (1, 2, 0)]
+    assert standbys.discarded == 1
+
+
+def test_no_standby_without_a_restart_left_or_once_failing(scripts) -> None:
+    standbys = RecordedStandbys(lambda: 0.0)
+    s = scripts(make_config(max_restarts=0), {0: {0: Fate(0, at_tick=5), 1: Fate(0, at_tick=5)}}, standbys=standbys)
+    assert s.run().outcome is Outcome.SUCCEEDED
+    assert standbys.prepared == [] and standbys.discarded == 1
+    standbys = RecordedStandbys(lambda: 0.0)
+    s = scripts(make_config(max_restarts=1), {0: {0: RUNS, 1: Fate(1, at_tick=0)}}, standbys=standbys)
+    s.run()  # the failure came before the generation trained: generation 1 is forked then
+    assert [p[1] for p in standbys.prepared] == []
 
 
 def test_exhausted_restarts_fail_with_the_first_failure(scripts) -> None:
