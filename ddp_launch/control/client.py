@@ -47,6 +47,15 @@ class MasterClient:
     def close(self) -> None:
         self._channel.close()
 
+    def connect(self, timeout_s: float) -> bool:
+        """Open the connection now (a channel connects at its first call otherwise);
+        whether it is up within `timeout_s`."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout_s)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+
     def _call(self, method: Callable, request: object, timeout_s: float = RPC_TIMEOUT_S):
         return method(request, timeout=timeout_s, metadata=self._metadata)
 

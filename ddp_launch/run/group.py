@@ -68,11 +68,10 @@ def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = sign
     if not procs:
         return
     for p in procs:
+        # os.kill, not psutil's send_signal: that one reads /proc first, milliseconds each
+        # on a machine busy with the dying generation. The tree was read just now.
         for sig in (first_signal, signal.SIGCONT):
-            try:
-                p.send_signal(sig)
-            except psutil.NoSuchProcess:
-                pass
+            signal_quietly(p.pid, sig)
     alive = _wait_gone(procs, grace_s)
     for p in alive:
         try:
@@ -83,24 +82,49 @@ def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = sign
 
 
 def _trees(pids: list[int]) -> list[psutil.Process]:
-    """The processes and their descendants, from one read of the process table (a restart
-    waits for this: one read per worker, as psutil's children() does, costs milliseconds)."""
-    children: dict[int, list[psutil.Process]] = {}
-    for p in psutil.process_iter(["ppid"]):
-        children.setdefault(p.info["ppid"], []).append(p)
+    """The processes and all their descendants. A restart waits for this, on a machine busy
+    with the dying generation: Linux's per-thread children lists are read where there are
+    some (a few small files per process), the whole process table only where not."""
     found: dict[int, psutil.Process] = {}
-    todo = []
-    for pid in pids:
+    todo = list(pids)
+    table: dict[int, list[int]] | None = None
+    while todo:
+        pid = todo.pop()
+        if pid in found:
+            continue
         try:
-            todo.append(psutil.Process(pid))
+            found[pid] = psutil.Process(pid)
         except psutil.NoSuchProcess:
             continue
-    while todo:
-        p = todo.pop()
-        if p.pid not in found:
-            found[p.pid] = p
-            todo.extend(children.get(p.pid, []))
+        kids = _children_from_proc(pid)
+        if kids is None:
+            if table is None:
+                table = {}
+                for p in psutil.process_iter(["ppid"]):
+                    table.setdefault(p.info["ppid"], []).append(p.pid)
+            kids = table.get(pid, [])
+        todo.extend(kids)
     return list(found.values())
+
+
+def _children_from_proc(pid: int) -> list[int] | None:
+    """/proc/PID/task/TID/children of every thread (a child belongs to the thread that
+    forked it); None where the kernel has no such file."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None if not os.path.exists(f"/proc/{pid}") else []
+    kids: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids.extend(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            if not os.path.exists(f"/proc/{pid}/task/{tid}/children") and os.path.isdir(f"/proc/{pid}/task/{tid}"):
+                return None  # a kernel without CONFIG_PROC_CHILDREN
+        except (OSError, ValueError):
+            continue
+    return kids
 
 
 def _wait_gone(procs: list[psutil.Process], timeout_s: float) -> list[psutil.Process]:

@@ -20,6 +20,7 @@ import sys
 import time
 import traceback
 from multiprocessing.connection import Connection
+from typing import Any
 
 from ddp_launch import env
 from ddp_launch.config import Target
@@ -31,6 +32,8 @@ STACK_DUMP_SIGNAL = signal.SIGUSR2
 EXIT_BOOTSTRAP_FAILED = 1
 BARRIER_MARGIN_S = 5.0  # see wait_barrier in worker_main
 EXIT_MASTER_LOST = 1
+STANDBY_CONNECT_S = 5.0
+_connected: Any = None  # a standby's MasterClient, connected before its go
 _PR_SET_PDEATHSIG = 1
 
 
@@ -87,6 +90,16 @@ def standby_main(
     `worker_main`. The end of `go` without a word (the run needed no restart, or the
     launcher died) ends it, having done nothing."""
     fresh.set_standby_title(environ.get(env.LOCAL_RANK, "?"))
+    global _connected
+    try:
+        # The connection to the master is made while idle: at the restart it is there.
+        from ddp_launch.control.client import MasterClient
+
+        boot = env.Bootstrap.from_env(environ)
+        _connected = MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
+        _connected.connect(STANDBY_CONNECT_S)
+    except Exception:  # the worker makes its own, as one that was not forked ahead does
+        _connected = None
     try:
         go.recv()
     except (EOFError, OSError):
@@ -145,7 +158,7 @@ def _run(target: Target) -> int:
         _say(f"the launcher (pid {boot.launcher_pid}) that started this worker is gone; not starting")
         return EXIT_BOOTSTRAP_FAILED
     faulthandler.register(STACK_DUMP_SIGNAL, file=sys.stderr, all_threads=True, chain=False)
-    client = MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
+    client = _connected or MasterClient(boot.control_addr, boot.token, tls_ca=boot.tls_ca or None)
     try:
         # A negative node rank: a worker started by hand, which takes any free rank.
         assignment = client.register(
