@@ -285,8 +285,8 @@ def recovery_breakdown(death: float, events: list[dict], first_steps: list[float
     * seen: the fault -> the registry's record of the rank's death (the sentinel woke the
       supervisor and it recorded the exit)
     * stopped: -> the `restart` event (the other ranks stopped, the failure logged)
-    * forked: -> the first `register` of generation 1 (fork from the warm forkserver, the
-      worker's bootstrap, its Register RPC)
+    * forked: -> the first `register` of generation 1 (the standby told to go, or a fork
+      from the warm forkserver when there was none; the worker's bootstrap, its Register RPC)
     * barrier: -> `barrier_open` of generation 1 (every rank registered)
     * first_step: -> every rank's first optimizer step (init_process_group, DDP's
       construction, the first step itself)
