@@ -444,6 +444,8 @@ class _WorkerStarter:
 
     def __call__(self, local_rank: int, generation: int, node_rank: int) -> Any:
         rank = node_rank * self._config.nproc_per_node + local_rank
+        if self._pump.torchrun_logs is not None:  # attempt_<generation>, afresh, before its workers run
+            self._pump.torchrun_logs.begin(generation)
         standby = self._standbys.pop((local_rank, generation, node_rank), None)
         if standby is not None:
             if self._go(standby):
@@ -528,8 +530,6 @@ class _WorkerStarter:
                     conn.close()
 
     def _attach(self, rank: int, out_r: int, err_r: int, process: Any, generation: int, local_rank: int) -> None:
-        if self._pump.torchrun_logs is not None:
-            self._pump.torchrun_logs.begin(generation)
         self._pump.attach(
             rank,
             out_r,
