@@ -311,13 +311,22 @@ class Snapshotter:
     """One worker's snapshots (see the module docstring)."""
 
     def __init__(
-        self, where: Path, rank: int, local_rank: int, world_size: int, clock: Callable[[], float] = time.perf_counter
+        self,
+        where: Path,
+        rank: int,
+        local_rank: int,
+        world_size: int,
+        clock: Callable[[], float] = time.perf_counter,
+        cpu_clock: Callable[[], float] = time.thread_time,
     ) -> None:
         self.where = where
         self.rank = rank
         self.local_rank = local_rank
         self.world_size = world_size
         self._clock = clock
+        # A snapshot's cost is the CPU time this thread spends in it: on a machine with more
+        # ranks than cores the wall time in the call also counts the time others ran.
+        self._cpu_clock = cpu_clock
         self.every = 1  # the budget's spacing: a snapshot of every step that is a multiple
         self._loop_s: float | None = None  # the script's own time between calls (smoothed)
         self._returned_at: float | None = None
@@ -340,7 +349,8 @@ class Snapshotter:
         none was taken: a copy still in flight, or a step the budget passes over.
 
         `budget` is the share of the loop's time snapshots may take. After each snapshot,
-        its cost against the script's own time per call sets `every`, the smallest power of
+        its cost (this thread's CPU time in the call) against the script's own time per call
+        (the wall time between calls) sets `every`, the smallest power of
         two such that one snapshot every `every` steps stays within it; only steps that are
         multiples of it are kept. A power of two, so that ranks whose costs differ a little
         still share their steps (a multiple of 4 is one of 2), and a step number, not a
@@ -348,7 +358,7 @@ class Snapshotter:
         """
         if not sharded and self.local_rank != 0:
             return True  # replicated state: local rank 0's copy serves the whole node
-        began = self._clock()
+        began, began_cpu = self._clock(), self._cpu_clock()
         if self._returned_at is not None:
             gap = began - self._returned_at
             self._loop_s = gap if self._loop_s is None else 0.8 * self._loop_s + 0.2 * gap
@@ -361,7 +371,7 @@ class Snapshotter:
                 return False
             taken = self._take(state() if callable(state) else state, step, sharded)
             if taken and budget and self._loop_s:
-                cost, every = self._clock() - began, 1
+                cost, every = self._cpu_clock() - began_cpu, 1
                 while cost > budget * every * self._loop_s and every < _MOST_APART:
                     every *= 2
                 self.every = every

@@ -235,7 +235,9 @@ def test_without_a_process_group_several_nodes_resume_from_the_file(where, tmp_p
 
 def test_the_budget_keeps_every_step_when_cheap_and_spaces_them_by_powers_of_two_when_not(where):
     now = [0.0]
-    taker = snapshots.Snapshotter(where, rank=0, local_rank=0, world_size=1, clock=lambda: now[0])
+    taker = snapshots.Snapshotter(
+        where, rank=0, local_rank=0, world_size=1, clock=lambda: now[0], cpu_clock=lambda: now[0]
+    )
     built: list[int] = []
 
     def run(steps: range, loop_s: float, snapshot_s: float) -> list[bool]:
@@ -262,3 +264,21 @@ def test_the_budget_keeps_every_step_when_cheap_and_spaces_them_by_powers_of_two
     assert taker.thinned == 6 + 1  # step 7, then 9-11 and 13-15
     assert [f.step for f in snapshots.committed(where)] == [12, 16]
     assert taker.take(state_at(17), 17, budget=None)  # no budget: every call's
+
+
+def test_the_budget_counts_the_cpu_a_snapshot_takes_not_the_time_others_ran(where):
+    wall, cpu = [0.0], [0.0]
+    taker = snapshots.Snapshotter(
+        where, rank=0, local_rank=0, world_size=1, clock=lambda: wall[0], cpu_clock=lambda: cpu[0]
+    )
+    for step in range(1, 5):
+        wall[0] += 0.010  # the step
+        cpu[0] += 0.010
+
+        def state(step: int = step) -> dict:
+            wall[0] += 0.005  # in the call: 0.5 ms of its own CPU, 4.5 ms of other ranks'
+            cpu[0] += 0.0005
+            return state_at(step)
+
+        assert taker.take(state, step, budget=0.1)
+    assert taker.every == 1
