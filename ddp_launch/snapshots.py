@@ -13,6 +13,8 @@ the worker, and overwritten in place, one snapshot each:
   CUDA tensors it is an asynchronous copy into pinned memory, and a thread fills the slot
   once it is done. While that is still in flight the next call returns False without one,
   so calling it every step never waits on the copy.
+- **Within a budget**: `Snapshotter.take` keeps only every 2nd, 4th, ... step when one
+  snapshot costs more than its share of a step (3% by default, `checkpoint.snapshot`).
 - **Never torn**: a slot's header is marked "writing" before its first byte changes, and
   "committed" with the step only after the last; a worker killed in between leaves a slot
   that nothing loads, and the other slot still holds the previous snapshot.
