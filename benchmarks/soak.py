@@ -174,6 +174,13 @@ def _create_time(pid: int) -> float:
         return 0.0
 
 
+def _cmdline(p: psutil.Process) -> str:
+    try:
+        return " ".join(p.cmdline())
+    except psutil.Error:  # gone, or a zombie (an orphan the launcher has not reaped yet)
+        return ""
+
+
 def _signal(pid: int | None, sig: int) -> None:
     if pid is not None:
         try:
@@ -210,7 +217,7 @@ def inject(run: Run, kind: str, rng: random.Random, after: int) -> int:
         _signal(run.pid(gen + 1, ranks[1]), signal.SIGKILL)
         gen += 1
     elif kind == "forkserver-sigkill":
-        servers = [p for p in psutil.Process(run.proc.pid).children() if "forkserver" in " ".join(p.cmdline())]
+        servers = [p for p in psutil.Process(run.proc.pid).children() if "forkserver" in _cmdline(p)]
         if not servers:
             raise Ended("no forkserver below the launcher")
         servers[0].kill()
@@ -235,6 +242,8 @@ def soak_one(index: int, faults: list[str], rng: random.Random, tmp_root: Path |
                 hit = inject(run, kind, rng, hit)
         except Ended as e:
             problems.append(f"fault not injected: {e}")
+        except Exception as e:  # the soak's own error: this run is reported, the soak goes on
+            problems.append(f"fault not injected, the soak failed: {e!r}")
         try:
             rc = run.proc.wait(max(1.0, RUN_TIMEOUT_S - (time.monotonic() - started)))
             wedged = False

@@ -121,6 +121,7 @@ def launch(config: RunConfig, *, stdout: TextIO | None = None, stderr: TextIO | 
         def on_generation_end(result: GenerationResult, restarting: bool) -> None:
             # The generation ended between two ticks: record what happened up to its end.
             events.observe(registry.snapshot(), registry.drain_transitions())
+            _reap_adopted()
             # The last generation's failure is logged with the full report, further below.
             if restarting and result.outcome is not Outcome.RESIZED:
                 root = _root_record(result)
@@ -626,17 +627,37 @@ def _become_subreaper() -> None:
             ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+def _helpers() -> set[int | None]:
+    """multiprocessing's own helpers below the launcher: the forkserver, the resource tracker."""
+    return {
+        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
+        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
+    }
+
+
+def _reap_adopted() -> None:
+    """Reap the zombies this launcher adopted as the subreaper (a dead worker's DataLoader
+    processes, a standby whose forkserver died), so that they do not pile up restart after
+    restart, or outlive the run. Only zombies: a worker's own Popen reaps a live child."""
+    helpers = _helpers()
+    try:
+        children = psutil.Process().children(recursive=False)
+    except psutil.Error:
+        return
+    for child in children:
+        with contextlib.suppress(psutil.Error, ChildProcessError, OSError):
+            if child.pid not in helpers and child.status() == psutil.STATUS_ZOMBIE:
+                os.waitpid(child.pid, os.WNOHANG)
+
+
 def _stop_all_descendants(grace_s: float) -> None:
     """The last line of defence: nothing this launcher started outlives it.
 
     multiprocessing's own helpers (the forkserver and the resource tracker, which ignores
     SIGTERM) hold no user state and are killed at once; anything else still here (orphaned
-    grandchildren of workers) gets the usual SIGTERM and grace.
+    grandchildren of workers) gets the usual SIGTERM and grace, and is reaped.
     """
-    helpers = {
-        getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None),
-        getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None),
-    }
+    helpers = _helpers()
     try:
         children = psutil.Process().children(recursive=False)
     except psutil.Error:
@@ -647,6 +668,7 @@ def _stop_all_descendants(grace_s: float) -> None:
                 child.kill()
     stop_process_trees([c.pid for c in children if c.pid not in helpers], grace_s)
     psutil.wait_procs([c for c in children if c.pid in helpers], timeout=2.0)
+    _reap_adopted()
 
 
 @contextlib.contextmanager

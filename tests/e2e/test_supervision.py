@@ -320,3 +320,11 @@ def test_sigkill_to_the_launcher_leaves_no_worker_behind(tmp_path):
     proc.kill()
     proc.communicate(timeout=10)
     _assert_all_gone(workers)
+
+
+@pytest.mark.timeout(90)
+def test_a_dead_worker_s_zombie_child_is_reaped_at_the_restart(tmp_path):
+    """The launcher is the subreaper of its workers' orphans: it must reap them too."""
+    run = run_launcher(["-n", "2", "--max-restarts", "1", str(SCRIPTS / "orphan_zombie.py")], tmp_path, timeout_s=80)
+    assert run.returncode == 0, run.output
+    assert "orphan gone" in run.stdout, run.output
