@@ -524,7 +524,16 @@ class _WorkerStarter:
     @staticmethod
     def _start(process: Any, conns: list[Any]) -> None:
         try:
-            process.start()
+            try:
+                process.start()
+            except (EOFError, OSError):
+                # The forkserver died under us (it was killed): its workers' status pipes
+                # closed before it was a zombie, so a restart that came that fast found it
+                # "alive", asked it for a fork and read EOF. Once it is a zombie,
+                # multiprocessing starts a new one; the fork is asked again, once.
+                if not _forkserver_dead():
+                    raise
+                process.start()
         finally:
             for conn in conns:
                 if conn is not None:
@@ -539,6 +548,23 @@ class _WorkerStarter:
             generation=generation,
             local_rank=local_rank,
         )
+
+
+def _forkserver_dead(timeout_s: float = 10.0) -> bool:
+    """Whether the warm forkserver has died: waits (up to `timeout_s`) for it to become a
+    zombie, without reaping it (multiprocessing does, when it starts the next one)."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is None:
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def _shared_stdin() -> multiprocessing.connection.Connection | None:

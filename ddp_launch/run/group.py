@@ -258,6 +258,16 @@ class WorkerGroup:
         if w is not None and w.pid and w.exitcode is None:
             self._send(w.pid, signum)
 
+    def is_stopped(self, rank: int) -> bool:
+        """Whether the worker is stopped (SIGSTOP, SIGTSTP, a tracer), not merely blocked."""
+        w = self.workers.get(rank)
+        if w is None or not w.pid or w.exitcode is not None:
+            return False
+        try:
+            return psutil.Process(w.pid).status() in (psutil.STATUS_STOPPED, psutil.STATUS_TRACING_STOP)
+        except psutil.Error:
+            return False
+
     def signal_all(self, signum: int) -> None:
         for pid in self.live_pids():
             self._send(pid, signum)

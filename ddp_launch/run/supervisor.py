@@ -46,6 +46,8 @@ NODE_SILENT_MIN_S = 5.0
 RENDEZVOUS_POLL_S = 0.1
 
 STACK_DUMP_WAIT_S = 2.0
+# What a stopped worker's stack dump says: it is left stopped, not continued to dump.
+STOPPED_STACK = "(the process is stopped, by SIGSTOP, SIGTSTP or a debugger: no stack dump)"
 # How long a multi-node run waits, after its first known failure, for the other nodes' exit
 # reports before it names the root cause (they arrive within milliseconds of the deaths).
 SETTLE_S = 0.5
@@ -417,17 +419,20 @@ class Supervisor:
 
     def _dump_stacks(self) -> dict[int, str]:
         """Ask every live worker for its Python stacks (all threads); return them per rank."""
-        marks = {}
+        marks, stopped = {}, {}
         for rank, w in self.group.workers.items():
             if w.exitcode is None and w.pid:
+                if self.group.is_stopped(rank):
+                    # It could dump only if continued, and then the whole group would train
+                    # on while judged hung (a run was seen to finish during its dump, then
+                    # restarted for nothing). Why it hangs is known: it is stopped.
+                    stopped[rank] = STOPPED_STACK
+                    continue
                 marks[rank] = self._pump.lines_seen(rank)
                 self.group.signal(rank, STACK_DUMP_SIGNAL)
-                # A stopped (SIGSTOP) process cannot dump until it runs again.
-                self.group.signal(rank, signal.SIGCONT)
-        if not marks:
-            return {}
-        self._pump.wait_quiet(list(marks), quiet_s=0.3, timeout_s=STACK_DUMP_WAIT_S)
-        return {rank: "\n".join(self._pump.lines_since(rank, mark)) for rank, mark in marks.items()}
+        if marks:
+            self._pump.wait_quiet(list(marks), quiet_s=0.3, timeout_s=STACK_DUMP_WAIT_S)
+        return {rank: "\n".join(self._pump.lines_since(rank, mark)) for rank, mark in marks.items()} | stopped
 
     def _record_remaining_exits(self, generation: int) -> None:
         """How the workers that were still running ended (the registry keeps the first report
@@ -460,6 +465,9 @@ def _root_of_hang(verdicts: list[HangVerdict], stacks: dict[int, str]) -> int | 
     (its peers wait in allreduce for it); else the one that went quiet first."""
     if not verdicts:
         return None
+    for v in verdicts:
+        if stacks.get(v.rank) == STOPPED_STACK:  # stopped by a signal: the others wait for it
+            return v.rank
     for v in verdicts:
         main = _main_thread_stack(stacks.get(v.rank, ""))
         if main and not any(marker in main for marker in _COLLECTIVE_FRAMES):

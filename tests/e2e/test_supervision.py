@@ -22,6 +22,7 @@ from tests.e2e.launch import (
     launcher_command,
     launcher_env,
     poll_status,
+    poll_until,
     run_launcher,
 )
 
@@ -328,3 +329,29 @@ def test_a_dead_worker_s_zombie_child_is_reaped_at_the_restart(tmp_path):
     run = run_launcher(["-n", "2", "--max-restarts", "1", str(SCRIPTS / "orphan_zombie.py")], tmp_path, timeout_s=80)
     assert run.returncode == 0, run.output
     assert "orphan gone" in run.stdout, run.output
+
+
+@pytest.mark.timeout(120)
+def test_a_killed_forkserver_costs_a_restart_not_the_run(tmp_path):
+    """All workers die with their forkserver; the restart starts a new one. It once came
+    so fast that multiprocessing still saw the dying forkserver as alive: exit 130."""
+    proc = subprocess.Popen(
+        launcher_command("--run-dir", str(tmp_path / "run"), "-n", "4", "--max-restarts", "1", str(EXAMPLE),
+                         "--epochs", "1000", "--max-steps", "150"),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        launcher = psutil.Process(proc.pid)
+
+        def forkserver() -> list[psutil.Process]:
+            return [c for c in launcher.children() if "forkserver" in " ".join(c.cmdline())]
+
+        log = tmp_path / "run" / "rank-0.log"
+        poll_until(lambda: log.exists() and "epoch 1/" in log.read_text(), 60, "generation 0 training")
+        forkserver()[0].kill()  # its four workers die with it, mid-step
+        out, err = proc.communicate(timeout=90)
+    finally:
+        kill_tree(proc.pid)
+    assert proc.returncode == 0, out + err
+    assert "restarts   1" in err and "4/4 done" in err

@@ -684,15 +684,43 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
     assert result.outcome is Outcome.HUNG
     assert [v.rank for v in g.hung] == [0, 1]  # the same silence: rank 0 is listed first...
     assert g.root_rank == 1  # ...but it waits in allreduce for rank 1
-    assert sent == [
-        (fake_pids[0], STACK_DUMP_SIGNAL),
-        (fake_pids[0], signal.SIGCONT),
-        (fake_pids[1], STACK_DUMP_SIGNAL),
-        (fake_pids[1], signal.SIGCONT),
-    ]
+    assert sent == [(fake_pids[0], STACK_DUMP_SIGNAL), (fake_pids[1], STACK_DUMP_SIGNAL)]
     assert s.pump.waited == [[0, 1]]
     assert g.stacks == {0: dumps[0], 1: dumps[1]}
     assert signals.trees[0] == ([fake_pids[0], fake_pids[1]], 0.5, signal.SIGTERM)
+
+
+def test_a_stopped_rank_is_left_stopped_and_is_the_hang_s_root(monkeypatch: pytest.MonkeyPatch, signals) -> None:
+    """Continued for a dump, a SIGSTOPped rank lets the group train on while it is judged hung."""
+    config = make_config(hang_timeout_s=10.0)
+    sent: list[tuple[int, int]] = []
+
+    def send(pid: int, signum: int) -> None:
+        sent.append((pid, signum))
+        if signum == STACK_DUMP_SIGNAL:
+            s.pump.print(0, dump(RANK_IN_USER_CODE))  # rank 0 is not stopped: it dumps
+
+    fates = {0: {0: Fate(None, heartbeats_until=3), 1: Fate(None, heartbeats_until=3)}}
+    s = Script(config, fates, signals=signals, send=send)
+    fake_pids = {0: 2**22 + 1001, 1: 2**22 + 1002}
+
+    def start_with_pid(local_rank: int, generation: int, node_rank: int) -> FakeWorker:
+        w = Script.start_worker(s, local_rank, generation, node_rank)
+        w.pid = fake_pids[w.rank]
+        return w
+
+    s.group._start_worker = start_with_pid
+    monkeypatch.setattr(s.group, "is_stopped", lambda rank: rank == 1)
+    monkeypatch.setattr(Supervisor, "_sample_stats", lambda self, alive: None)
+    try:
+        result = s.run()
+    finally:
+        s.close()
+
+    g = result.last
+    assert result.outcome is Outcome.HUNG and g.root_rank == 1  # though rank 0 is in user code
+    assert sent == [(fake_pids[0], STACK_DUMP_SIGNAL)]  # no SIGCONT, no dump asked of rank 1
+    assert g.stacks is not None and g.stacks[1] == supervisor_module.STOPPED_STACK
 
 
 # -- regressions (bugs these tests found) --------------------------------------------------
