@@ -4,7 +4,8 @@
 Runs examples/train_mlp.py (through benchmarks/soak_train.py, which records every rank's
 steps) under ddp-launch at N=4 with ``--max-restarts 3``, a snapshot after every step (no
 budget: ``--snapshot-budget 0``), and
-injects one or two faults per run at random moments, from outside, by pid:
+injects one or two faults per run at random moments (2 to 40 steps into a generation), from
+outside, by pid:
 
 ======================  =====================================================================
 worker-sigkill/-sigterm  a random rank's worker gets the signal
@@ -82,6 +83,7 @@ class Run:
     proc: subprocess.Popen | None = None
     seen: dict[int, float] = field(default_factory=dict)  # pid -> create time, all ever below it
     injected: list[str] = field(default_factory=list)
+    injected_at: list[int] = field(default_factory=list)  # the step each fault came at (rank 0's last)
 
     @property
     def records(self) -> Path:
@@ -153,8 +155,8 @@ class Run:
         return out
 
     def final_step(self) -> int:
-        gens = self.generations()
-        return max(self.steps(gens[-1], 0), default=0) if gens else 0
+        """The last step rank 0 did, in any generation."""
+        return max((max(self.steps(g, 0), default=0) for g in self.generations()), default=0)
 
     def wait_for(self, what: str, condition, timeout_s: float = PHASE_S) -> None:
         assert self.proc is not None
@@ -196,7 +198,12 @@ def inject(run: Run, kind: str, rng: random.Random, after: int) -> int:
     run.wait_for(f"a generation after {after}", lambda: max(run.generations(), default=-1) > after)
     gen = max(run.generations())
     run.wait_for(f"generation {gen} training", lambda: run.trained(gen))
-    time.sleep(rng.uniform(0.05, 1.0))
+    # A random moment, as a step of this generation: a time would land after the run's end
+    # on a fast one, or before a slow one's first step.
+    at = run.steps(gen, 0)[0] + rng.randint(2, 40)
+    run.wait_for(f"generation {gen} at step {at}", lambda: max(run.steps(gen, 0), default=0) >= at)
+    time.sleep(rng.uniform(0.0, 0.02))  # anywhere in the step, not only at its end
+    run.injected_at.append(max(run.steps(gen, 0), default=0))
     ranks = rng.sample(range(NPROC), 2)
     if kind in ("worker-sigkill", "worker-sigterm", "worker-sigstop"):
         sig = {"worker-sigkill": signal.SIGKILL, "worker-sigterm": signal.SIGTERM}.get(kind, signal.SIGSTOP)
@@ -275,6 +282,7 @@ def soak_one(index: int, faults: list[str], rng: random.Random, tmp_root: Path |
             "run": index,
             "faults": faults,
             "injected": run.injected,
+            "injected_at_step": run.injected_at,
             "exit": rc,
             "expected": expected,
             "ok": not problems,
