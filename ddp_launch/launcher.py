@@ -453,6 +453,7 @@ class _WorkerStarter:
                 self._attach(rank, standby.out_r, standby.err_r, standby.process, generation, local_rank)
                 return standby.process
             self._drop(standby)
+        _await_dying_forkserver()
         env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
         process = self._context.Process(
             target=worker_main, args=(env_, self._config.target, *conns), name=f"ddp-launch-rank-{rank}"
@@ -558,13 +559,42 @@ def _forkserver_dead(timeout_s: float = 10.0) -> bool:
         return False
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
+        if _is_zombie(pid):
             return True
         time.sleep(0.01)
     return False
+
+
+def _await_dying_forkserver() -> None:
+    """A forkserver that is exiting (killed: Linux's PF_EXITING flag is set) is waited for
+    until it is a zombie, so that multiprocessing starts a new one for the next fork
+    instead of asking the dying one, which may never answer."""
+    pid = getattr(multiprocessing.forkserver._forkserver, "_forkserver_pid", None)
+    if pid is not None and _exiting(pid):
+        _forkserver_dead()
+
+
+_PF_EXITING = 0x4
+
+
+def _exiting(pid: int) -> bool | None:
+    """Whether the process is exiting or has exited (a zombie); None when it is gone or
+    /proc cannot say."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0] == "Z" or bool(int(fields[6]) & _PF_EXITING)
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.Error:
+        return False
 
 
 def _shared_stdin() -> multiprocessing.connection.Connection | None:
