@@ -691,15 +691,19 @@ def _helpers() -> set[int | None]:
     }
 
 
+def _children() -> list[psutil.Process]:
+    """This launcher's own children (the helpers, and the orphans it adopted)."""
+    try:
+        return psutil.Process().children(recursive=False)
+    except psutil.Error:
+        return []
+
+
 def _reap_adopted() -> None:
     """Reap the zombies this launcher adopted as the subreaper (a dead worker's DataLoader
     processes, a standby whose forkserver died), so that they do not pile up restart after
     restart, or outlive the run. Only zombies: a worker's own Popen reaps a live child."""
-    helpers = _helpers()
-    try:
-        children = psutil.Process().children(recursive=False)
-    except psutil.Error:
-        return
+    helpers, children = _helpers(), _children()
     for child in children:
         with contextlib.suppress(psutil.Error, ChildProcessError, OSError):
             if child.pid not in helpers and child.status() == psutil.STATUS_ZOMBIE:
@@ -713,11 +717,7 @@ def _stop_all_descendants(grace_s: float) -> None:
     SIGTERM) hold no user state and are killed at once; anything else still here (orphaned
     grandchildren of workers) gets the usual SIGTERM and grace, and is reaped.
     """
-    helpers = _helpers()
-    try:
-        children = psutil.Process().children(recursive=False)
-    except psutil.Error:
-        return
+    helpers, children = _helpers(), _children()
     for child in children:
         if child.pid in helpers:
             with contextlib.suppress(psutil.Error):

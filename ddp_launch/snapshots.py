@@ -491,18 +491,19 @@ def _read_slot(path: Path, step: int) -> Any | None:
     if after is None or after.state != _COMMITTED or after.step != step:
         return None
 
-    def build(value: Any) -> Any:
-        if isinstance(value, _Leaf):
-            return tensors[value.at]
-        if isinstance(value, dict):
-            return type(value)((k, build(v)) for k, v in value.items())
-        if isinstance(value, list):
-            return [build(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(build(v) for v in value)
-        return value
+    return _tree_map(structure, lambda value: tensors[value.at] if isinstance(value, _Leaf) else value)
 
-    return build(structure)
+
+def _tree_map(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """`value` rebuilt with `fn` applied to everything that is not a dict, list or tuple
+    (a `_Leaf` is a tuple, and a leaf)."""
+    if isinstance(value, dict):
+        return type(value)((k, _tree_map(v, fn)) for k, v in value.items())
+    if isinstance(value, list):
+        return [_tree_map(v, fn) for v in value]
+    if isinstance(value, tuple) and not isinstance(value, _Leaf):
+        return tuple(_tree_map(v, fn) for v in value)
+    return fn(value)
 
 
 def _to(state: Any, map_location: Any) -> Any:
@@ -512,15 +513,4 @@ def _to(state: Any, map_location: Any) -> Any:
         return state
     import torch
 
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return value.to(map_location)
-        if isinstance(value, dict):
-            return type(value)((k, move(v)) for k, v in value.items())
-        if isinstance(value, list):
-            return [move(v) for v in value]
-        if isinstance(value, tuple):
-            return tuple(move(v) for v in value)
-        return value
-
-    return move(state)
+    return _tree_map(state, lambda value: value.to(map_location) if isinstance(value, torch.Tensor) else value)
