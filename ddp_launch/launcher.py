@@ -43,6 +43,7 @@ from ddp_launch.observe.failure import build_report, format_report
 from ddp_launch.observe.view import LiveView, format_resize_line, format_restart_line, format_summary
 from ddp_launch.record import RankRecord
 from ddp_launch.registry import Registry, RunSnapshot
+from ddp_launch.run.exits import WatchedProcess
 from ddp_launch.run.follower import EXIT_MASTER_LOST, Follower
 from ddp_launch.run.group import signal_quietly, stop_process_trees
 from ddp_launch.run.output import PIPE, TERMINAL, OutputPump
@@ -442,6 +443,9 @@ class _WorkerStarter:
         self._config, self._pump, self._bootstrap = config, pump, bootstrap
         self._context, self._node_env = context, node_env
         self._standbys: dict[tuple[int, int, int], _Standby] = {}
+        # A forked worker is the forkserver's child: its exit is seen through a pidfd
+        # (run/exits.py). A spawned one is this launcher's, whose own sentinel is as quick.
+        self._watch = config.start_method == START_WARM
 
     def __call__(self, local_rank: int, generation: int, node_rank: int) -> Any:
         rank = node_rank * self._config.nproc_per_node + local_rank
@@ -451,7 +455,7 @@ class _WorkerStarter:
         if standby is not None:
             if self._go(standby):
                 self._attach(rank, standby.out_r, standby.err_r, standby.process, generation, local_rank)
-                return standby.process
+                return self._watched(standby.process)
             self._drop(standby)
         _await_dying_forkserver()
         env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
@@ -460,7 +464,10 @@ class _WorkerStarter:
         )
         self._start(process, conns)
         self._attach(rank, out_r, err_r, process, generation, local_rank)
-        return process
+        return self._watched(process)
+
+    def _watched(self, process: Any) -> Any:
+        return WatchedProcess(process) if self._watch else process
 
     def prepare(self, local_rank: int, generation: int, node_rank: int) -> None:
         """Fork the worker of (local_rank, generation, node_rank) now, to wait for its start."""

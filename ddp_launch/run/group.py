@@ -50,7 +50,7 @@ class Standbys(Protocol):
 # kill_trees(pids, grace_s, first_signal): stop these processes and their descendants.
 TreeKiller = Callable[[list[int], float, int], None]
 # send(pid, signum): one signal to one process; gone or not ours is fine.
-Sender = Callable[[int, int], None]
+Sender = Callable[[int, int], object]
 
 
 @dataclass(frozen=True)
@@ -64,14 +64,34 @@ class Exit:
 def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = signal.SIGTERM) -> None:
     """Stop these processes and all their descendants: `first_signal` (and SIGCONT, for a
     stopped one), wait up to `grace_s`, then SIGKILL. Already gone is fine."""
-    procs = _trees(pids)  # read before anything is signalled: orphans are hard to find later
+    # Frozen first, one call each: SIGSTOP to the group a worker leads (what it forks, such as
+    # DataLoader workers, is in it), or to the process alone where it leads none. A failure's
+    # survivors then stop spending the CPU on their "connection closed" errors at once, and
+    # a frozen process can neither exit nor fork, so the tree read next is whole: nothing is
+    # orphaned before it is found. Read while they ran, it held the signals back 5-40 ms on a
+    # machine busy with the dying generation.
+    # Not a process that catches the signal (Python always catches SIGINT): a process just
+    # continued takes a signal on whichever of its threads runs first, and a Python handler
+    # (KeyboardInterrupt) would then wait for the main thread's sleep to end. A signal left
+    # to its default action ends the whole process, whichever thread takes it.
+    for pid in pids:
+        if not _catches(pid, first_signal):
+            signal_process_group(pid, signal.SIGSTOP)
+    procs = _trees(pids)
+    # Every process gets `first_signal` once (a handler must not run twice): with the group
+    # its worker leads, or on its own. SIGCONT before it (the frozen ones) and after it (one
+    # stopped by hand or by Ctrl-Z must run to take it).
+    groups = {pid for pid in pids if _group_of(pid) == pid}
+    alone = [p.pid for p in procs if _group_of(p.pid) not in groups]
+    for signum in (signal.SIGCONT, first_signal, signal.SIGCONT):
+        for pgid in groups:
+            signal_process_group(pgid, signum)
+        # os.kill, not psutil's send_signal: that one reads /proc first, milliseconds each
+        # on a busy machine. The tree was read just now.
+        for pid in alone:
+            signal_quietly(pid, signum)
     if not procs:
         return
-    for p in procs:
-        # os.kill, not psutil's send_signal: that one reads /proc first, milliseconds each
-        # on a machine busy with the dying generation. The tree was read just now.
-        for sig in (first_signal, signal.SIGCONT):
-            signal_quietly(p.pid, sig)
     alive = _wait_gone(procs, grace_s)
     for p in alive:
         try:
@@ -154,16 +174,38 @@ def signal_quietly(pid: int, signum: int) -> None:
         pass
 
 
-def signal_process_group(pid: int, signum: int) -> None:
+def signal_process_group(pid: int, signum: int) -> bool:
     """`signum` to the process group `pid` leads (a worker leads a session of its own, so its
     group holds its children too, e.g. DataLoader workers); to the process alone while it
-    is not a group leader yet (just forked)."""
+    is not a group leader yet (just forked). Returns whether a group had it."""
     try:
         os.killpg(pid, signum)
+        return True
     except ProcessLookupError:
         signal_quietly(pid, signum)
     except PermissionError:
         pass
+    return False
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for `signum` (SigCgt in /proc/PID/status); True
+    where that cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
 
 
 class WorkerGroup:

@@ -35,6 +35,10 @@ PRELOAD = [
     # first channel, which each worker makes after the fork.
     "ddp_launch.control.client",
     "ddp_launch.control.heartbeat",
+    "ddp_launch.progress",  # every worker's step tracker
+    # A resuming script's first call; its import (dataclasses built by exec) cost a restarted
+    # rank 8 ms of CPU, 4 ranks on 2 cores about 16 ms of the restart.
+    "ddp_launch.checkpoint",
 ]
 
 

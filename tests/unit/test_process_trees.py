@@ -4,6 +4,7 @@ signalled, waited for, and SIGKILLed once the grace is over."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -64,3 +65,76 @@ def test_gone_already_is_fine():
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     group.stop_process_trees([int(done.stdout)], grace_s=0.1)
     assert group._trees([int(done.stdout)]) == []
+
+
+LEADER = """
+import os, signal, subprocess, sys, time
+def on_term(signum, frame):  # installed unless argv[1] is "plain"
+    os.write(1, b"term\\n")
+    time.sleep(0.3)  # a second SIGTERM would come now, and run this again
+    sys.exit(0)
+if sys.argv[1] != "plain":
+    signal.signal(signal.SIGTERM, on_term)
+in_group = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+own_session = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(in_group.pid, own_session.pid, flush=True)
+while True:
+    time.sleep(0.01)
+"""
+
+
+@pytest.mark.timeout(30)
+def test_a_group_leaders_tree_is_stopped_and_its_handler_runs_once():
+    """A worker leads its process group: the group is signalled first, and the descendants in
+    a session of their own are found in the tree; nobody gets the signal twice."""
+    leader, kids = _leader("handler")
+    try:
+        group.stop_process_trees([leader.pid], grace_s=5.0)
+        assert leader.wait(5) == 0  # its handler ended it
+        assert leader.stdout.read().split() == ["term"]
+        for pid in kids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        for pid in (leader.pid, *kids):
+            group.signal_quietly(pid, 9)
+        leader.wait(5)
+
+
+@pytest.mark.timeout(30)
+def test_a_leader_that_dies_at_once_is_frozen_first_so_its_other_sessions_child_is_found(monkeypatch):
+    """Without a handler the leader dies soon after SIGTERM, and a child in a session of its
+    own would be orphaned if its tree were read after: it is frozen first, then read, then
+    signalled."""
+    leader, kids = _leader("plain")
+    calls: list[tuple] = []
+    read, send = group._trees, group.signal_process_group
+
+    def trees(pids):
+        calls.append(("read",))
+        return read(pids)
+
+    def to_group(pid, signum):
+        calls.append((pid, signal.Signals(signum).name))
+        return send(pid, signum)
+
+    monkeypatch.setattr(group, "_trees", trees)
+    monkeypatch.setattr(group, "signal_process_group", to_group)
+    try:
+        group.stop_process_trees([leader.pid], grace_s=5.0)
+        p = leader.pid
+        assert calls == [(p, "SIGSTOP"), ("read",), (p, "SIGCONT"), (p, "SIGTERM"), (p, "SIGCONT")]
+        assert leader.wait(5) == -15
+        for pid in kids:
+            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    finally:
+        for pid in (leader.pid, *kids):
+            group.signal_quietly(pid, 9)
+        leader.wait(5)
+
+
+def _leader(kind: str) -> tuple[subprocess.Popen, list[int]]:
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER, kind], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert leader.stdout is not None
+    return leader, [int(pid) for pid in leader.stdout.readline().split()]
