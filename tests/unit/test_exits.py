@@ -46,7 +46,9 @@ class NotReaped:
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize(("code", "expected"), [("raise SystemExit(3)", 3), ("import os; os.kill(os.getpid(), 15)", -15)])
+@pytest.mark.parametrize(
+    ("code", "expected"), [("raise SystemExit(3)", 3), ("import os; os.kill(os.getpid(), 15)", -15)]
+)
 def test_the_exit_code_comes_from_the_zombie_before_the_parent_speaks(code, expected):
     process = NotReaped(code)
     try:
