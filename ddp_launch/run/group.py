@@ -74,22 +74,26 @@ def stop_process_trees(pids: list[int], grace_s: float, first_signal: int = sign
     # continued takes a signal on whichever of its threads runs first, and a Python handler
     # (KeyboardInterrupt) would then wait for the main thread's sleep to end. A signal left
     # to its default action ends the whole process, whichever thread takes it.
-    for pid in pids:
-        if not _catches(pid, first_signal):
-            signal_process_group(pid, signal.SIGSTOP)
+    frozen = [pid for pid in pids if not _catches(pid, first_signal)]
+    for pid in frozen:
+        signal_process_group(pid, signal.SIGSTOP)
     procs = _trees(pids)
     # Every process gets `first_signal` once (a handler must not run twice): with the group
-    # its worker leads, or on its own. SIGCONT before it (the frozen ones) and after it (one
-    # stopped by hand or by Ctrl-Z must run to take it).
+    # its worker leads, or on its own. A frozen one has it pending when SIGCONT wakes it, and
+    # ends without running again (continued first, the survivors took the CPU back before the
+    # signal came). The others are continued before it too: one stopped by hand or by Ctrl-Z
+    # must run to take it.
     groups = {pid for pid in pids if _group_of(pid) == pid}
     alone = [p.pid for p in procs if _group_of(p.pid) not in groups]
-    for signum in (signal.SIGCONT, first_signal, signal.SIGCONT):
-        for pgid in groups:
-            signal_process_group(pgid, signum)
+    targets: list[tuple[int, Sender]] = [(pgid, signal_process_group) for pgid in groups]
+    targets += [(pid, signal_quietly) for pid in alone]
+    for pid, send in targets:
         # os.kill, not psutil's send_signal: that one reads /proc first, milliseconds each
         # on a busy machine. The tree was read just now.
-        for pid in alone:
-            signal_quietly(pid, signum)
+        for signum in (
+            (first_signal, signal.SIGCONT) if pid in frozen else (signal.SIGCONT, first_signal, signal.SIGCONT)
+        ):
+            send(pid, signum)
     if not procs:
         return
     alive = _wait_gone(procs, grace_s)
