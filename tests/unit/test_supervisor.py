@@ -608,8 +608,10 @@ def test_a_hang_is_restarted_while_restarts_remain(scripts) -> None:
 
 
 def test_hang_detection_off_with_zero_timeout(scripts) -> None:
+    # 50 ticks of the fake clock, each a real wait of at most --monitor-interval: short here.
     s = scripts(
-        make_config(hang_timeout_s=0.0), {0: {0: Fate(0, at_tick=50, heartbeats_until=0), 1: Fate(0, at_tick=50)}}
+        make_config(hang_timeout_s=0.0, monitor_interval_s=0.01),
+        {0: {0: Fate(0, at_tick=50, heartbeats_until=0), 1: Fate(0, at_tick=50)}},
     )
 
     assert s.run().outcome is Outcome.SUCCEEDED
