@@ -3,6 +3,7 @@ before its parent says it, and the parent's word is the fallback once it has rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -40,7 +41,14 @@ class NotReaped:
         if self.reaped is None:
             self.reaped = self._popen.wait(10)
 
-    def close(self) -> None:
+    def __enter__(self) -> NotReaped:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.reaped is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGKILL)
+            self.reap()
         os.close(self._r)
         os.close(self._w)
 
@@ -50,43 +58,31 @@ class NotReaped:
     ("code", "expected"), [("raise SystemExit(3)", 3), ("import os; os.kill(os.getpid(), 15)", -15)]
 )
 def test_the_exit_code_comes_from_the_zombie_before_the_parent_speaks(code, expected):
-    process = NotReaped(code)
-    try:
+    with NotReaped(code) as process:
         watched = exits.WatchedProcess(process)
         assert watched.sentinel != process.sentinel  # a pidfd, readable at the exit
         watched.join(10)
         assert watched.exitcode == expected
         assert process.reaped is None, "the code was read without the parent's word"
         assert watched.sentinel == process.sentinel  # the pidfd is closed once the code is known
-    finally:
-        process.reap()
-        process.close()
 
 
 @pytest.mark.timeout(30)
 def test_once_the_parent_has_reaped_it_its_word_is_taken():
-    process = NotReaped("raise SystemExit(7)")
-    try:
+    with NotReaped("raise SystemExit(7)") as process:
         watched = exits.WatchedProcess(process)
         assert watched.exitcode is None  # alive, or at least not known to be gone yet
         process.reap()  # the forkserver was first: no zombie is left to read
         watched.join(10)
         assert watched.exitcode == 7
-    finally:
-        process.close()
 
 
 @pytest.mark.timeout(30)
 def test_a_live_process_has_no_exit_code_and_join_times_out():
-    process = NotReaped("import time; time.sleep(60)")
-    try:
+    with NotReaped("import time; time.sleep(60)") as process:
         watched = exits.WatchedProcess(process)
         watched.join(0.05)
         assert watched.exitcode is None
         os.kill(process.pid, signal.SIGKILL)
         watched.join(10)
         assert watched.exitcode == -9
-    finally:
-        os.kill(process.pid, signal.SIGKILL)
-        process.reap()
-        process.close()

@@ -4,10 +4,12 @@ signalled, waited for, and SIGKILLed once the grace is over."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import psutil
 import pytest
@@ -40,7 +42,7 @@ def test_the_whole_tree_is_found_and_stopped(monkeypatch, kernel_lists):
         assert sorted(p.pid for p in group._trees([parent.pid])) == sorted([parent.pid, child])
         group.stop_process_trees([parent.pid], grace_s=5.0)
         assert parent.wait(5) == -15  # SIGTERM was enough
-        assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+        _assert_gone([child])
     finally:
         for pid in (parent.pid, child):
             group.signal_quietly(pid, 9)
@@ -87,17 +89,11 @@ while True:
 def test_a_group_leaders_tree_is_stopped_and_its_handler_runs_once():
     """A worker leads its process group: the group is signalled first, and the descendants in
     a session of their own are found in the tree; nobody gets the signal twice."""
-    leader, kids = _leader("handler")
-    try:
+    with _leader("handler") as (leader, kids):
         group.stop_process_trees([leader.pid], grace_s=5.0)
         assert leader.wait(5) == 0  # its handler ended it
         assert leader.stdout.read().split() == ["term"]
-        for pid in kids:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    finally:
-        for pid in (leader.pid, *kids):
-            group.signal_quietly(pid, 9)
-        leader.wait(5)
+        _assert_gone(kids)
 
 
 @pytest.mark.timeout(30)
@@ -105,7 +101,6 @@ def test_a_leader_that_dies_at_once_is_frozen_first_so_its_other_sessions_child_
     """Without a handler the leader dies soon after SIGTERM, and a child in a session of its
     own would be orphaned if its tree were read after: it is frozen first, then read, then
     signalled."""
-    leader, kids = _leader("plain")
     calls: list[tuple] = []
     read, send = group._trees, group.signal_process_group
 
@@ -119,22 +114,30 @@ def test_a_leader_that_dies_at_once_is_frozen_first_so_its_other_sessions_child_
 
     monkeypatch.setattr(group, "_trees", trees)
     monkeypatch.setattr(group, "signal_process_group", to_group)
-    try:
+    with _leader("plain") as (leader, kids):
         group.stop_process_trees([leader.pid], grace_s=5.0)
         p = leader.pid
         assert calls == [(p, "SIGSTOP"), ("read",), (p, "SIGTERM"), (p, "SIGCONT")]
         assert leader.wait(5) == -15
-        for pid in kids:
-            assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        _assert_gone(kids)
+
+
+@contextlib.contextmanager
+def _leader(kind: str) -> Iterator[tuple[subprocess.Popen, list[int]]]:
+    """LEADER in a session of its own, and its two children's pids; all killed after."""
+    leader = subprocess.Popen(
+        [sys.executable, "-c", LEADER, kind], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    assert leader.stdout is not None
+    kids = [int(pid) for pid in leader.stdout.readline().split()]
+    try:
+        yield leader, kids
     finally:
         for pid in (leader.pid, *kids):
             group.signal_quietly(pid, 9)
         leader.wait(5)
 
 
-def _leader(kind: str) -> tuple[subprocess.Popen, list[int]]:
-    leader = subprocess.Popen(
-        [sys.executable, "-c", LEADER, kind], stdout=subprocess.PIPE, text=True, start_new_session=True
-    )
-    assert leader.stdout is not None
-    return leader, [int(pid) for pid in leader.stdout.readline().split()]
+def _assert_gone(pids: list[int]) -> None:
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
