@@ -246,6 +246,11 @@ class Script:
             w.close()
 
 
+# The hang tests' 40-odd ticks each wait (really) up to --monitor-interval; their hang
+# checks follow the fake clock, a tick apart either way.
+HANG_TEST_INTERVAL_S = 0.01
+
+
 def make_config(nproc: int = 2, **kw: object) -> RunConfig:
     restart = RestartPolicy(
         max_restarts=kw.pop("max_restarts", 0),  # type: ignore[arg-type]
@@ -556,7 +561,10 @@ def test_the_run_timeout_ends_the_run_without_restart(scripts) -> None:
 
 
 def test_a_rank_whose_heartbeats_stop_is_hung(scripts, signals: Signals) -> None:
-    s = scripts(make_config(hang_timeout_s=10.0), {0: {0: RUNS, 1: Fate(None, heartbeats_until=3)}})
+    s = scripts(
+        make_config(hang_timeout_s=10.0, monitor_interval_s=HANG_TEST_INTERVAL_S),
+        {0: {0: RUNS, 1: Fate(None, heartbeats_until=3)}},
+    )
 
     result = s.run()
 
@@ -585,7 +593,7 @@ def test_a_rank_whose_step_stalls_is_hung(scripts) -> None:
             )
 
     s = scripts(
-        make_config(hang_timeout_s=10.0),
+        make_config(hang_timeout_s=10.0, monitor_interval_s=HANG_TEST_INTERVAL_S),
         {0: {0: Fate(None, heartbeats_until=4), 1: RUNS}},
         on_tick=stall,
     )
@@ -598,7 +606,10 @@ def test_a_rank_whose_step_stalls_is_hung(scripts) -> None:
 
 
 def test_a_hang_is_restarted_while_restarts_remain(scripts) -> None:
-    s = scripts(make_config(max_restarts=1, hang_timeout_s=10.0), {0: {0: RUNS, 1: Fate(None, heartbeats_until=0)}})
+    s = scripts(
+        make_config(max_restarts=1, hang_timeout_s=10.0, monitor_interval_s=HANG_TEST_INTERVAL_S),
+        {0: {0: RUNS, 1: Fate(None, heartbeats_until=0)}},
+    )
 
     result = s.run()
 
@@ -654,7 +665,7 @@ def test_ranks_of_a_second_node_are_offset(scripts) -> None:
 def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, signals: Signals) -> None:
     """Ranks with pids: the stack dump is requested (recorded, never sent) and the rank whose
     main thread is outside a collective is the root cause, though rank 0's verdict comes first."""
-    config = make_config(hang_timeout_s=10.0)
+    config = make_config(hang_timeout_s=10.0, monitor_interval_s=HANG_TEST_INTERVAL_S)
     sent: list[tuple[int, int]] = []
 
     def send(pid: int, signum: int) -> None:
@@ -694,7 +705,7 @@ def test_hang_root_cause_comes_from_the_stacks(monkeypatch: pytest.MonkeyPatch, 
 
 def test_a_stopped_rank_is_left_stopped_and_is_the_hang_s_root(monkeypatch: pytest.MonkeyPatch, signals) -> None:
     """Continued for a dump, a SIGSTOPped rank lets the group train on while it is judged hung."""
-    config = make_config(hang_timeout_s=10.0)
+    config = make_config(hang_timeout_s=10.0, monitor_interval_s=HANG_TEST_INTERVAL_S)
     sent: list[tuple[int, int]] = []
 
     def send(pid: int, signum: int) -> None:
