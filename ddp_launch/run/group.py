@@ -50,7 +50,7 @@ class Standbys(Protocol):
 # kill_trees(pids, grace_s, first_signal): stop these processes and their descendants.
 TreeKiller = Callable[[list[int], float, int], None]
 # send(pid, signum): one signal to one process; gone or not ours is fine.
-Sender = Callable[[int, int], object]
+Sender = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -178,18 +178,16 @@ def signal_quietly(pid: int, signum: int) -> None:
         pass
 
 
-def signal_process_group(pid: int, signum: int) -> bool:
+def signal_process_group(pid: int, signum: int) -> None:
     """`signum` to the process group `pid` leads (a worker leads a session of its own, so its
     group holds its children too, e.g. DataLoader workers); to the process alone while it
-    is not a group leader yet (just forked). Returns whether a group had it."""
+    is not a group leader yet (just forked)."""
     try:
         os.killpg(pid, signum)
-        return True
     except ProcessLookupError:
         signal_quietly(pid, signum)
     except PermissionError:
         pass
-    return False
 
 
 def _catches(pid: int, signum: int) -> bool:
