@@ -80,6 +80,20 @@ def test_user_omp_num_threads_is_kept(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_a_temporary_directory_too_long_for_a_unix_socket_still_runs(tmp_path):
+    # The forkserver's socket would be TMPDIR/pymp-XXXXXXXX/listener-XXXXXXXX, past Linux's
+    # 107 bytes; torchrun has no such socket and runs. The script still sees its TMPDIR.
+    tmp = tmp_path / ("t" * max(1, 100 - len(str(tmp_path))))
+    tmp.mkdir()
+    script = tmp_path / "tempdir.py"
+    script.write_text("import os, tempfile\nprint('tempdir', os.environ['RANK'], tempfile.gettempdir())\n")
+    run = run_launcher(["-n", "2", str(script)], tmp_path, env={**launcher_env(), "TMPDIR": str(tmp)})
+    assert run.returncode == 0, run.output
+    for r in range(2):
+        assert f"[rank {r}] tempdir {r} {tmp}" in run.stdout
+
+
+@pytest.mark.timeout(120)
 def test_module_mode_runs_a_module_as_main(tmp_path):
     pkg = tmp_path / "mypkg"
     pkg.mkdir()

@@ -204,13 +204,13 @@ def _assert_all_gone(pids: list[int], within_s: float = 10.0) -> None:
     assert not alive, f"processes of the run survived: {alive}"
 
 
-def _start_and_wait_ready(tmp_path: Path, n: int = 2) -> tuple[subprocess.Popen, Path]:
+def _start_and_wait_ready(tmp_path: Path, n: int = 2, env: dict | None = None) -> tuple[subprocess.Popen, Path]:
     out = tmp_path / "pids"
     out.mkdir()
     proc = subprocess.Popen(
         launcher_command("--run-dir", str(tmp_path / "run"), "-n", str(n), "--stop-grace", "2",
                          str(SCRIPTS / "sleeper.py"), str(out)),
-        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=launcher_env(),
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env or launcher_env(),
         start_new_session=True,
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -316,11 +316,22 @@ def _wait_for(condition, proc: subprocess.Popen | None = None, within_s: float =
 
 @pytest.mark.timeout(90)
 def test_sigkill_to_the_launcher_leaves_no_worker_behind(tmp_path):
-    proc, out = _start_and_wait_ready(tmp_path)
+    # Nor the forkserver's socket directory in the temporary directory (multiprocessing's
+    # "pymp-..."), which only the launcher's own exit handler removed.
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc, out = _start_and_wait_ready(tmp_path, env={**launcher_env(), "TMPDIR": str(tmp)})
     workers = [int(f.read_text().split()[0]) for f in out.glob("pids-*.txt")]
+    assert list(tmp.glob("pymp-*/listener-*")), "the forkserver's socket is not where this test looks"
+    warm = [p.pid for p in psutil.Process(proc.pid).children() if psutil.Process(workers[0]).ppid() == p.pid]
+    assert len(warm) == 1, "the workers' parent (the warm forkserver) was not found"
     proc.kill()
     proc.communicate(timeout=10)
-    _assert_all_gone(workers)
+    _assert_all_gone([*workers, *warm])
+    deadline = time.monotonic() + 10
+    while list(tmp.glob("pymp-*")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not list(tmp.glob("pymp-*")), "the forkserver's socket directory was left behind"
 
 
 @pytest.mark.timeout(90)
