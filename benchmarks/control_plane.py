@@ -53,6 +53,7 @@ WORKERS_PER_NODE = 64  # simulated nodes of 64 workers: registry slots (node_ran
 RELAY_NODE_WORKERS = 8  # a relayed world: nodes of 8 workers (a node of 8 GPUs)
 FAKE_PID_BASE = 1_000_000  # a distinct positive pid per simulated worker
 STARTUP_TIMEOUT_S = 60.0
+STOP_GRACE_S = 3.0  # a process of the harness, its stdin closed, to end by itself
 RPC_TIMEOUT_S = 5.0
 MB = 1024 * 1024
 TICK_S = 0.002  # how often a load process sends what is due
@@ -360,15 +361,23 @@ def _read_json_line(proc: subprocess.Popen, timeout_s: float, what: str) -> dict
 
 
 def _kill(procs: list[subprocess.Popen]) -> None:
+    """Stop the harness's processes: each one ends by itself once its stdin closes (the
+    master then removes its temporary directory); whatever is left after STOP_GRACE_S is
+    SIGKILLed, children included."""
     victims = []
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             root = psutil.Process(proc.pid)
             victims += [root, *root.children(recursive=True)]
-    for p in victims:
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            if proc.stdin:
+                proc.stdin.close()
+    _, alive = psutil.wait_procs(victims, timeout=STOP_GRACE_S)
+    for p in alive:
         with contextlib.suppress(psutil.Error):
             p.send_signal(signal.SIGKILL)
-    psutil.wait_procs(victims, timeout=5)
+    psutil.wait_procs(alive, timeout=5)
     for proc in procs:
         with contextlib.suppress(Exception):
             proc.wait(timeout=5)

@@ -8,6 +8,7 @@ and writes the JSON the README's table is made from.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,7 +120,10 @@ def test_quick_suite_measures_every_figure(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, "-m", "benchmarks", "--quick", "--pairs", "1", "--nproc", "2",
            "--figures", "startup,recovery,output,control", "--control-workers", "32", "--out", str(out)]  # fmt: skip
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    tmp = tmp_path / "tmp"  # its temporary directory: whatever it leaves there is a leak
+    tmp.mkdir()
+    env = {**os.environ, "TMPDIR": str(tmp)}
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         stdout, stderr = proc.communicate(timeout=220)
     except subprocess.TimeoutExpired:
@@ -127,6 +131,7 @@ def test_quick_suite_measures_every_figure(tmp_path):
         stdout, stderr = proc.communicate()
         pytest.fail(f"the quick suite did not finish in 220 s\n{stdout}\n{stderr}")
     assert proc.returncode == 0, stdout + stderr
+    assert not list(tmp.iterdir()), f"left in its temporary directory: {sorted(p.name for p in tmp.iterdir())}"
     assert "startup_n2" in stdout and "recovery_n2" in stdout and "control_plane_10hz" in stdout
     assert "output_print_n2" in stdout
 
