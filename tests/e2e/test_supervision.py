@@ -335,11 +335,13 @@ def test_sigkill_to_the_launcher_leaves_no_worker_behind(tmp_path):
 
 
 @pytest.mark.timeout(90)
-def test_a_dead_worker_s_zombie_child_is_reaped_at_the_restart(tmp_path):
-    """The launcher is the subreaper of its workers' orphans: it must reap them too."""
+def test_a_dead_worker_s_children_are_reaped_or_stopped_at_the_restart(tmp_path):
+    """The launcher is the subreaper of its workers' orphans: it must reap them too, and
+    stop those still running before the next generation starts."""
     run = run_launcher(["-n", "2", "--max-restarts", "1", str(SCRIPTS / "orphan_zombie.py")], tmp_path, timeout_s=80)
     assert run.returncode == 0, run.output
     assert "orphan gone" in run.stdout, run.output
+    assert "sleeper gone at the restart" in run.stdout, run.output
 
 
 @pytest.mark.timeout(120)

@@ -1,7 +1,10 @@
-"""A worker that dies leaving a zombie child: the launcher adopts it (it is the subreaper)
-and must reap it. Generation 0's rank 1 starts `true`, never reaps it, writes its pid and
-start time to ./orphan, and exits 1. Generation 1's rank 1 prints whether that process is
-gone within 10 s (`orphan gone`, or `orphan left: <status>`)."""
+"""A worker that dies leaving a zombie child and a live one: the launcher adopts both (it is
+the subreaper), must reap the first and stop the second with the generation (torchrun
+signals a dead worker's process group too). Generation 0's rank 1 starts `true`, never reaps
+it, starts `sleep 60` (in its own process group, which it leads), writes their pids and start times to
+./orphan, and exits 1. Generation 1's rank 1 prints whether the sleeper is gone as it starts
+(`sleeper gone at the restart`, or `sleeper left: <status>`) and whether the zombie is gone
+within 10 s (`orphan gone`, or `orphan left: <status>`)."""
 
 import os
 import subprocess
@@ -29,10 +32,13 @@ if rank == 1 and generation == 0:
     deadline = time.monotonic() + 10
     while state(child.pid, created) != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
         time.sleep(0.02)
-    record.write_text(f"{child.pid} {created!r}")
+    sleeper = subprocess.Popen(["sleep", "60"])
+    record.write_text(f"{child.pid} {created!r} {sleeper.pid} {psutil.Process(sleeper.pid).create_time()!r}")
     os._exit(1)
 if rank == 1 and generation == 1:
-    pid, created = record.read_text().split()
+    pid, created, sleeper_pid, sleeper_created = record.read_text().split()
+    now = state(int(sleeper_pid), float(sleeper_created))
+    print("sleeper gone at the restart" if now == "gone" else f"sleeper left: {now}", flush=True)
     deadline = time.monotonic() + 10
     while (now := state(int(pid), float(created))) != "gone" and time.monotonic() < deadline:
         time.sleep(0.05)
