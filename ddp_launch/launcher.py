@@ -23,7 +23,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -458,11 +458,15 @@ class _WorkerStarter:
                 return self._watched(standby.process)
             self._drop(standby)
         _await_dying_forkserver()
-        env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
-        process = self._context.Process(
-            target=worker_main, args=(env_, self._config.target, *conns), name=f"ddp-launch-rank-{rank}"
-        )
-        self._start(process, conns)
+
+        def make() -> tuple[Any, list[Any], list[int], None]:
+            env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
+            process = self._context.Process(
+                target=worker_main, args=(env_, self._config.target, *conns), name=f"ddp-launch-rank-{rank}"
+            )
+            return process, conns, [out_r, err_r], None
+
+        process, (out_r, err_r), _ = _start(make)
         self._attach(rank, out_r, err_r, process, generation, local_rank)
         return self._watched(process)
 
@@ -474,14 +478,18 @@ class _WorkerStarter:
         key = (local_rank, generation, node_rank)
         if key in self._standbys:
             return
-        env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
-        go_r, go_w = multiprocessing.Pipe(duplex=False)
-        process = self._context.Process(
-            target=standby_main,
-            args=(env_, self._config.target, *conns, go_r),
-            name=f"ddp-launch-standby-{local_rank}",
-        )
-        self._start(process, [*conns, go_r])
+
+        def make() -> tuple[Any, list[Any], list[int], Any]:
+            env_, conns, (out_r, err_r) = self._worker_env(local_rank, generation, node_rank)
+            go_r, go_w = multiprocessing.Pipe(duplex=False)
+            process = self._context.Process(
+                target=standby_main,
+                args=(env_, self._config.target, *conns, go_r),
+                name=f"ddp-launch-standby-{local_rank}",
+            )
+            return process, [*conns, go_r], [out_r, err_r], go_w
+
+        process, (out_r, err_r), go_w = _start(make)
         self._standbys[key] = _Standby(process, go_w, out_r, err_r)
 
     def discard(self) -> None:
@@ -529,24 +537,6 @@ class _WorkerStarter:
         ]
         return worker_env, conns, (out_r, err_r)
 
-    @staticmethod
-    def _start(process: Any, conns: list[Any]) -> None:
-        try:
-            try:
-                process.start()
-            except (EOFError, OSError):
-                # The forkserver died under us (it was killed): its workers' status pipes
-                # closed before it was a zombie, so a restart that came that fast found it
-                # "alive", asked it for a fork and read EOF. Once it is a zombie,
-                # multiprocessing starts a new one; the fork is asked again, once.
-                if not _forkserver_dead():
-                    raise
-                process.start()
-        finally:
-            for conn in conns:
-                if conn is not None:
-                    conn.close()
-
     def _attach(self, rank: int, out_r: int, err_r: int, process: Any, generation: int, local_rank: int) -> None:
         self._pump.attach(
             rank,
@@ -556,6 +546,43 @@ class _WorkerStarter:
             generation=generation,
             local_rank=local_rank,
         )
+
+
+Attempt = tuple[Any, list[Any], list[int], Any]  # process, its ends of the pipes, ours, and extra
+
+
+def _start(make: Callable[[], Attempt]) -> tuple[Any, list[int], Any]:
+    """Start the process `make()` builds; returns it, our ends of its pipes, and the extra.
+
+    When the forkserver dies under the fork (it was killed: its workers' status pipes closed
+    before it was a zombie, so a restart that came that fast found it "alive", asked it for
+    a fork and read EOF), the fork is asked again, once, of the new forkserver
+    multiprocessing starts once the old one is a zombie: with new pipes. The old one may
+    have forked the child before it died, without saying so: that twin, now this launcher's
+    orphan, keeps the first pipes, which are closed here, so it never has a go (a standby
+    ends at the end of its go pipe) nor shares a pipe with the process that replaces it. A
+    standby's twin sharing the go pipe could take the go, and its rank would never register:
+    what the soak's wedged runs showed (three ranks at the barrier, the fourth never came).
+    """
+    for retry in (False, True):
+        process, theirs, ours, extra = make()
+        try:
+            process.start()
+            return process, ours, extra
+        except (EOFError, OSError):
+            for fd in ours:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            if extra is not None:
+                with contextlib.suppress(OSError):
+                    extra.close()
+            if retry or not _forkserver_dead():
+                raise
+        finally:
+            for conn in theirs:
+                if conn is not None:
+                    conn.close()
+    raise AssertionError("unreachable")
 
 
 def _forkserver_dead(timeout_s: float = 10.0) -> bool:
